@@ -1,0 +1,35 @@
+"""One error family for everything a user can get wrong.
+
+Every message names the file or input, what was expected, and how to fix it. The CLI turns an
+``EsmppError`` into a one-line message and a non-zero exit code; any other exception is a bug.
+"""
+
+from __future__ import annotations
+
+
+class EsmppError(Exception):
+    """Base class: a problem with the user's input, files or options (not a bug in esmpp)."""
+
+
+class CheckpointError(EsmppError):
+    """A checkpoint file cannot be read, or does not match the expected architecture."""
+
+
+class ArchitectureError(EsmppError):
+    """An architecture name or config is unknown or inconsistent."""
+
+
+class ArtifactError(EsmppError):
+    """An ESM++ artifact directory is missing, corrupted, or from an incompatible format version."""
+
+
+class ImageError(EsmppError):
+    """An input image cannot be decoded or has an unusable size, mode or dtype."""
+
+
+class ConfigError(EsmppError):
+    """A build config or an option value is invalid."""
+
+
+class DatasetError(EsmppError):
+    """A zoo dataset cannot be loaded (usually: its package is not installed)."""
