@@ -1,0 +1,253 @@
+"""The ESM++ artifact: one directory, safetensors for every tensor, a JSON manifest that describes them.
+
+Layout::
+
+    manifest.json          format version, architecture, tasks + class names, routed layers, ranks, α,
+                           build options, and the sha256 of each tensor file
+    backbone.safetensors   the merged visual tower (open_clip keys)
+    experts.safetensors    per routed layer ``<key>.up`` [T,d_out,r], ``<key>.down`` [T,r,d_in],
+                           ``<key>.prototypes`` [T,m,d_in]
+    heads.safetensors      ``head.<t>`` [C_t, embed_dim] per task, logits = normalize(embedding) @ headᵀ
+
+Written atomically; loading validates the manifest, the checksums and every shape, and names what is wrong.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+import esmpp
+from esmpp.architecture import Architecture, block_index, build_visual, linear_kind
+from esmpp.atomic import atomic_directory
+from esmpp.errors import ArchitectureError, ArtifactError
+from esmpp.runtime.model import Experts, RoutedEncoder
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+TENSOR_FILES = ("backbone.safetensors", "experts.safetensors", "heads.safetensors")
+_EXPERT_PARTS = ("up", "down", "prototypes")
+
+
+@dataclass
+class TaskInfo:
+    name: str
+    classes: list[str]
+
+
+@dataclass
+class Artifact:
+    """Everything the runtime needs; ``build`` records how it was made (method, α, ranks, timings...)."""
+
+    arch: Architecture
+    tasks: list[TaskInfo]
+    backbone: dict[str, torch.Tensor]
+    experts: dict[str, Experts]
+    heads: list[torch.Tensor]
+    build: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self, source: str = "artifact") -> None:
+        """Check that experts, prototypes and heads agree with each other, the tasks and the architecture."""
+        T = len(self.tasks)
+        if T == 0:
+            raise ArtifactError(f"{source}: no tasks. Rebuild it with `esmpp build`.")
+        if len(self.heads) != T:
+            raise ArtifactError(f"{source}: {len(self.heads)} heads for {T} tasks. Rebuild it with `esmpp build`.")
+        for t, (task, head) in enumerate(zip(self.tasks, self.heads)):
+            if head.ndim != 2 or head.shape != (len(task.classes), self.arch.embed_dim):
+                raise ArtifactError(
+                    f"{source}: head of task {task.name!r} has shape {tuple(head.shape)}, expected "
+                    f"({len(task.classes)}, {self.arch.embed_dim}) (classes × embed_dim). Rebuild it."
+                )
+            if not torch.isfinite(head).all():
+                raise ArtifactError(f"{source}: head {t} ({task.name!r}) has non-finite values. Rebuild it.")
+        reference = build_visual(self.arch).state_dict()
+        missing = sorted(set(reference) - set(self.backbone))
+        extra = sorted(set(self.backbone) - set(reference))
+        if missing or extra:
+            raise ArtifactError(
+                f"{source}: backbone keys do not match architecture {self.arch.name!r}: missing {missing[:3]}, "
+                f"unexpected {extra[:3]}. The artifact is corrupted or from another architecture; rebuild it."
+            )
+        for key, tensor in self.backbone.items():
+            if tensor.shape != reference[key].shape:
+                raise ArtifactError(
+                    f"{source}: backbone {key!r} has shape {tuple(tensor.shape)}, expected "
+                    f"{tuple(reference[key].shape)}. Rebuild the artifact."
+                )
+        if not self.experts:
+            raise ArtifactError(f"{source}: no routed layers. Rebuild it with `esmpp build`.")
+        for key, layer in self.experts.items():
+            if linear_kind(key) is None or key not in reference:
+                raise ArtifactError(f"{source}: routed layer {key!r} is not a linear layer of this architecture.")
+            d_out, d_in = reference[key].shape
+            up, down, protos = layer.up, layer.down, layer.prototypes
+            ok = (
+                up.ndim == 3
+                and down.ndim == 3
+                and protos.ndim == 3
+                and up.shape[0] == down.shape[0] == protos.shape[0] == T
+                and up.shape[1] == d_out
+                and down.shape[2] == d_in
+                and protos.shape[2] == d_in
+                and up.shape[2] == down.shape[1]
+            )
+            if not ok:
+                raise ArtifactError(
+                    f"{source}: experts of {key!r} are inconsistent: up {tuple(up.shape)}, down "
+                    f"{tuple(down.shape)}, prototypes {tuple(protos.shape)}; expected [T={T}, {d_out}, r], "
+                    f"[T, r, {d_in}], [T, m, {d_in}]. Rebuild the artifact."
+                )
+            for part in _EXPERT_PARTS:
+                if not torch.isfinite(getattr(layer, part)).all():
+                    raise ArtifactError(f"{source}: {key}.{part} has non-finite values. Rebuild the artifact.")
+
+    def to_model(self) -> RoutedEncoder:
+        self.validate()
+        return RoutedEncoder(self.arch, self.backbone, self.experts, self.heads)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {key: value.detach().cpu().contiguous() for key, value in tensors.items()}
+
+
+def save_artifact(artifact: Artifact, path: Path, overwrite: bool = False) -> Path:
+    """Validate ``artifact`` and write it to the directory ``path`` atomically."""
+    artifact.validate()
+    path = Path(path)
+    expert_tensors = {
+        f"{key}.{part}": getattr(layer, part) for key, layer in artifact.experts.items() for part in _EXPERT_PARTS
+    }
+    with atomic_directory(path, overwrite=overwrite) as staging:
+        save_file(_contiguous(artifact.backbone), staging / "backbone.safetensors")
+        save_file(_contiguous(expert_tensors), staging / "experts.safetensors")
+        save_file(_contiguous({f"head.{t}": h for t, h in enumerate(artifact.heads)}), staging / "heads.safetensors")
+        manifest = {
+            "format": "esmpp-artifact",
+            "format_version": FORMAT_VERSION,
+            "esmpp_version": esmpp.__version__,
+            "architecture": artifact.arch.to_dict(),
+            "tasks": [{"name": task.name, "classes": task.classes} for task in artifact.tasks],
+            "routed_layers": list(artifact.experts),
+            "ranks": {key: int(layer.up.shape[2]) for key, layer in artifact.experts.items()},
+            "build": artifact.build,
+            "checksums": {name: _sha256(staging / name) for name in TENSOR_FILES},
+        }
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    return path
+
+
+def _require(manifest: dict[str, Any], key: str, kind: type | tuple[type, ...], source: Path) -> Any:
+    if key not in manifest:
+        raise ArtifactError(f"{source}: manifest has no {key!r}. The artifact is incomplete; rebuild it.")
+    value = manifest[key]
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        raise ArtifactError(
+            f"{source}: manifest field {key!r} is {type(value).__name__}, expected {getattr(kind, '__name__', kind)}."
+            " The manifest was edited or corrupted; rebuild the artifact."
+        )
+    return value
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    """Read and validate ``path/manifest.json`` (format, version, field types); tensors are not read."""
+    path = Path(path)
+    manifest_path = path / MANIFEST
+    if not path.is_dir():
+        raise ArtifactError(f"{path} is not an artifact directory. Create one with `esmpp build CONFIG --out {path}`.")
+    if not manifest_path.is_file():
+        raise ArtifactError(f"{manifest_path} is missing: {path} is not a complete esmpp artifact. Rebuild it.")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"{manifest_path} is not valid JSON ({exc}). Rebuild the artifact.") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != "esmpp-artifact":
+        raise ArtifactError(f"{manifest_path} is not an esmpp artifact manifest. Rebuild the artifact.")
+    version = _require(manifest, "format_version", int, manifest_path)
+    if version > FORMAT_VERSION:
+        raise ArtifactError(
+            f"{manifest_path} has format version {version}, newer than this esmpp understands ({FORMAT_VERSION}). "
+            "Upgrade esmpp (pip install -U esmpp) to load it."
+        )
+    if version < 1:
+        raise ArtifactError(f"{manifest_path}: invalid format version {version}.")
+    _require(manifest, "architecture", dict, manifest_path)
+    tasks = _require(manifest, "tasks", list, manifest_path)
+    for task in tasks:
+        if not (
+            isinstance(task, dict)
+            and isinstance(task.get("name"), str)
+            and isinstance(task.get("classes"), list)
+            and all(isinstance(c, str) for c in task["classes"])
+        ):
+            raise ArtifactError(f"{manifest_path}: malformed task entry {task!r}; expected {{name, classes}}.")
+    routed = _require(manifest, "routed_layers", list, manifest_path)
+    if not all(isinstance(key, str) for key in routed):
+        raise ArtifactError(f"{manifest_path}: 'routed_layers' must be a list of parameter names.")
+    _require(manifest, "build", dict, manifest_path)
+    checksums = _require(manifest, "checksums", dict, manifest_path)
+    if set(checksums) != set(TENSOR_FILES):
+        # The file names are fixed by the format: a manifest can never point outside the directory.
+        raise ArtifactError(
+            f"{manifest_path}: checksums list {sorted(checksums)}, expected exactly {list(TENSOR_FILES)}."
+        )
+    return manifest
+
+
+def _load_tensors(path: Path, name: str, expected: str) -> dict[str, torch.Tensor]:
+    file = path / name
+    if not file.is_file():
+        raise ArtifactError(f"{file} is missing. The artifact is incomplete; rebuild it.")
+    digest = _sha256(file)
+    if digest != expected:
+        raise ArtifactError(
+            f"{file} is corrupted or was modified: sha256 {digest[:12]}… does not match the manifest's "
+            f"{str(expected)[:12]}…. Copy the artifact again or rebuild it."
+        )
+    try:
+        return load_file(file)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ArtifactError(f"{file} is not a readable safetensors file ({exc}). Rebuild the artifact.") from exc
+
+
+def load_artifact(path: Path) -> Artifact:
+    """Load and validate an artifact directory; ``ArtifactError`` names the file and the problem."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    try:
+        arch = Architecture.from_dict(manifest["architecture"])
+        build_visual(arch)
+    except (ArchitectureError, ValueError, TypeError, KeyError) as exc:
+        raise ArtifactError(f"{path / MANIFEST}: invalid architecture ({exc}). Rebuild the artifact.") from exc
+    tensors = {name: _load_tensors(path, name, manifest["checksums"][name]) for name in TENSOR_FILES}
+    experts_file = tensors["experts.safetensors"]
+    experts = {}
+    for key in manifest["routed_layers"]:
+        names = [f"{key}.{part}" for part in _EXPERT_PARTS]
+        if any(name not in experts_file for name in names) or block_index(key) is None:
+            raise ArtifactError(f"{path / 'experts.safetensors'}: no experts for routed layer {key!r}. Rebuild it.")
+        experts[key] = Experts(*(experts_file[name] for name in names))
+    heads_file = tensors["heads.safetensors"]
+    tasks = [TaskInfo(task["name"], list(task["classes"])) for task in manifest["tasks"]]
+    try:
+        heads = [heads_file[f"head.{t}"] for t in range(len(tasks))]
+    except KeyError as exc:
+        raise ArtifactError(f"{path / 'heads.safetensors'}: missing {exc}. Rebuild the artifact.") from exc
+    artifact = Artifact(arch, tasks, tensors["backbone.safetensors"], experts, heads, manifest["build"])
+    artifact.validate(str(path))
+    return artifact

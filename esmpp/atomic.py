@@ -1,0 +1,53 @@
+"""Crash-safe directory writes: build everything in a hidden sibling, then rename it into place.
+
+A reader (or a rerun after SIGKILL) sees either nothing, the previous complete directory, or the new
+complete one — never a half-written one. Leftover hidden siblings of killed runs are ignored by readers
+and cleaned up by the next write.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from esmpp.errors import EsmppError
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in root.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+
+
+@contextlib.contextmanager
+def atomic_directory(destination: Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield an empty temporary directory next to ``destination``; on success move it into place.
+
+    Raises ``EsmppError`` up front if ``destination`` exists and ``overwrite`` is false. On any error
+    the temporary directory is removed and ``destination`` is left as it was.
+    """
+    destination = Path(destination)
+    if destination.exists() and not overwrite:
+        raise EsmppError(f"{destination} already exists. Pass --overwrite to replace it, or choose another --out.")
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    for stale in destination.parent.glob(f".{destination.name}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.tmp-", dir=destination.parent))
+    try:
+        yield staging
+        _fsync_tree(staging)
+        if destination.exists():
+            retired = Path(tempfile.mkdtemp(prefix=f".{destination.name}.tmp-old-", dir=destination.parent))
+            os.replace(destination, retired / destination.name)
+            os.replace(staging, destination)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            os.replace(staging, destination)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)

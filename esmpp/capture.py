@@ -1,0 +1,97 @@
+"""Activation statistics at the input of every linear layer, streamed over batches of images.
+
+For each requested layer the accumulator keeps the uncentred Gram ``XᵀX`` (d_in × d_in, float64), the
+token sum and count, and one mean token feature per image (what the router compares to prototypes).
+Memory is independent of the number of images: nothing per token is kept.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from esmpp.architecture import block_index, linear_kind
+from esmpp.runtime.layers import explicit_attention, routed_slot
+
+
+@dataclass
+class LayerStats:
+    """Statistics of the tokens X [N, d_in] entering one linear layer over a proxy set."""
+
+    gram: torch.Tensor  # [d_in, d_in] float64, XᵀX
+    mean: torch.Tensor  # [d_in] float64, mean token
+    num_tokens: int  # N
+    image_means: torch.Tensor  # [num_images, d_in] float32, mean token of each image
+
+
+class _Accumulator:
+    def __init__(self, with_gram: bool) -> None:
+        self.with_gram = with_gram
+        self.gram: torch.Tensor | None = None
+        self.total: torch.Tensor | None = None
+        self.count = 0
+        self.image_means: list[torch.Tensor] = []
+
+    def add(self, tokens: torch.Tensor) -> None:
+        """``tokens`` [B, N, d] (batch first)."""
+        flat = tokens.detach().reshape(-1, tokens.shape[-1]).double()
+        if self.with_gram:
+            gram = flat.T @ flat
+            self.gram = gram if self.gram is None else self.gram + gram
+        total = flat.sum(dim=0)
+        self.total = total if self.total is None else self.total + total
+        self.count += flat.shape[0]
+        self.image_means.append(tokens.detach().float().mean(dim=1))
+
+    def finish(self) -> LayerStats:
+        width = self.total.shape[0]
+        return LayerStats(
+            gram=self.gram if self.gram is not None else torch.zeros(0, 0, dtype=torch.float64),
+            mean=self.total / self.count,
+            num_tokens=self.count,
+            image_means=torch.cat(self.image_means).reshape(-1, width),
+        )
+
+
+def capture_statistics(
+    visual: nn.Module,
+    batches: Iterable[torch.Tensor],
+    keys: Iterable[str],
+    with_gram: bool = True,
+    run: callable | None = None,
+) -> dict[str, LayerStats]:
+    """Forward ``batches`` of normalised images [B, 3, H, W] through ``visual`` and return, for each
+    linear weight key in ``keys`` (e.g. ``transformer.resblocks.0.attn.in_proj_weight``), the statistics
+    of its input tokens. ``visual`` gets explicit attention modules (same keys and outputs) so that the
+    attention in- and out-projections can be observed. ``run(images)`` replaces ``visual(images)`` when
+    the forward needs more (e.g. a routed model with a forced task)."""
+    explicit_attention(visual)
+    accumulators: dict[str, _Accumulator] = {}
+    handles = []
+    for key in keys:
+        kind, block = linear_kind(key), block_index(key)
+        if kind is None or block is None:
+            raise ValueError(f"{key!r} is not the weight of a block's linear layer")
+        accumulator = accumulators[key] = _Accumulator(with_gram)
+        module, _ = routed_slot(visual, block, kind)
+        if kind == "qkv":  # the attention module's first argument is the in-projection's input
+            module = visual.transformer.resblocks[block].attn
+
+        def hook(mod: nn.Module, args: tuple, acc: _Accumulator = accumulator) -> None:
+            tokens = args[0]
+            acc.add(tokens if getattr(mod, "batch_first", True) else tokens.transpose(0, 1))
+
+        handles.append(module.register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            for images in batches:
+                (run or visual)(images)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if any(acc.count == 0 for acc in accumulators.values()):
+        raise ValueError("no images were forwarded: the proxy set is empty")
+    return {key: acc.finish() for key, acc in accumulators.items()}

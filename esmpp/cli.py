@@ -1,0 +1,312 @@
+"""The `esmpp` command line (typer). The only module that knows about typer and terminal output."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from esmpp.errors import EsmppError
+
+app = typer.Typer(
+    help="Merge fine-tuned CLIP vision encoders into one model with ESM and dynamic ESM++ routing.\n\n"
+    "Typical flow: `esmpp zoo build` (offline demo models) → `esmpp build` (artifact) → "
+    "`esmpp predict` / `esmpp export`. `esmpp demo` runs the whole chain on the offline zoo.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+zoo_app = typer.Typer(help="The offline model zoo: a small pretrained ViT and experts fine-tuned from it.")
+app.add_typer(zoo_app, name="zoo")
+
+_debug = {"on": False}
+
+
+class Preset(str, Enum):
+    tiny = "tiny"
+    mini = "mini"
+
+
+class PrototypeSource(str, Enum):
+    finetuned = "finetuned"
+    runtime = "runtime"
+
+
+@app.callback()
+def main(
+    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks instead of one-line errors.")] = False,
+) -> None:
+    _debug["on"] = debug
+
+
+def _zoo(preset: Preset, root: Path | None, force: bool = False):
+    from esmpp.zoo import build_zoo
+
+    return build_zoo(preset.value, root=root, force=force, progress=True)
+
+
+def _build_options(method, rank, routed_kinds, prototypes, prototypes_per_task, alpha):
+    from esmpp.build import BuildOptions
+
+    return BuildOptions(
+        method=method,
+        alpha=alpha,
+        rank=rank,
+        routed_kinds=tuple(kind.strip() for kind in routed_kinds.split(",") if kind.strip()),
+        prototype_source=prototypes.value,
+        prototypes_per_task=prototypes_per_task,
+    )
+
+
+MethodOpt = Annotated[str, typer.Option(help="Static method for the shared backbone (see `esmpp methods`).")]
+RankOpt = Annotated[int, typer.Option(help="Rank r of each task's low-rank expert (8 is already strong).")]
+KindsOpt = Annotated[str, typer.Option(help="Routed linear kinds, comma-separated: qkv, out, fc, proj.")]
+ProtoOpt = Annotated[
+    PrototypeSource,
+    typer.Option(help="Prototypes from the fine-tuned models (authors) or measured in the routed runtime."),
+]
+ProtoCountOpt = Annotated[int, typer.Option(help="Prototypes per task (>1: spherical k-means with faiss).")]
+AlphaOpt = Annotated[
+    float | None,
+    typer.Option(help="Scaling α of the merged task vector; default: search on validation data."),
+]
+
+
+@zoo_app.command("build")
+def zoo_build(
+    preset: Annotated[
+        Preset, typer.Option(help="tiny: seconds, for tests. mini: the benchmark (~15 min on 2 cores).")
+    ] = Preset.mini,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Zoo directory (default: ~/.cache/esmpp/zoo/PRESET or $ESMPP_CACHE)."),
+    ] = None,
+    force: Annotated[bool, typer.Option(help="Rebuild even if a complete zoo is cached.")] = False,
+) -> None:
+    """Build (or reuse) the offline zoo: pretrain a small ViT, fine-tune one expert per task."""
+    zoo = _zoo(preset, out, force)
+    typer.echo(f"zoo '{preset.value}' at {zoo.root}: {len(zoo.tasks)} tasks ({', '.join(zoo.tasks)})")
+
+
+@app.command()
+def methods() -> None:
+    """List the static merge methods and their options."""
+    from esmpp.merging import available_methods, get_method
+
+    for name in available_methods():
+        options = get_method(name).Options()
+        typer.echo(f"{name}: {options.model_dump()}")
+
+
+@app.command()
+def build(
+    config: Annotated[Path | None, typer.Argument(help="YAML build config (see README). Omit with --zoo.")] = None,
+    out: Annotated[Path, typer.Option(help="Artifact directory to write.")] = Path("esmpp-artifact"),
+    zoo: Annotated[Preset | None, typer.Option(help="Build from the offline zoo instead of a config.")] = None,
+    method: MethodOpt = "esm",
+    rank: RankOpt = 32,
+    routed_kinds: KindsOpt = "qkv,fc",
+    prototypes: ProtoOpt = PrototypeSource.finetuned,
+    prototypes_per_task: ProtoCountOpt = 1,
+    alpha: AlphaOpt = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing artifact at --out.")] = False,
+) -> None:
+    """Build an ESM++ artifact: merged backbone + low-rank expert per task + task prototypes.
+
+    Command-line options override the config's `options:` section."""
+    from esmpp.artifact import save_artifact
+    from esmpp.build import build_artifact
+
+    if (config is None) == (zoo is None):
+        raise EsmppError("give either a CONFIG file or --zoo tiny|mini (not both). See `esmpp build --help`.")
+    if out.exists() and not overwrite:
+        raise EsmppError(f"{out} already exists. Pass --overwrite to replace it, or choose another --out.")
+    options = _build_options(method, rank, routed_kinds, prototypes, prototypes_per_task, alpha)
+    start = time.perf_counter()
+    if zoo is not None:
+        from esmpp.sources import zoo_sources
+
+        pretrained, tasks = zoo_sources(_zoo(zoo, None))
+    else:
+        from esmpp.config import load_config
+        from esmpp.sources import config_sources
+
+        pretrained, tasks = config_sources(load_config(config))
+    artifact = build_artifact(pretrained, tasks, options)
+    save_artifact(artifact, out, overwrite=overwrite)
+    _print_summary(out, artifact, time.perf_counter() - start)
+
+
+def _print_summary(path: Path, artifact, seconds: float) -> None:
+    sizes = {f.name: f.stat().st_size for f in sorted(path.iterdir())}
+    build = artifact.build
+    typer.echo(
+        f"artifact: {path}  ({sum(sizes.values()) / 1e6:.2f} MB: "
+        + ", ".join(f"{n} {s / 1e6:.2f} MB" for n, s in sizes.items())
+        + ")"
+    )
+    typer.echo(f"tasks: {', '.join(t.name for t in artifact.tasks)}")
+    typer.echo(
+        f"backbone: {build['method']}, alpha {build['alpha']:.3f}; experts: rank {build['rank']} on "
+        f"{len(artifact.experts)} layers ({', '.join(build['routed_kinds'])})"
+    )
+    typer.echo("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in build["seconds"].items()) + f", total {seconds:.1f}")
+
+
+@app.command()
+def inspect(artifact: Annotated[Path, typer.Argument(help="Artifact directory.")]) -> None:
+    """Show an artifact's manifest: architecture, tasks, routed layers, ranks, α, build options."""
+    from esmpp.artifact import read_manifest
+
+    manifest = read_manifest(artifact)
+    arch = manifest["architecture"]
+    typer.echo(f"esmpp artifact v{manifest['format_version']} (esmpp {manifest.get('esmpp_version')})")
+    typer.echo(
+        f"architecture: {arch.get('name')} width {arch['vision'].get('width')} layers "
+        f"{arch['vision'].get('layers')} image {arch['vision'].get('image_size')}"
+    )
+    for task in manifest["tasks"]:
+        typer.echo(
+            f"task {task['name']}: {len(task['classes'])} classes ({', '.join(task['classes'][:6])}"
+            + (", …" if len(task["classes"]) > 6 else "")
+            + ")"
+        )
+    typer.echo(f"routed layers: {len(manifest['routed_layers'])}, ranks {sorted(set(manifest['ranks'].values()))}")
+    typer.echo("build: " + json.dumps({k: v for k, v in manifest["build"].items() if k != "alpha_history"}))
+
+
+@app.command()
+def predict(
+    artifact: Annotated[Path, typer.Argument(help="Artifact directory.")],
+    images: Annotated[list[Path], typer.Argument(help="Image files.")],
+    task: Annotated[str | None, typer.Option(help="Task name; default: routed per image.")] = None,
+    routes: Annotated[bool, typer.Option(help="Show each routed layer's choice.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines.")] = False,
+) -> None:
+    """Predict images with an artifact; without --task the router picks each image's task."""
+    from dataclasses import asdict
+
+    from esmpp.runtime.predictor import Predictor
+
+    predictor = Predictor.load(artifact)
+    for path, result in zip(images, predictor.predict(list(images), task=task, return_routes=routes)):
+        if as_json:
+            typer.echo(json.dumps({"image": str(path), **asdict(result)}))
+        else:
+            line = f"{path}: {result.task}/{result.label} ({result.score:.3f}{', routed' if result.routed else ''})"
+            typer.echo(line + (f" routes {result.routes}" if routes else ""))
+
+
+@app.command("eval")
+def eval_encoder(
+    checkpoint: Annotated[Path, typer.Argument(help="An encoder checkpoint, or an artifact directory.")],
+    zoo: Annotated[Preset, typer.Option(help="Zoo whose test splits and heads to use.")] = Preset.mini,
+) -> None:
+    """Accuracy of one encoder (or an ESM++ artifact) on the zoo's test splits."""
+    from esmpp.checkpoints import load_encoder
+    from esmpp.compare import evaluate_routed
+    from esmpp.evaluation import evaluate, format_table
+
+    z = _zoo(zoo, None)
+    if checkpoint.is_dir():
+        from esmpp.artifact import load_artifact
+
+        results = evaluate_routed(load_artifact(checkpoint).to_model(), z)
+        rows = [{"method": f"{checkpoint.name} {k}", "accuracy": v} for k, v in results.items()]
+    else:
+        rows = [
+            {
+                "method": checkpoint.name,
+                "accuracy": evaluate(load_encoder(checkpoint, arch=z.arch).to_module(), z),
+            }
+        ]
+    typer.echo(format_table(rows))
+
+
+@app.command()
+def compare(
+    zoo: Annotated[Preset, typer.Option(help="Zoo to benchmark on.")] = Preset.mini,
+    methods_: Annotated[
+        str, typer.Option("--methods", help="Comma-separated static methods; 'all' for the registry.")
+    ] = "all",
+    out: Annotated[Path, typer.Option(help="JSON report path.")] = Path("esmpp-compare.json"),
+    artifact_out: Annotated[Path | None, typer.Option("--artifact", help="Also save the ESM++ artifact here.")] = None,
+    rank: RankOpt = 32,
+    routed_kinds: KindsOpt = "qkv,fc",
+    prototypes: ProtoOpt = PrototypeSource.finetuned,
+    prototypes_per_task: ProtoCountOpt = 1,
+) -> None:
+    """The benchmark table: pretrained, fine-tuned, every merge method and ESM++ on the zoo's test splits."""
+    _compare(
+        zoo,
+        methods_,
+        out,
+        artifact_out,
+        _build_options("esm", rank, routed_kinds, prototypes, prototypes_per_task, None),
+    )
+
+
+def _compare(zoo: Preset, methods_: str, out: Path, artifact_out: Path | None, options):
+    from esmpp.artifact import save_artifact
+    from esmpp.compare import compare_on_zoo
+    from esmpp.evaluation import format_table, summarize_rows
+    from esmpp.merging import available_methods
+
+    names = available_methods() if methods_ == "all" else [m.strip() for m in methods_.split(",") if m.strip()]
+    z = _zoo(zoo, None)
+    report = compare_on_zoo(z, names, options)
+    artifact = report.pop("artifact")
+    typer.echo(format_table(report["rows"], report["finetuned"]))
+    routing = report["esmpp"]["routing_accuracy"]
+    typer.echo(
+        "\nESM++ routing accuracy (%): "
+        + ", ".join(f"{t} {v:.1f}" for t, v in routing.items())
+        + f"; average {report['esmpp']['routing_average']:.1f}"
+    )
+    report["rows"] = summarize_rows(report["rows"], report["finetuned"])
+    report["zoo"] = {"preset": zoo.value, "root": str(z.root)}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    typer.echo(f"report: {out}")
+    if artifact_out is not None:
+        save_artifact(artifact, artifact_out, overwrite=True)
+        typer.echo(f"ESM++ artifact: {artifact_out}")
+    return z, artifact_out
+
+
+@app.command()
+def demo(
+    zoo: Annotated[Preset, typer.Option(help="mini: the benchmark zoo; tiny: a one-minute smoke run.")] = Preset.mini,
+    out: Annotated[Path, typer.Option(help="Folder for the report and the artifact.")] = Path("esmpp-demo"),
+) -> None:
+    """The whole chain offline: zoo (cached) → every method + ESM++ → table → a few task-agnostic predictions."""
+    from esmpp.build import BuildOptions
+    from esmpp.runtime.predictor import Predictor
+
+    z, artifact_path = _compare(zoo, "all", out / "compare.json", out / "artifact", BuildOptions())
+    predictor = Predictor.load(artifact_path)
+    typer.echo("\nTask-agnostic predictions on test images (the router picks the task):")
+    for task in z.tasks:
+        images, labels = z.split(task, "test")
+        for label, result in zip(labels[:2], predictor.predict(list(images[:2]))):
+            truth = z.class_names(task)[int(label)]
+            typer.echo(f"  true {task}/{truth:<12} → {result.task}/{result.label} ({result.score:.2f})")
+
+
+def run() -> None:
+    """Entry point: EsmppError becomes a one-line message and exit code 1 (tracebacks with --debug)."""
+    try:
+        app()
+    except EsmppError as exc:
+        if _debug["on"]:
+            raise
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    run()

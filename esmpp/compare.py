@@ -1,0 +1,120 @@
+"""The benchmark table on a zoo: pretrained, fine-tuned, every static method and ESM++ side by side.
+
+Every static method gets the same α protocol (golden-section on [0, 2] against the validation splits,
+unless the method fixes α, as weight averaging does); ESM++ is reported task-given (its experts and head
+chosen by the true task), task-agnostic (routed task picks the head) and with its routing accuracy.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from esmpp.build import BuildOptions, build_artifact, choose_alpha, method_options
+from esmpp.checkpoints import load_encoder
+from esmpp.evaluation import evaluate
+from esmpp.images import preprocess_uint8
+from esmpp.merge import apply_task_vector, merge_streaming
+from esmpp.merging import get_method
+from esmpp.runtime.model import RoutedEncoder
+from esmpp.sources import zoo_sources
+
+
+@torch.inference_mode()
+def evaluate_routed(
+    model: RoutedEncoder, zoo, split: str = "test", batch_size: int = 256
+) -> dict[str, dict[str, float]]:
+    """Per task (zoo order = model task order): ``task_given`` accuracy (%), ``task_agnostic`` accuracy (%)
+    and ``routing`` (% of images whose routed task is their true task)."""
+    results: dict[str, dict[str, float]] = {"task_given": {}, "task_agnostic": {}, "routing": {}}
+    for t, task in enumerate(zoo.tasks):
+        images, labels = zoo.split(task, split)
+        labels = torch.as_tensor(labels)
+        given, agnostic, routed = [], [], []
+        for start in range(0, len(images), batch_size):
+            pixels = preprocess_uint8(images[start : start + batch_size], zoo.arch)
+            forced = model(pixels, torch.full((pixels.shape[0],), t, dtype=torch.long))
+            free = model(pixels)
+            given.append(forced.logits.argmax(-1))
+            agnostic.append(torch.where(free.task == t, free.logits.argmax(-1), -1))
+            routed.append(free.task == t)
+        results["task_given"][task] = 100.0 * float((torch.cat(given) == labels).float().mean())
+        results["task_agnostic"][task] = 100.0 * float((torch.cat(agnostic) == labels).float().mean())
+        results["routing"][task] = 100.0 * float(torch.cat(routed).float().mean())
+    return results
+
+
+def compare_on_zoo(
+    zoo,
+    methods: Sequence[str],
+    esmpp_options: BuildOptions | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run the comparison; returns ``{"rows": [...], "finetuned": {...}, "esmpp": {...}}`` where each row is
+    ``{"method", "accuracy": {task: %}, "seconds", "alpha"}``."""
+    pretrained, sources = zoo_sources(zoo)
+    rows: list[dict[str, Any]] = [
+        {
+            "method": "pretrained",
+            "accuracy": evaluate(pretrained.to_module(), zoo),
+            "seconds": 0.0,
+            "alpha": 0.0,
+        }
+    ]
+    finetuned = {
+        task: evaluate(load_encoder(zoo.finetuned_path(task), arch=zoo.arch).to_module(), zoo, [task])[task]
+        for task in tqdm(zoo.tasks, desc="evaluate experts", disable=not progress)
+    }
+    rows.append({"method": "fine-tuned", "accuracy": finetuned, "seconds": 0.0, "alpha": None})
+    for name in methods:
+        start = time.perf_counter()
+        method_class = get_method(name)
+        method = method_class(method_class.Options(), num_tasks=len(sources))
+        task_vector = merge_streaming(pretrained, sources, method, progress)
+        if method_class.fixed_alpha is not None:
+            alpha = method_class.fixed_alpha
+        else:
+            alpha, _ = choose_alpha(pretrained, task_vector, sources, progress=progress)
+        seconds = time.perf_counter() - start
+        visual = pretrained.to_module()
+        visual.load_state_dict(apply_task_vector(pretrained.state, task_vector, alpha))
+        rows.append({"method": name, "accuracy": evaluate(visual, zoo), "seconds": seconds, "alpha": alpha})
+
+    options = esmpp_options or BuildOptions()
+    start = time.perf_counter()
+    artifact = build_artifact(pretrained, sources, options, progress)
+    seconds = time.perf_counter() - start
+    routed = evaluate_routed(artifact.to_model(), zoo)
+    label = f"ESM++ (r={options.rank})"
+    rows.append(
+        {
+            "method": label,
+            "accuracy": routed["task_given"],
+            "seconds": seconds,
+            "alpha": artifact.build["alpha"],
+        }
+    )
+    rows.append(
+        {
+            "method": f"{label} task-agnostic",
+            "accuracy": routed["task_agnostic"],
+            "seconds": seconds,
+            "alpha": artifact.build["alpha"],
+        }
+    )
+    return {
+        "rows": rows,
+        "finetuned": finetuned,
+        "esmpp": {
+            "routing_accuracy": routed["routing"],
+            "routing_average": float(np.mean(list(routed["routing"].values()))),
+            "build": artifact.build,
+            "options": method_options(options).model_dump(),
+        },
+        "artifact": artifact,
+    }

@@ -1,0 +1,87 @@
+"""The build config (YAML): one place for every default of `esmpp build`.
+
+Relative paths are resolved against the config file's folder. Example::
+
+    architecture: ViT-B-32            # optional: inferred from the checkpoint's shapes
+    pretrained: checkpoints/pretrained.pt
+    tasks:
+      - name: cars
+        checkpoint: checkpoints/cars.pt
+        head: heads/cars.safetensors   # tensor "head" [classes, embed_dim]; logits = normalize(emb) @ head.T
+        classes: [audi, bmw, ...]      # optional when the head file carries them
+        proxy: proxy/cars              # a folder of unlabeled images (32 are used)
+        validation: val/cars           # optional: one subfolder per class, for choosing α
+    options:
+      method: esm
+      rank: 32
+      routed_kinds: [qkv, fc]
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from esmpp.build import BuildOptions
+from esmpp.errors import ConfigError
+
+
+class TaskConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    checkpoint: Path
+    head: Path
+    classes: list[str] | None = None
+    proxy: Path
+    validation: Path | None = None
+
+
+class OptionsConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    method: str = "esm"
+    method_options: dict[str, Any] = Field(default_factory=dict)
+    alpha: float | None = None
+    rank: int = 32
+    routed_kinds: list[Literal["qkv", "out", "fc", "proj"]] = ["qkv", "fc"]
+    prototype_source: Literal["finetuned", "runtime"] = "finetuned"
+    prototypes_per_task: int = 1
+
+    def to_build_options(self) -> BuildOptions:
+        data = self.model_dump()
+        data["routed_kinds"] = tuple(data["routed_kinds"])
+        return BuildOptions(**data)
+
+
+class BuildConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    architecture: str | None = None
+    pretrained: Path
+    tasks: list[TaskConfig] = Field(min_length=1)
+    allow_pickle: bool = False
+    proxy_images: int = 32
+    options: OptionsConfig = Field(default_factory=OptionsConfig)
+
+
+def load_config(path: Path) -> BuildConfig:
+    """Parse and validate a YAML build config; relative paths become relative to its folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file. See `esmpp build --help` for an example.")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc}).") from exc
+    try:
+        config = BuildConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise ConfigError(f"{path}: {problems}.") from exc
+    base = path.parent
+    config.pretrained = base / config.pretrained
+    for task in config.tasks:
+        task.checkpoint, task.head, task.proxy = base / task.checkpoint, base / task.head, base / task.proxy
+        task.validation = base / task.validation if task.validation else None
+    return config

@@ -1,0 +1,41 @@
+"""ESM++ experts and prototypes — pure functions on tensors.
+
+An expert is the rank-r essential-subspace truncation of a task's residual ``R_t = W_t − W_merged`` at one
+routed layer, kept factored as ``A_t B_t`` so the runtime applies it in low rank. A prototype is where the
+task's tokens sit in the routed layer's input space.
+"""
+
+from __future__ import annotations
+
+import faiss
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from esmpp.decompose import essential_basis
+
+
+def residual_expert(
+    residual: torch.Tensor, gram: torch.Tensor, num_tokens: int, rank: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank-``rank`` ESD expert of ``residual`` [d_out, d_in] under the task's activations (Gram ``gram``
+    [d_in, d_in] of ``num_tokens`` proxy tokens) → (``up`` A = P_r [d_out, r], ``down`` B = P_rᵀ R [r, d_in]),
+    float32. ``rank`` is clipped to d_out."""
+    basis = essential_basis(residual.double(), gram.double(), num_tokens).basis
+    kept = basis[:, : min(rank, residual.shape[0])]
+    return kept.float().contiguous(), (kept.T @ residual.double()).float().contiguous()
+
+
+def task_prototypes(image_means: torch.Tensor, count: int = 1, seed: int = 0) -> torch.Tensor:
+    """Prototypes of one task at one layer from its proxy images' mean tokens ``image_means`` [n, d]
+    → unit-norm [count, d]. One prototype is the normalised mean of all tokens (images have equal token
+    counts, so the mean of image means); several are spherical k-means centroids (faiss)."""
+    if count == 1:
+        return F.normalize(image_means.double().mean(dim=0, keepdim=True), dim=-1).float()
+    if image_means.shape[0] < count:
+        raise ValueError(f"{count} prototypes need at least {count} proxy images, got {image_means.shape[0]}")
+    points = np.ascontiguousarray(image_means.float().numpy())
+    faiss.normalize_L2(points)
+    kmeans = faiss.Kmeans(points.shape[1], count, niter=25, seed=seed, spherical=True, verbose=False)
+    kmeans.train(points)
+    return F.normalize(torch.from_numpy(kmeans.centroids.copy()), dim=-1)

@@ -1,0 +1,131 @@
+"""Routed layers that keep open_clip's state-dict keys.
+
+``Attention`` replaces ``nn.MultiheadAttention`` in a block (MHA reads ``in_proj_weight`` and
+``out_proj.weight`` directly, so wrapping them does nothing): it owns the same parameters under the same
+names, computes attention explicitly, and calls ``out_proj`` as a module, so forward hooks on every linear
+layer of a block see its input. ``RoutedLinear`` replaces ``nn.Linear`` (MLP and ``out_proj``).
+Each may carry an ``ExpertBank``: low-rank task experts ``A_t B_t`` and task prototypes, applied as
+``y = W x + b + A_t (B_t x)`` — never a materialised d_out × d_in delta per image.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from esmpp.runtime.routing import RoutingControl
+
+
+class ExpertBank(nn.Module):
+    """The experts and prototypes of one routed linear layer (buffers, saved with the model).
+
+    ``up`` [T, d_out, r] (A_t), ``down`` [T, r, d_in] (B_t), ``prototypes`` [T, m, d_in] unit-norm.
+    """
+
+    def __init__(self, up: torch.Tensor, down: torch.Tensor, prototypes: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("up", up)
+        self.register_buffer("down", down)
+        self.register_buffer("prototypes", F.normalize(prototypes, dim=-1))
+
+    @property
+    def num_tasks(self) -> int:
+        return int(self.up.shape[0])
+
+    def forward(self, x: torch.Tensor, control: RoutingControl) -> torch.Tensor:
+        """The experts' contribution for ``x`` [B, N, d_in] → [B, N, d_out]."""
+        ids, weights = control.route(x, self.prototypes)
+        return apply_experts(x, self.up, self.down, ids, weights)
+
+
+def apply_experts(
+    x: torch.Tensor, up: torch.Tensor, down: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
+    """Σ_j w_bj · A_{ids_bj} (B_{ids_bj} x_b), batched by gathering each image's experts.
+
+    ``x`` [B, N, d_in], ``up`` [T, d_out, r], ``down`` [T, r, d_in], ``ids``/``weights`` [B, k] → [B, N, d_out].
+    """
+    hidden = torch.einsum("bni,bkri->bknr", x, down[ids])  # [B, k, N, r]
+    return torch.einsum("bknr,bkor,bk->bno", hidden, up[ids], weights)
+
+
+class RoutedLinear(nn.Linear):
+    """``nn.Linear`` with optional routed experts; keys ``weight``/``bias`` (+ ``experts.*``)."""
+
+    def __init__(self, linear: nn.Linear, control: RoutingControl) -> None:
+        super().__init__(linear.in_features, linear.out_features, bias=linear.bias is not None)
+        self.weight, self.bias = linear.weight, linear.bias
+        self.control = control
+        self.experts: ExpertBank | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)
+        if self.experts is not None:
+            y = y + self.experts(x, self.control)
+        return y
+
+
+class Attention(nn.Module):
+    """Self-attention with ``nn.MultiheadAttention``'s parameter names and call signature.
+
+    The fused in-projection (``in_proj_weight``, [3d, d]) can carry routed experts (``qkv_experts``);
+    ``out_proj`` is a ``RoutedLinear``.
+    """
+
+    def __init__(self, mha: nn.MultiheadAttention, control: RoutingControl) -> None:
+        super().__init__()
+        if mha.in_proj_weight is None or mha.dropout:
+            raise ValueError("only fused-projection self-attention without dropout is supported")
+        self.num_heads = mha.num_heads
+        self.batch_first = mha.batch_first
+        self.in_proj_weight = mha.in_proj_weight
+        self.in_proj_bias = mha.in_proj_bias
+        self.out_proj = RoutedLinear(mha.out_proj, control)
+        self.control = control
+        self.qkv_experts: ExpertBank | None = None
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor | None = None,
+        value: torch.Tensor | None = None,
+        need_weights: bool = False,
+        attn_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, None]:
+        # Self-attention only: open_clip's vision blocks pass the same tensor as query, key and value.
+        x = query if self.batch_first else query.transpose(0, 1)  # [B, N, d]
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
+        if self.qkv_experts is not None:
+            qkv = qkv + self.qkv_experts(x, self.control)
+        batch, tokens, width = x.shape
+        heads = qkv.reshape(batch, tokens, 3, self.num_heads, width // self.num_heads).permute(2, 0, 3, 1, 4)
+        context = F.scaled_dot_product_attention(heads[0], heads[1], heads[2], attn_mask=attn_mask)
+        out = self.out_proj(context.transpose(1, 2).reshape(batch, tokens, width))
+        return (out if self.batch_first else out.transpose(0, 1)), None
+
+
+def explicit_attention(visual: nn.Module, control: RoutingControl | None = None) -> RoutingControl:
+    """Swap every block's ``nn.MultiheadAttention`` for ``Attention`` and its MLP linears for
+    ``RoutedLinear`` (in place; same state-dict keys, same outputs). Returns the shared control."""
+    control = control or RoutingControl()
+    for block in visual.transformer.resblocks:
+        if isinstance(block.attn, nn.MultiheadAttention):
+            block.attn = Attention(block.attn, control)
+        for name in ("c_fc", "c_proj"):
+            layer = getattr(block.mlp, name)
+            if not isinstance(layer, RoutedLinear):
+                setattr(block.mlp, name, RoutedLinear(layer, control))
+    return control
+
+
+def routed_slot(visual: nn.Module, block: int, kind: str) -> tuple[nn.Module, str]:
+    """The module and attribute name that hold the expert bank of linear ``kind`` in ``block``."""
+    layer = visual.transformer.resblocks[block]
+    slots = {
+        "qkv": (layer.attn, "qkv_experts"),
+        "out": (layer.attn.out_proj, "experts"),
+        "fc": (layer.mlp.c_fc, "experts"),
+        "proj": (layer.mlp.c_proj, "experts"),
+    }
+    return slots[kind]

@@ -1,0 +1,116 @@
+"""Where tasks come from: a YAML build config (user files) or the offline zoo. Both become ``TaskSource``s."""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from esmpp.architecture import Architecture
+from esmpp.checkpoints import Encoder, load_encoder
+from esmpp.config import BuildConfig
+from esmpp.errors import ConfigError
+from esmpp.images import preprocess_images, preprocess_uint8
+from esmpp.merge import TaskSource
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+def image_files(folder: Path) -> list[Path]:
+    """Image files directly in ``folder``, sorted (so builds are deterministic)."""
+    if not folder.is_dir():
+        raise ConfigError(f"{folder}: no such folder of images.")
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def load_proxy(folder: Path, arch: Architecture, count: int) -> torch.Tensor:
+    """The first ``count`` images of ``folder`` (sorted by name), preprocessed → [n, 3, H, W]."""
+    files = image_files(folder)[:count]
+    if not files:
+        raise ConfigError(
+            f"{folder}: the proxy folder has no images ({', '.join(sorted(IMAGE_SUFFIXES))}). "
+            "Put a few unlabeled training images of the task there (32 are used)."
+        )
+    return preprocess_images(files, arch)
+
+
+def load_labelled_folder(folder: Path, classes: list[str], arch: Architecture) -> tuple[torch.Tensor, torch.Tensor]:
+    """A folder with one subfolder per class (named as in ``classes``) → images [N,3,H,W], labels [N]."""
+    images, labels = [], []
+    for label, name in enumerate(classes):
+        files = image_files(folder / name) if (folder / name).is_dir() else []
+        images.extend(files)
+        labels.extend([label] * len(files))
+    if not images:
+        raise ConfigError(f"{folder}: no validation images; expected subfolders named after the classes {classes[:5]}.")
+    return preprocess_images(images, arch), torch.tensor(labels)
+
+
+def load_head(path: Path, classes: list[str] | None, embed_dim: int) -> tuple[torch.Tensor, list[str]]:
+    """A head file: safetensors with tensor ``head`` [C, embed_dim] (class names may be stored in its
+    metadata as ``classes``, one per line)."""
+    from safetensors import safe_open
+
+    try:
+        head = load_file(path)["head"]
+        with safe_open(path, framework="pt") as handle:
+            stored = (handle.metadata() or {}).get("classes")
+    except (FileNotFoundError, SafetensorError, OSError, KeyError) as exc:
+        raise ConfigError(
+            f"{path}: cannot read a head ({exc}). "
+            f"Expected a safetensors file with a tensor 'head' [classes, {embed_dim}]."
+        ) from exc
+    names = classes or (stored.split("\n") if stored else None)
+    if names is None:
+        names = [str(i) for i in range(head.shape[0])]
+    if head.ndim != 2 or head.shape[1] != embed_dim or head.shape[0] != len(names):
+        raise ConfigError(
+            f"{path}: head has shape {tuple(head.shape)}, expected ({len(names)}, {embed_dim}) (classes × embed_dim)."
+        )
+    return head.float(), names
+
+
+def config_sources(config: BuildConfig) -> tuple[Encoder, list[TaskSource]]:
+    """The pretrained encoder and the task sources of a build config (checkpoints load lazily)."""
+    pretrained = load_encoder(config.pretrained, arch=config.architecture, allow_pickle=config.allow_pickle)
+    arch = pretrained.arch
+    tasks = []
+    for task in config.tasks:
+        head, classes = load_head(task.head, task.classes, arch.embed_dim)
+        tasks.append(
+            TaskSource(
+                name=task.name,
+                load=partial(load_encoder, task.checkpoint, arch, config.allow_pickle),
+                proxy=load_proxy(task.proxy, arch, config.proxy_images),
+                head=head,
+                classes=classes,
+                validation=load_labelled_folder(task.validation, classes, arch) if task.validation else None,
+            )
+        )
+    return pretrained, tasks
+
+
+def zoo_sources(zoo, tasks: list[str] | None = None) -> tuple[Encoder, list[TaskSource]]:
+    """The pretrained encoder and task sources of an offline zoo (proxy: its 32 training images;
+    validation: its validation split)."""
+    pretrained = load_encoder(zoo.pretrained_path, arch=zoo.arch)
+    sources = []
+    for name in tasks or zoo.tasks:
+        if name not in zoo.tasks:
+            raise ConfigError(f"the zoo has no task {name!r}; it has {zoo.tasks}.")
+        proxy, _ = zoo.split(name, "proxy")
+        val_images, val_labels = zoo.split(name, "val")
+        sources.append(
+            TaskSource(
+                name=name,
+                load=partial(load_encoder, zoo.finetuned_path(name), zoo.arch),
+                proxy=preprocess_uint8(proxy, zoo.arch),
+                head=zoo.head(name).float(),
+                classes=list(zoo.class_names(name)),
+                validation=(preprocess_uint8(val_images, zoo.arch), torch.as_tensor(val_labels).long()),
+            )
+        )
+    return pretrained, sources
