@@ -1,0 +1,47 @@
+"""Shared fixtures: a tiny open_clip architecture and random routed artifacts built from it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from esmpp.architecture import Architecture, build_visual, linear_keys
+from esmpp.artifact import Artifact, TaskInfo
+from esmpp.runtime.model import Experts
+
+TINY_ARCH = Architecture(
+    embed_dim=16,
+    vision={"image_size": 16, "layers": 2, "width": 32, "patch_size": 8, "head_width": 8},
+    name="test-tiny",
+)
+
+
+@pytest.fixture
+def tiny_arch() -> Architecture:
+    return TINY_ARCH
+
+
+def random_artifact(
+    num_tasks: int = 3, rank: int = 4, kinds: tuple[str, ...] = ("qkv", "fc"), seed: int = 0
+) -> Artifact:
+    """A consistent artifact with random backbone, experts, prototypes and heads."""
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    backbone = build_visual(TINY_ARCH).state_dict()
+    experts = {}
+    for key in linear_keys(TINY_ARCH, kinds):
+        d_out, d_in = backbone[key].shape
+        experts[key] = Experts(
+            up=torch.randn(num_tasks, d_out, rank, generator=generator) * 0.1,
+            down=torch.randn(num_tasks, rank, d_in, generator=generator) * 0.1,
+            prototypes=torch.randn(num_tasks, 1, d_in, generator=generator),
+        )
+    classes = [[f"c{t}_{i}" for i in range(2 + t)] for t in range(num_tasks)]
+    heads = [torch.randn(len(names), TINY_ARCH.embed_dim, generator=generator) for names in classes]
+    tasks = [TaskInfo(f"task{t}", names) for t, names in enumerate(classes)]
+    return Artifact(TINY_ARCH, tasks, backbone, experts, heads, {"method": "random", "alpha": 1.0})
+
+
+@pytest.fixture
+def artifact() -> Artifact:
+    return random_artifact()

@@ -1,0 +1,48 @@
+import torch
+import torch.nn.functional as F
+
+from esmpp.runtime.model import RoutedEncoder
+from esmpp.runtime.routing import RoutingControl, hard_route, soft_route, task_similarity
+from tests.conftest import random_artifact
+
+
+def test_hard_route_picks_the_nearest_prototype():
+    prototypes = F.normalize(torch.eye(3, 4).reshape(3, 1, 4), dim=-1)
+    features = F.normalize(torch.tensor([[0.1, 0.9, 0.0, 0.0], [0.0, 0.0, 1.0, 0.2]]), dim=-1)
+    ids, weights = hard_route(task_similarity(features, prototypes))
+    assert ids.squeeze(1).tolist() == [1, 2]
+    assert weights.eq(1).all()
+
+
+def test_task_similarity_takes_the_best_prototype_of_each_task():
+    prototypes = torch.tensor([[[1.0, 0.0], [0.0, 1.0]], [[0.6, 0.8], [0.6, 0.8]]])
+    assert task_similarity(torch.tensor([[0.0, 1.0]]), prototypes).tolist() == [[1.0, 0.800000011920929]]
+
+
+def test_soft_route_weights_sum_to_one_and_follow_similarity():
+    similarity = torch.tensor([[0.9, 0.1, 0.5]])
+    ids, weights = soft_route(similarity, top_k=2, temperature=0.1)
+    assert ids.tolist() == [[0, 2]]
+    torch.testing.assert_close(weights.sum(-1), torch.ones(1))
+    assert weights[0, 0] > weights[0, 1]
+
+
+def test_route_once_reuses_the_first_decision():
+    artifact = random_artifact(num_tasks=3)
+    model = RoutedEncoder(artifact.arch, artifact.backbone, artifact.experts, artifact.heads, RoutingControl(route_once=True))
+    images = torch.randn(5, 3, 16, 16)
+    with torch.no_grad():
+        model(images)
+    decisions = model.control.decisions
+    assert len(decisions) == len(artifact.experts)
+    assert all(torch.equal(d, decisions[0]) for d in decisions)
+
+
+def test_forced_task_sets_the_image_task_and_head():
+    artifact = random_artifact(num_tasks=3)
+    model = RoutedEncoder(artifact.arch, artifact.backbone, artifact.experts, artifact.heads)
+    with torch.no_grad():
+        output = model(torch.randn(2, 3, 16, 16), torch.tensor([1, 2]))
+    assert output.task.tolist() == [1, 2]
+    # task 1 has 3 classes, task 2 has 4 (the widest head): padding classes are never chosen
+    assert (output.logits[0, 3:] == -1.0e4).all() and (output.logits[1] > -1.0e4).all()

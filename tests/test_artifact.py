@@ -1,0 +1,107 @@
+import json
+
+import pytest
+import torch
+
+from esmpp.artifact import FORMAT_VERSION, load_artifact, read_manifest, save_artifact
+from esmpp.errors import ArtifactError, EsmppError
+from esmpp.runtime.model import Experts
+from tests.conftest import random_artifact
+
+
+def _outputs(artifact, images):
+    with torch.no_grad():
+        out = artifact.to_model()(images)
+    return out.embedding, out.task, out.logits
+
+
+def test_save_and_load_give_bit_identical_outputs(tmp_path, artifact):
+    path = save_artifact(artifact, tmp_path / "art")
+    images = torch.randn(6, 3, 16, 16)
+    for before, after in zip(_outputs(artifact, images), _outputs(load_artifact(path), images)):
+        assert torch.equal(before, after)
+    manifest = read_manifest(path)
+    assert manifest["format_version"] == FORMAT_VERSION
+    assert [t["name"] for t in manifest["tasks"]] == ["task0", "task1", "task2"]
+
+
+def test_existing_artifact_needs_overwrite(tmp_path, artifact):
+    path = save_artifact(artifact, tmp_path / "art")
+    with pytest.raises(EsmppError, match="--overwrite"):
+        save_artifact(artifact, path)
+    save_artifact(random_artifact(seed=1), path, overwrite=True)
+    assert not torch.equal(load_artifact(path).heads[0], artifact.heads[0])
+    assert [p.name for p in tmp_path.iterdir()] == ["art"]
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_corrupted_or_truncated_file_is_refused(tmp_path, artifact, damage):
+    path = save_artifact(artifact, tmp_path / "art")
+    target = path / "experts.safetensors"
+    data = bytearray(target.read_bytes())
+    if damage == "flip":
+        data[len(data) // 2] ^= 0xFF
+    else:
+        data = data[: len(data) // 3]
+    target.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="experts.safetensors is corrupted"):
+        load_artifact(path)
+
+
+def _edit_manifest(path, edit):
+    manifest = json.loads((path / "manifest.json").read_text())
+    edit(manifest)
+    (path / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_newer_format_version_asks_for_an_upgrade(tmp_path, artifact):
+    path = save_artifact(artifact, tmp_path / "art")
+    _edit_manifest(path, lambda m: m.update(format_version=FORMAT_VERSION + 1))
+    with pytest.raises(ArtifactError, match="Upgrade esmpp"):
+        load_artifact(path)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda m: m.pop("tasks"), "no 'tasks'"),
+        (lambda m: m.update(tasks="cars"), "'tasks' is str, expected list"),
+        (lambda m: m.update(format_version="1"), "'format_version' is str"),
+        (lambda m: m["checksums"].update({"../../etc/passwd": "0"}), "expected exactly"),
+        (lambda m: m.update(routed_layers=["transformer.resblocks.9.mlp.c_fc.weight"]), "no experts"),
+    ],
+)
+def test_malformed_manifest_is_named(tmp_path, artifact, edit, message):
+    path = save_artifact(artifact, tmp_path / "art")
+    _edit_manifest(path, edit)
+    with pytest.raises(ArtifactError, match=message):
+        load_artifact(path)
+
+
+def test_missing_directory_and_manifest(tmp_path):
+    with pytest.raises(ArtifactError, match="not an artifact directory"):
+        load_artifact(tmp_path / "nothing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ArtifactError, match="manifest.json is missing"):
+        load_artifact(tmp_path / "empty")
+
+
+def test_inconsistent_experts_are_refused_and_nothing_is_written(tmp_path, artifact):
+    key = next(iter(artifact.experts))
+    layer = artifact.experts[key]
+    artifact.experts[key] = Experts(layer.up, layer.down[:2], layer.prototypes)
+    with pytest.raises(ArtifactError, match="inconsistent"):
+        save_artifact(artifact, tmp_path / "art")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_write_leaves_no_directory(tmp_path, artifact, monkeypatch):
+    import esmpp.artifact as module
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(module, "_sha256", broken)
+    with pytest.raises(OSError):
+        save_artifact(artifact, tmp_path / "art")
+    assert list(tmp_path.iterdir()) == []

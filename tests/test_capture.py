@@ -1,0 +1,50 @@
+import pytest
+import torch
+
+from esmpp.architecture import build_visual, linear_keys
+from esmpp.capture import capture_statistics
+from tests.conftest import TINY_ARCH
+
+
+def _inputs_by_key(visual, images):
+    """Reference: record every linear layer's input tokens with hooks on the explicit modules."""
+    recorded = {}
+    handles = []
+    for block, layer in enumerate(visual.transformer.resblocks):
+        for key, module in [
+            (f"transformer.resblocks.{block}.attn.in_proj_weight", layer.attn),
+            (f"transformer.resblocks.{block}.attn.out_proj.weight", layer.attn.out_proj),
+            (f"transformer.resblocks.{block}.mlp.c_fc.weight", layer.mlp.c_fc),
+            (f"transformer.resblocks.{block}.mlp.c_proj.weight", layer.mlp.c_proj),
+        ]:
+            handles.append(module.register_forward_pre_hook(lambda m, a, key=key: recorded.setdefault(key, a[0])))
+    with torch.no_grad():
+        visual(images)
+    for handle in handles:
+        handle.remove()
+    return recorded
+
+
+def test_streamed_statistics_equal_the_direct_ones():
+    torch.manual_seed(0)
+    visual = build_visual(TINY_ARCH)
+    images = torch.randn(7, 3, 16, 16)
+    stats = capture_statistics(visual, images.split(3), linear_keys(TINY_ARCH))
+    per_batch = [_inputs_by_key(visual, batch) for batch in images.split(3)]
+    reference = {key: torch.cat([inputs[key] for inputs in per_batch]) for key in per_batch[0]}
+    assert set(stats) == set(linear_keys(TINY_ARCH))
+    for key, s in stats.items():
+        tokens = reference[key].double()
+        flat = tokens.reshape(-1, tokens.shape[-1])
+        torch.testing.assert_close(s.gram, flat.T @ flat)
+        torch.testing.assert_close(s.mean, flat.mean(0))
+        assert s.num_tokens == 7 * 5
+        torch.testing.assert_close(s.image_means, tokens.mean(1).float())
+
+
+def test_empty_proxy_set_and_bad_keys_are_refused():
+    visual = build_visual(TINY_ARCH)
+    with pytest.raises(ValueError, match="proxy set is empty"):
+        capture_statistics(visual, [], linear_keys(TINY_ARCH))
+    with pytest.raises(ValueError, match="not the weight"):
+        capture_statistics(visual, [torch.randn(1, 3, 16, 16)], ["proj"])
