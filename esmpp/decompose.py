@@ -1,0 +1,142 @@
+"""Essential Subspace Decomposition (ESD), SVD truncation and polar factors: pure tensor functions.
+
+ESD decomposes a task matrix ``ΔW`` (``d_out × d_in``) along the principal directions of the activation
+shift it causes, ``ΔY = X ΔWᵀ`` over the proxy tokens ``X`` (``N × d_in``), instead of along the singular
+directions of ``ΔW`` itself. Tokens are never kept: everything goes through the Gram ``G = XᵀX``
+(``d_in × d_in``), since ``ΔYᵀΔY = ΔW G ΔWᵀ``.
+
+Precision: the Gram route squares the conditioning of ``X``, so ESD runs in float64 throughout and
+returns float64 tensors; callers cast down when they store results.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class EssentialBasis:
+    """The ESD of one task matrix (all float64).
+
+    ``basis`` P: ``d_out × d_out`` orthonormal, columns ordered by descending ``eigenvalues`` (``d_out``,
+    the variances ``σ²/(N−1)`` of the activation shift along each column, zero on the completion).
+    ``coordinates`` C = PᵀΔW: ``d_out × d_in``, so ``ΔW = P C`` exactly.
+    """
+
+    basis: Tensor
+    eigenvalues: Tensor
+    coordinates: Tensor
+
+
+def essential_basis(
+    delta: Tensor,
+    gram: Tensor,
+    num_tokens: int,
+    centered: bool = False,
+    mean: Tensor | None = None,
+) -> EssentialBasis:
+    """ESD of ``delta`` (``d_out × d_in``) from the Gram ``gram`` = XᵀX (``d_in × d_in``) of ``num_tokens``
+    proxy tokens.
+
+    The eigenvectors of ΔW G ΔWᵀ are the left singular vectors of ΔW L for any factor G = L Lᵀ; L comes
+    from ``eigh`` with clamped eigenvalues rather than Cholesky, so a singular Gram (N < d_in, or
+    collinear tokens) is fine. The SVD is ``d_out × d_in``-sized, never a ``d_out × d_out`` eigh.
+
+    ``centered=True`` decomposes the covariance of the shift instead of its second moment (the paper's
+    "PCA" wording); it needs ``mean`` (``d_in``), the token mean of X: Σ(x−μ)(x−μ)ᵀ = G − N μμᵀ.
+    """
+    _check_num_tokens(num_tokens)
+    delta64 = delta.to(torch.float64)
+    gram64 = gram.to(torch.float64)
+    if centered:
+        if mean is None:
+            raise ValueError("essential_basis(centered=True) needs the token mean of X (shape (d_in,)).")
+        mean64 = mean.to(torch.float64)
+        gram64 = gram64 - num_tokens * torch.outer(mean64, mean64)
+    gram_eigenvalues, gram_vectors = torch.linalg.eigh(gram64)
+    # Clamping removes tiny negative eigenvalues that rounding gives a PSD matrix.
+    factor = gram_vectors * gram_eigenvalues.clamp(min=0).sqrt()
+    left, singular_values, _ = torch.linalg.svd(delta64 @ factor, full_matrices=False)
+    return _from_left_singular(delta64, left, singular_values, num_tokens)
+
+
+def essential_basis_direct(delta: Tensor, inputs: Tensor, centered: bool = False) -> EssentialBasis:
+    """Reference ESD straight from the tokens ``inputs`` X (``N × d_in``): SVD of ΔY = XΔWᵀ (``N × d_out``).
+
+    Memory grows with N; use :func:`essential_basis` in practice. Kept to check the Gram route.
+    """
+    delta64 = delta.to(torch.float64)
+    inputs64 = inputs.to(torch.float64)
+    if centered:
+        inputs64 = inputs64 - inputs64.mean(dim=0)
+    _, singular_values, right_t = torch.linalg.svd(inputs64 @ delta64.T, full_matrices=False)
+    return _from_left_singular(delta64, right_t.T, singular_values, inputs.shape[0])
+
+
+def _from_left_singular(
+    delta64: Tensor, left: Tensor, singular_values: Tensor, num_tokens: int
+) -> EssentialBasis:
+    """Complete ``left`` (``d_out × r``, orthonormal) to a full basis; eigenvalues padded with zeros."""
+    _check_num_tokens(num_tokens)
+    d_out = delta64.shape[0]
+    basis = complete_orthonormal(left)
+    eigenvalues = torch.zeros(d_out, dtype=torch.float64)
+    eigenvalues[: singular_values.shape[0]] = singular_values.square() / (num_tokens - 1)
+    return EssentialBasis(basis=basis, eigenvalues=eigenvalues, coordinates=basis.T @ delta64)
+
+
+def complete_orthonormal(columns: Tensor) -> Tensor:
+    """``columns`` (``n × r``, orthonormal, r ≤ n) followed by n − r orthonormal columns spanning the
+    orthogonal complement: an ``n × n`` orthogonal matrix.
+
+    Deterministic: Householder QR of [columns, I] is orthogonal whatever the rank of its input, and its
+    first r columns span the same space as ``columns``, so the rest span the complement.
+    """
+    n, r = columns.shape
+    if r == n:
+        return columns
+    q, _ = torch.linalg.qr(torch.cat([columns, torch.eye(n, dtype=columns.dtype)], dim=1))
+    return torch.cat([columns, q[:, r:n]], dim=1)
+
+
+def truncate(decomposition: EssentialBasis, rank: int) -> tuple[Tensor, Tensor]:
+    """The rank-``rank`` ESD approximation ΔW ≈ P_k C_k: ``P_k`` (``d_out × k``), ``C_k`` (``k × d_in``)."""
+    return decomposition.basis[:, :rank], decomposition.coordinates[:rank]
+
+
+def truncated_svd(matrix: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Top-``rank`` singular triplets of ``matrix`` (``m × n``): ``U_k`` (``m × k``), ``s_k`` (``k``),
+    ``Vh_k`` (``k × n``); ``U_k diag(s_k) Vh_k`` is the best rank-k approximation in Frobenius norm."""
+    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    return u[:, :rank], s[:rank], vh[:rank]
+
+
+def functional_error(delta: Tensor, approx: Tensor, gram: Tensor, num_tokens: int) -> Tensor:
+    """Σ_x ‖ΔW x − Â x‖² / (N−1) over the proxy tokens, via their Gram: trace(E G Eᵀ)/(N−1), E = ΔW − Â.
+
+    ``delta`` and ``approx``: ``d_out × d_in``; ``gram``: ``d_in × d_in``. A float64 scalar.
+    """
+    _check_num_tokens(num_tokens)
+    error = delta.to(torch.float64) - approx.to(torch.float64)
+    return ((error @ gram.to(torch.float64)) * error).sum() / (num_tokens - 1)
+
+
+def polar_factor(matrix: Tensor) -> Tensor:
+    """The orthogonal polar factor U Vᵀ of ``matrix`` (``m × n``) from its thin SVD: the nearest matrix with
+    orthonormal columns (m ≥ n) or rows (m < n)."""
+    u, _, vh = torch.linalg.svd(matrix, full_matrices=False)
+    return u @ vh
+
+
+def isotropic_factor(matrix: Tensor) -> Tensor:
+    """``matrix`` (``m × n``) with every singular value replaced by their mean: mean(σ) · U Vᵀ."""
+    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    return s.mean() * (u @ vh)
+
+
+def _check_num_tokens(num_tokens: int) -> None:
+    if num_tokens < 2:
+        raise ValueError(f"ESD needs at least 2 proxy tokens (variances divide by N−1), got {num_tokens}.")

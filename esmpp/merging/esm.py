@@ -1,0 +1,174 @@
+"""ESM, Essential Subspace Merging (SPEC §2), every choice an option.
+
+Per layer of an ESD kind (qkv, fc, proj by default), with rank budget ``k = ⌊rank_fraction·d_out/T⌋``:
+
+1. ESD of each task: ``P^t`` (``d_out × d_out``), eigenvalues ``λ^t``, coordinates ``C^t = P^tᵀ ΔW_t``;
+   only the top-k part is kept (the streaming summary), plus ``‖ΔW_t‖_F``.
+2. inter-task polarized scaling ``γ_t = (‖ΔW_t‖_F / mean_s ‖ΔW_s‖_F)^p`` multiplies ``C_k^t``;
+3. eigenvalue weighting ``e = (λ_k / mean λ_k)^0.15`` renormalised to mean 1 multiplies the kept
+   columns of ``P_k^t`` and rows of ``C_k^t``;
+4. concatenation ``P = [P_k^1 … P_k^T]`` (``d_out × Tk``), ``C = [C_k^1; …; C_k^T]`` (``Tk × d_in``);
+5. inter-dimension scaling of the columns of C, ``β_j = (‖c_j‖ / mean_i ‖c_i‖)^p``;
+6. isotropic orthogonalisation ``ΔM = 2 · iso(P) · iso(C)``, iso(A) = mean(σ_A)·polar(A);
+7. (``finalize``) inter-layer scaling over all layers of a kind, ``δ_l = (‖ΔM_l‖ / mean ‖ΔM_m‖)^p``.
+
+"Polarized" scalings (p = 2) amplify high-norm components and damp low-norm ones. Other 2-D weights
+(out_proj, positional_embedding, proj) follow TSV-M, other parameters get the mean task vector.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import pydantic
+import torch
+from torch import Tensor
+
+from esmpp.architecture import linear_kind
+from esmpp.decompose import essential_basis, isotropic_factor, polar_factor, truncate
+from esmpp.errors import ConfigError
+from esmpp.merging.base import LayerStats, MergeMethod, append_summary
+from esmpp.merging.registry import register_method
+from esmpp.merging.tsv import TaskSingularVectorsMerging
+
+LinearKind = Literal["qkv", "out", "fc", "proj"]
+
+
+class EsmOptions(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
+
+    esd_kinds: tuple[LinearKind, ...] = pydantic.Field(
+        ("qkv", "fc", "proj"), description="Linear kinds merged with ESD; other 2-D weights use TSV-M."
+    )
+    rank_fraction: float = pydantic.Field(
+        1.0, gt=0, le=1, description="Share of d_out the tasks split: k = ⌊rank_fraction·d_out/T⌋ per task."
+    )
+    centered: bool = pydantic.Field(False, description="PCA of the centred activation shift (paper wording).")
+    polarized_task_scaling: bool = pydantic.Field(True, description="Step 2: γ_t from ‖ΔW_t‖_F.")
+    eigenvalue_exponent: float = pydantic.Field(0.15, ge=0, description="Step 3 exponent; 0 disables.")
+    dimension_scaling: bool = pydantic.Field(True, description="Step 5: β_j on the columns of C.")
+    orthogonalization: Literal["isotropic", "keep_row_norms", "none"] = pydantic.Field(
+        "isotropic",
+        description="Step 6: 'isotropic' iso(P)·iso(C); 'keep_row_norms' polar(P)·diag(‖C_i‖)·polar(Ĉ) "
+        "as TSV-M keeps singular values; 'none' P·C.",
+    )
+    scale_factor: float = pydantic.Field(2.0, gt=0, description="Step 6 factor on ΔM.")
+    layer_scaling: bool = pydantic.Field(True, description="Step 7: δ_l over the layers of each kind.")
+    polarization_exponent: float = pydantic.Field(2.0, ge=0, description="p in γ, β and δ.")
+
+
+@dataclass(frozen=True)
+class EssentialSummary:
+    """What ESM keeps of one task at one ESD layer: ``basis`` P_k (``d_out × k``), ``eigenvalues`` λ_k
+    (``k``), ``coordinates`` C_k (``k × d_in``) and ``delta_norm`` ‖ΔW_t‖_F; never ΔW_t itself."""
+
+    basis: Tensor
+    eigenvalues: Tensor
+    coordinates: Tensor
+    delta_norm: float
+
+
+def essential_summary(delta: Tensor, stats: LayerStats, rank: int, centered: bool) -> EssentialSummary:
+    """Step 1 for one task: top-``rank`` ESD of ``delta`` (``d_out × d_in``), stored in at least float32."""
+    esd = essential_basis(delta, stats.gram, stats.num_tokens, centered, stats.mean)
+    basis, coordinates = truncate(esd, rank)
+    dtype = torch.promote_types(delta.dtype, torch.float32)
+    return EssentialSummary(
+        basis=basis.to(dtype),
+        eigenvalues=esd.eigenvalues[:rank].to(dtype),
+        coordinates=coordinates.to(dtype),
+        delta_norm=float(torch.linalg.norm(delta.to(torch.float64))),
+    )
+
+
+def polarized_weights(norms: Tensor, exponent: float) -> Tensor:
+    """(norm / mean norm)^exponent for each entry of ``norms``; ones when all norms are zero."""
+    mean = norms.mean()
+    if mean == 0:
+        return torch.ones_like(norms)
+    return (norms / mean) ** exponent
+
+
+def eigenvalue_weights(eigenvalues: Tensor, exponent: float) -> Tensor:
+    """Step 3: (λ / mean λ)^exponent renormalised to mean 1 (``k`` → ``k``)."""
+    weights = polarized_weights(eigenvalues, exponent)
+    return weights / weights.mean() if weights.mean() > 0 else torch.ones_like(weights)
+
+
+def esm_merge(summaries: list[EssentialSummary], options: EsmOptions) -> Tensor:
+    """Steps 2–6 on the tasks' summaries of one layer → ΔM (``d_out × d_in``, float64)."""
+    exponent = options.polarization_exponent
+    norms = torch.tensor([s.delta_norm for s in summaries], dtype=torch.float64)
+    task_scales = (
+        polarized_weights(norms, exponent) if options.polarized_task_scaling else torch.ones_like(norms)
+    )
+    bases, coordinates = [], []
+    for summary, task_scale in zip(summaries, task_scales, strict=True):
+        weights = eigenvalue_weights(summary.eigenvalues.to(torch.float64), options.eigenvalue_exponent)
+        bases.append(summary.basis.to(torch.float64) * weights)
+        coordinates.append(task_scale * weights[:, None] * summary.coordinates.to(torch.float64))
+    basis, coords = torch.cat(bases, dim=1), torch.cat(coordinates, dim=0)
+    if options.dimension_scaling:
+        coords = coords * polarized_weights(coords.norm(dim=0), exponent)
+    if options.orthogonalization == "isotropic":
+        merged = isotropic_factor(basis) @ isotropic_factor(coords)
+    elif options.orthogonalization == "keep_row_norms":
+        row_norms = coords.norm(dim=1)
+        unit_rows = coords / row_norms.clamp(min=torch.finfo(coords.dtype).tiny)[:, None]
+        merged = polar_factor(basis) @ (row_norms[:, None] * polar_factor(unit_rows))
+    else:
+        merged = basis @ coords
+    return options.scale_factor * merged
+
+
+def inter_layer_scaling(merged: dict[str, Tensor], exponent: float) -> dict[str, Tensor]:
+    """Step 7: scale each linear layer's ΔM by (‖ΔM_l‖ / mean ‖ΔM‖ over layers of its kind)^exponent."""
+    by_kind: dict[str, list[str]] = {}
+    for key in merged:
+        kind = linear_kind(key)
+        if kind is not None:
+            by_kind.setdefault(kind, []).append(key)
+    scaled = dict(merged)
+    for keys in by_kind.values():
+        norms = torch.stack([torch.linalg.norm(merged[k].to(torch.float64)) for k in keys])
+        for key, scale in zip(keys, polarized_weights(norms, exponent), strict=True):
+            scaled[key] = (merged[key] * scale).to(merged[key].dtype)
+    return scaled
+
+
+@register_method
+class EssentialSubspaceMerging(MergeMethod):
+    name = "esm"
+    needs_grams = True
+    Options = EsmOptions
+
+    def __init__(self, options: Any, num_tasks: int) -> None:
+        super().__init__(options, num_tasks)
+        # Keys outside the ESD kinds are merged exactly as TSV-M merges them.
+        self._tsv = TaskSingularVectorsMerging(None, num_tasks)
+
+    def _uses_esd(self, key: str) -> bool:
+        return linear_kind(key) in self.options.esd_kinds
+
+    def summarize(self, key: str, delta: Tensor, stats: LayerStats | None, previous: Any | None) -> Any:
+        if not self._uses_esd(key):
+            return self._tsv.summarize(key, delta, stats, previous)
+        if stats is None:
+            raise ConfigError(
+                f"ESM decomposes {key!r} with ESD and needs its activation statistics (the Gram of the layer "
+                "input over the proxy tokens of the fine-tuned model). Capture them for this layer, or leave "
+                f"its kind out of the 'esd_kinds' option (now {list(self.options.esd_kinds)})."
+            )
+        rank = max(1, int(self.options.rank_fraction * delta.shape[0] / self.num_tasks))
+        return append_summary(previous, essential_summary(delta, stats, rank, self.options.centered))
+
+    def combine(self, key: str, summary: Any) -> Tensor:
+        if not self._uses_esd(key):
+            return self._tsv.combine(key, summary)
+        return esm_merge(summary, self.options).to(summary[0].basis.dtype)
+
+    def finalize(self, merged: dict[str, Tensor]) -> dict[str, Tensor]:
+        if not self.options.layer_scaling:
+            return merged
+        return inter_layer_scaling(merged, self.options.polarization_exponent)

@@ -1,0 +1,148 @@
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from esmpp.decompose import (
+    complete_orthonormal,
+    essential_basis,
+    essential_basis_direct,
+    functional_error,
+    isotropic_factor,
+    polar_factor,
+    truncate,
+    truncated_svd,
+)
+
+SETTINGS = settings(deadline=None, max_examples=40)
+
+
+@st.composite
+def layers(draw):
+    """A task matrix ΔW (d_out × d_in) and proxy tokens X (N × d_in), float64, sometimes N < d_out."""
+    d_out = draw(st.integers(2, 12))
+    d_in = draw(st.integers(2, 12))
+    num_tokens = draw(st.integers(2, 30))
+    generator = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    delta = torch.randn(d_out, d_in, generator=generator, dtype=torch.float64)
+    # Anisotropic tokens with an offset, as real activations have.
+    scales = torch.logspace(-1, 1, d_in, dtype=torch.float64)
+    inputs = torch.randn(num_tokens, d_in, generator=generator, dtype=torch.float64) * scales + 0.5
+    return delta, inputs
+
+
+def _projector(basis: torch.Tensor, rank: int) -> torch.Tensor:
+    p = basis[:, :rank]
+    return p @ p.T
+
+
+@given(layers(), st.booleans())
+@SETTINGS
+def test_basis_is_orthonormal_and_reconstructs(layer, centered):
+    delta, inputs = layer
+    esd = essential_basis(delta, inputs.T @ inputs, inputs.shape[0], centered, inputs.mean(0))
+    d_out = delta.shape[0]
+    assert esd.basis.shape == (d_out, d_out)
+    torch.testing.assert_close(esd.basis.T @ esd.basis, torch.eye(d_out, dtype=torch.float64))
+    torch.testing.assert_close(esd.basis @ esd.coordinates, delta)
+    assert torch.all(esd.eigenvalues[:-1] >= esd.eigenvalues[1:])
+    assert torch.all(esd.eigenvalues >= 0)
+
+
+@given(layers(), st.integers(0, 12), st.booleans())
+@SETTINGS
+def test_truncation_error_is_tail_eigenvalue_sum(layer, rank, centered):
+    delta, inputs = layer
+    rank = min(rank, delta.shape[0])
+    num_tokens = inputs.shape[0]
+    gram = inputs.T @ inputs
+    esd = essential_basis(delta, gram, num_tokens, centered, inputs.mean(0))
+    basis_k, coords_k = truncate(esd, rank)
+    metric = gram - num_tokens * torch.outer(inputs.mean(0), inputs.mean(0)) if centered else gram
+    error = functional_error(delta, basis_k @ coords_k, metric, num_tokens)
+    tail = esd.eigenvalues[rank:].sum()
+    scale = esd.eigenvalues.sum() + 1e-300
+    assert abs(error - tail) <= 1e-10 * scale
+    # Direct definition: the summed squared error of the (centred) shifts over the tokens.
+    tokens = inputs - inputs.mean(0) if centered else inputs
+    direct = (tokens @ (delta - basis_k @ coords_k).T).square().sum() / (num_tokens - 1)
+    assert abs(direct - tail) <= 1e-10 * scale
+
+
+@given(layers(), st.integers(1, 12))
+@SETTINGS
+def test_esd_truncation_beats_svd_truncation(layer, rank):
+    delta, inputs = layer
+    rank = min(rank, min(delta.shape))
+    gram, num_tokens = inputs.T @ inputs, inputs.shape[0]
+    basis_k, coords_k = truncate(essential_basis(delta, gram, num_tokens), rank)
+    u, s, vh = truncated_svd(delta, rank)
+    esd_error = functional_error(delta, basis_k @ coords_k, gram, num_tokens)
+    svd_error = functional_error(delta, u @ torch.diag(s) @ vh, gram, num_tokens)
+    assert esd_error <= svd_error * (1 + 1e-9) + 1e-12
+
+
+@given(layers(), st.booleans())
+@SETTINGS
+def test_gram_route_matches_direct_route(layer, centered):
+    delta, inputs = layer
+    num_tokens = inputs.shape[0]
+    gram_route = essential_basis(delta, inputs.T @ inputs, num_tokens, centered, inputs.mean(0))
+    direct = essential_basis_direct(delta, inputs, centered)
+    top = direct.eigenvalues[0].item() + 1e-300
+    torch.testing.assert_close(gram_route.eigenvalues, direct.eigenvalues, rtol=0, atol=1e-6 * top)
+    # Eigenvectors are defined up to rotation within equal eigenvalues: compare the projectors onto
+    # the leading k directions wherever the spectrum has a clear gap after k.
+    eigenvalues = direct.eigenvalues
+    for rank in range(1, delta.shape[0]):
+        if eigenvalues[rank - 1] - eigenvalues[rank] > 1e-3 * top:
+            torch.testing.assert_close(
+                _projector(gram_route.basis, rank), _projector(direct.basis, rank), rtol=0, atol=1e-6
+            )
+
+
+def test_basis_completed_when_fewer_tokens_than_outputs():
+    generator = torch.Generator().manual_seed(0)
+    delta = torch.randn(10, 6, generator=generator, dtype=torch.float64)
+    inputs = torch.randn(3, 6, generator=generator, dtype=torch.float64)
+    esd = essential_basis(delta, inputs.T @ inputs, 3)
+    torch.testing.assert_close(esd.basis.T @ esd.basis, torch.eye(10, dtype=torch.float64))
+    # Rank ≤ N = 3: the rest is rounding-level (Gram route) or exactly zero (completion).
+    assert torch.all(esd.eigenvalues[3:] < 1e-12 * esd.eigenvalues[0])
+    assert torch.all(esd.eigenvalues[:3] > 1e-6 * esd.eigenvalues[0])
+
+
+def test_singular_gram_is_accepted():
+    delta = torch.randn(5, 4, dtype=torch.float64)
+    inputs = torch.ones(7, 4, dtype=torch.float64)  # rank-1 Gram
+    esd = essential_basis(delta, inputs.T @ inputs, 7)
+    assert torch.isfinite(esd.basis).all()
+    assert (esd.eigenvalues[1:] < 1e-10 * esd.eigenvalues[0]).all()
+
+
+def test_centered_needs_mean_and_two_tokens():
+    delta = torch.randn(3, 3)
+    with pytest.raises(ValueError, match="token mean"):
+        essential_basis(delta, torch.eye(3), 4, centered=True)
+    with pytest.raises(ValueError, match="at least 2"):
+        essential_basis(delta, torch.eye(3), 1)
+
+
+@given(st.integers(1, 8), st.integers(1, 8), st.integers(0, 2**31 - 1))
+@SETTINGS
+def test_polar_factor_is_orthonormal_and_isotropic_keeps_mean_singular_value(rows, cols, seed):
+    matrix = torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    polar = polar_factor(matrix)
+    small = min(rows, cols)
+    gram = polar.T @ polar if rows >= cols else polar @ polar.T
+    torch.testing.assert_close(gram, torch.eye(small, dtype=torch.float64))
+    singular_values = torch.linalg.svdvals(matrix)
+    iso = torch.linalg.svdvals(isotropic_factor(matrix))
+    torch.testing.assert_close(iso, singular_values.mean().expand(small))
+
+
+def test_complete_orthonormal_keeps_given_columns():
+    columns, _ = torch.linalg.qr(torch.randn(6, 2, dtype=torch.float64))
+    full = complete_orthonormal(columns)
+    assert torch.equal(full[:, :2], columns)
+    torch.testing.assert_close(full.T @ full, torch.eye(6, dtype=torch.float64))
