@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import pydantic
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
@@ -132,7 +133,7 @@ def build_artifact(
     timings: dict[str, float] = {}
 
     start = time.perf_counter()
-    method = get_method(options.method)(method_options(options), num_tasks=len(tasks))
+    method = get_method(options.method)(options.method_options, num_tasks=len(tasks))
     task_vector = merge_streaming(pretrained, tasks, method, progress)
     timings["merge"] = time.perf_counter() - start
 
@@ -177,7 +178,7 @@ def build_artifact(
 
     build_record = {
         "method": options.method,
-        "method_options": method_options(options).model_dump(),
+        "method_options": method.options.model_dump(),
         "alpha": alpha,
         "alpha_history": history,
         "rank": options.rank,
@@ -196,10 +197,6 @@ def build_artifact(
     )
 
 
-def method_options(options: BuildOptions):
+def method_options(options: BuildOptions) -> pydantic.BaseModel:
     """The typed options of the backbone method, validated from ``options.method_options``."""
-    method = get_method(options.method)
-    try:
-        return method.Options(**options.method_options)
-    except Exception as exc:  # pydantic's ValidationError names the field
-        raise ConfigError(f"invalid options for method {options.method!r}: {exc}") from exc
+    return get_method(options.method).parse_options(options.method_options)

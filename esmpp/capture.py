@@ -7,7 +7,7 @@ Memory is independent of the number of images: nothing per token is kept.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -18,7 +18,7 @@ from esmpp.runtime.layers import explicit_attention, routed_slot
 
 
 @dataclass
-class LayerStats:
+class ActivationStats:
     """Statistics of the tokens X [N, d_in] entering one linear layer over a proxy set."""
 
     gram: torch.Tensor  # [d_in, d_in] float64, XᵀX
@@ -46,9 +46,9 @@ class _Accumulator:
         self.count += flat.shape[0]
         self.image_means.append(tokens.detach().float().mean(dim=1))
 
-    def finish(self) -> LayerStats:
+    def finish(self) -> ActivationStats:
         width = self.total.shape[0]
-        return LayerStats(
+        return ActivationStats(
             gram=self.gram if self.gram is not None else torch.zeros(0, 0, dtype=torch.float64),
             mean=self.total / self.count,
             num_tokens=self.count,
@@ -62,7 +62,7 @@ def capture_statistics(
     keys: Iterable[str],
     with_gram: bool = True,
     run: callable | None = None,
-) -> dict[str, LayerStats]:
+) -> dict[str, ActivationStats]:
     """Forward ``batches`` of normalised images [B, 3, H, W] through ``visual`` and return, for each
     linear weight key in ``keys`` (e.g. ``transformer.resblocks.0.attn.in_proj_weight``), the statistics
     of its input tokens. ``visual`` gets explicit attention modules (same keys and outputs) so that the

@@ -74,7 +74,7 @@ def compare_on_zoo(
     for name in methods:
         start = time.perf_counter()
         method_class = get_method(name)
-        method = method_class(method_class.Options(), num_tasks=len(sources))
+        method = method_class(None, num_tasks=len(sources))
         task_vector = merge_streaming(pretrained, sources, method, progress)
         if method_class.fixed_alpha is not None:
             alpha = method_class.fixed_alpha

@@ -55,7 +55,7 @@ def merge_streaming(
     progress: bool = True,
 ) -> dict[str, torch.Tensor]:
     """The merged task vector of ``method`` over ``tasks`` (parameter name → tensor), before α."""
-    summaries: dict[str, list[Any]] = {key: [] for key in pretrained.state}
+    summaries: dict[str, Any] = {}
     stat_keys = linear_keys(pretrained.arch)
     for task in tqdm(tasks, desc=f"merge {method.name}", unit="task", disable=not progress):
         finetuned = task.load()
@@ -63,9 +63,9 @@ def merge_streaming(
         stats = task_statistics(finetuned, task.proxy, stat_keys) if method.needs_grams else {}
         for key, weight in pretrained.state.items():
             delta = finetuned.state[key].float() - weight.float()
-            summaries[key].append(method.summarize(key, delta, stats.get(key)))
+            summaries[key] = method.summarize(key, delta, stats.get(key), summaries.get(key))
         del finetuned, stats
-    merged = {key: method.combine(key, parts) for key, parts in summaries.items()}
+    merged = {key: method.combine(key, summary) for key, summary in summaries.items()}
     return method.finalize(merged)
 
 

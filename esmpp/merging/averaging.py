@@ -11,6 +11,7 @@ from esmpp.merging.registry import register_method
 @register_method
 class WeightAveraging(MergeMethod):
     name = "averaging"
+    fixed_alpha = 1.0
 
     def summarize(
         self, key: str, delta: Tensor, stats: LayerStats | None, previous: TaskSum | None

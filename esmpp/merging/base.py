@@ -54,6 +54,8 @@ class MergeMethod(ABC):
     name: ClassVar[str]
     needs_grams: ClassVar[bool] = False  # True: the driver captures LayerStats on each fine-tuned model
     Options: ClassVar[type[pydantic.BaseModel]] = NoOptions
+    # α the method is defined with (weight averaging is θ0 + mean τ, α = 1); None: α is searched.
+    fixed_alpha: ClassVar[float | None] = None
 
     def __init__(self, options: pydantic.BaseModel | Mapping[str, Any] | None, num_tasks: int) -> None:
         if num_tasks < 1:
