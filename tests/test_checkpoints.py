@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 from torch import nn
 
+from esmpp import checkpoints
 from esmpp.architecture import Architecture, build_visual
 from esmpp.checkpoints import (
     Encoder,
@@ -77,6 +78,41 @@ def test_whole_clip_safetensors_in_half_precision_loads_as_float32(tmp_path, tin
 
     expected = {key: value.half().float() for key, value in clip.visual.state_dict().items()}
     assert_same_state(encoder.state, expected)
+
+
+def test_safetensors_reads_only_the_visual_keys(tmp_path, tiny_arch, monkeypatch):
+    path = tmp_path / "clip.safetensors"
+    save_file(tiny_clip(tiny_arch).state_dict(), path)
+    read: list[str] = []
+    real_safe_open = checkpoints.safe_open
+
+    class RecordingSafeOpen:
+        def __init__(self, *args, **kwargs):
+            self.handle = real_safe_open(*args, **kwargs)
+
+        def __enter__(self):
+            handle = self.handle.__enter__()
+            recording = types.SimpleNamespace(
+                keys=handle.keys,
+                metadata=handle.metadata,
+                get_tensor=lambda key: read.append(key) or handle.get_tensor(key),
+            )
+            return recording
+
+        def __exit__(self, *exc):
+            return self.handle.__exit__(*exc)
+
+    monkeypatch.setattr(checkpoints, "safe_open", RecordingSafeOpen)
+
+    load_encoder(path, arch=tiny_arch)
+
+    assert read and all(key.startswith("visual.") for key in read)
+
+
+def test_legacy_torch_format_loads(tmp_path, tiny_arch, tiny_visual):
+    path = tmp_path / "old.pt"
+    torch.save(tiny_visual.state_dict(), path, _use_new_zipfile_serialization=False)
+    assert_same_state(load_encoder(path, arch=tiny_arch).state, tiny_visual.state_dict())
 
 
 def test_inferred_architecture_rebuilds_the_tower_up_to_the_head_count(tmp_path, tiny_arch, tiny_visual):
@@ -265,6 +301,19 @@ def test_hf_clip_model_directory_and_bare_vision_model(tmp_path, transformers_cl
         )
 
 
+def test_sharded_hf_safetensors_directory(tmp_path, transformers_clip, tiny_images):
+    torch.manual_seed(0)
+    model = transformers_clip.CLIPVisionModelWithProjection(hf_vision_config(transformers_clip)).eval()
+    model.save_pretrained(tmp_path, max_shard_size="20KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+
+    encoder = load_encoder(tmp_path)
+
+    with torch.no_grad():
+        expected = model(pixel_values=tiny_images).image_embeds
+        torch.testing.assert_close(encoder.to_module()(tiny_images), expected, rtol=0, atol=1e-5)
+
+
 def test_single_hf_safetensors_file_loads_with_hf_defaults(tmp_path, transformers_clip):
     torch.manual_seed(0)
     model = transformers_clip.CLIPVisionModelWithProjection(hf_vision_config(transformers_clip))
@@ -408,7 +457,7 @@ def test_torch_files_holding_something_else(tmp_path, content, message):
 def test_missing_path_and_directory_without_weights(tmp_path):
     with pytest.raises(CheckpointError, match=r"nowhere\.pt does not exist"):
         load_encoder(tmp_path / "nowhere.pt")
-    with pytest.raises(CheckpointError, match="without model weights.*model.safetensors"):
+    with pytest.raises(CheckpointError, match=r"without model weights.*model\.safetensors"):
         load_encoder(tmp_path)
 
 
