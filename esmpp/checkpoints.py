@@ -263,16 +263,17 @@ def _known_name(arch: Architecture, keep_head_width: bool) -> Architecture:
     for name in open_clip.list_models():
         config = open_clip.get_model_config(name) or {}
         vision = config.get("vision_cfg", {})
-        if "head_width" in vision and keep_head_width and vision["head_width"] != arch.vision["head_width"]:
-            continue
         candidate = Architecture(
             embed_dim=int(config.get("embed_dim", 0)),
             vision=vision,
             quick_gelu=bool(config.get("quick_gelu", False)),
         )
-        adopted = dataclasses.replace(
-            arch, vision={**arch.vision, "head_width": vision.get("head_width", CLIPVisionCfg.head_width)}
+        head_width = (
+            arch.vision["head_width"]
+            if keep_head_width
+            else vision.get("head_width", CLIPVisionCfg.head_width)
         )
+        adopted = dataclasses.replace(arch, vision={**arch.vision, "head_width": head_width})
         if _structure(candidate, strict=False) == _structure(adopted):
             # Prefer the plain ViT names over variants sharing the tower (e.g. roberta-ViT-B-32).
             matches.append((not name.startswith("ViT-"), len(name), name, adopted))

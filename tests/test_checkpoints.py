@@ -223,6 +223,8 @@ def test_infer_architecture_names_open_clip_configs(name, head_width):
 
     assert inferred.name == name
     assert inferred.vision["head_width"] == head_width
+    assert infer_architecture(state, head_width=32).vision["head_width"] == 32
+    assert infer_architecture(state, head_width=32).name == "custom"
     assert infer_architecture(state, quick_gelu=True).name == f"{name}-quickgelu"
 
 
