@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny open_clip architecture and random routed artifacts built from it."""
+"""Shared fixtures: a tiny open_clip ViT (width 32, 2 layers, 2 heads, patch 8, 16×16 images) and random
+routed artifacts built from it."""
 
 from __future__ import annotations
 
@@ -11,14 +12,25 @@ from esmpp.runtime.model import Experts
 
 TINY_ARCH = Architecture(
     embed_dim=16,
-    vision={"image_size": 16, "layers": 2, "width": 32, "patch_size": 8, "head_width": 8},
-    name="test-tiny",
+    vision={"width": 32, "layers": 2, "patch_size": 8, "image_size": 16, "head_width": 16},
+    name="tiny",
 )
 
 
 @pytest.fixture
 def tiny_arch() -> Architecture:
     return TINY_ARCH
+
+
+@pytest.fixture
+def tiny_visual(tiny_arch: Architecture) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_visual(tiny_arch)
+
+
+@pytest.fixture
+def tiny_images() -> torch.Tensor:
+    return torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(1))
 
 
 def random_artifact(
