@@ -61,7 +61,7 @@ def capture_statistics(
     batches: Iterable[torch.Tensor],
     keys: Iterable[str],
     with_gram: bool = True,
-    run: callable | None = None,
+    run: Callable[[torch.Tensor], object] | None = None,
 ) -> dict[str, ActivationStats]:
     """Forward ``batches`` of normalised images [B, 3, H, W] through ``visual`` and return, for each
     linear weight key in ``keys`` (e.g. ``transformer.resblocks.0.attn.in_proj_weight``), the statistics

@@ -269,9 +269,7 @@ def _known_name(arch: Architecture, keep_head_width: bool) -> Architecture:
             quick_gelu=bool(config.get("quick_gelu", False)),
         )
         head_width = (
-            arch.vision["head_width"]
-            if keep_head_width
-            else vision.get("head_width", CLIPVisionCfg.head_width)
+            arch.vision["head_width"] if keep_head_width else vision.get("head_width", CLIPVisionCfg.head_width)
         )
         adopted = dataclasses.replace(arch, vision={**arch.vision, "head_width": head_width})
         if _structure(candidate, strict=False) == _structure(adopted):
@@ -519,9 +517,7 @@ def _locate_visual(keys: Iterable[str], source: str) -> _Layout:
 
 
 def _canonical(layout: _Layout, tensors: dict[str, Tensor], source: str) -> _Found:
-    visual = {
-        key[len(layout.prefix) :]: value for key, value in tensors.items() if key != layout.projection_key
-    }
+    visual = {key[len(layout.prefix) :]: value for key, value in tensors.items() if key != layout.projection_key}
     hints: dict[str, Any] = {}
     if layout.hf:
         projection = tensors[layout.projection_key] if layout.projection_key else None

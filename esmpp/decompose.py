@@ -76,9 +76,7 @@ def essential_basis_direct(delta: Tensor, inputs: Tensor, centered: bool = False
     return _from_left_singular(delta64, right_t.T, singular_values, inputs.shape[0])
 
 
-def _from_left_singular(
-    delta64: Tensor, left: Tensor, singular_values: Tensor, num_tokens: int
-) -> EssentialBasis:
+def _from_left_singular(delta64: Tensor, left: Tensor, singular_values: Tensor, num_tokens: int) -> EssentialBasis:
     """Complete ``left`` (``d_out × r``, orthonormal) to a full basis; eigenvalues padded with zeros."""
     _check_num_tokens(num_tokens)
     d_out = delta64.shape[0]

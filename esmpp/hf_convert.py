@@ -100,9 +100,7 @@ def hf_to_open_clip(hf_state: dict[str, Tensor], projection: Tensor | None, sour
         state[f"transformer.resblocks.{layer}.attn.{name}"] = torch.cat([parts[p] for p in _QKV])
     if "conv1.weight" in state:
         width = state["conv1.weight"].shape[0]
-        state["proj"] = (
-            projection.T.contiguous() if projection is not None else torch.eye(width, dtype=torch.float32)
-        )
+        state["proj"] = projection.T.contiguous() if projection is not None else torch.eye(width, dtype=torch.float32)
     return state
 
 

@@ -1,7 +1,7 @@
 """Quickstart: build an ESM++ artifact from the offline zoo and predict without knowing the task.
 
-    python examples/quickstart.py            # uses the tiny zoo (about a minute the first time)
-    python examples/quickstart.py mini       # the benchmark zoo (~15 minutes the first time)
+python examples/quickstart.py            # uses the tiny zoo (about a minute the first time)
+python examples/quickstart.py mini       # the benchmark zoo (~15 minutes the first time)
 """
 
 import sys

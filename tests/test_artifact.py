@@ -44,7 +44,7 @@ def test_corrupted_or_truncated_file_is_refused(tmp_path, artifact, damage):
     else:
         data = data[: len(data) // 3]
     target.write_bytes(bytes(data))
-    with pytest.raises(ArtifactError, match="experts.safetensors is corrupted"):
+    with pytest.raises(ArtifactError, match=r"experts\.safetensors is corrupted"):
         load_artifact(path)
 
 
@@ -82,7 +82,7 @@ def test_missing_directory_and_manifest(tmp_path):
     with pytest.raises(ArtifactError, match="not an artifact directory"):
         load_artifact(tmp_path / "nothing")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ArtifactError, match="manifest.json is missing"):
+    with pytest.raises(ArtifactError, match=r"manifest\.json is missing"):
         load_artifact(tmp_path / "empty")
 
 

@@ -17,12 +17,20 @@ def _finetune(pretrained: dict[str, torch.Tensor], seed: int, scale: float = 0.0
     state = {}
     for key, weight in pretrained.items():
         if weight.ndim == 2 and min(weight.shape) > 4:
-            low_rank = torch.randn(weight.shape[0], 4, generator=generator) @ torch.randn(4, weight.shape[1], generator=generator)
+            low_rank = torch.randn(weight.shape[0], 4, generator=generator) @ torch.randn(
+                4, weight.shape[1], generator=generator
+            )
             delta = scale * low_rank / 4 + 0.1 * scale * torch.randn(weight.shape, generator=generator)
         else:
             delta = 0.1 * scale * torch.randn(weight.shape, generator=generator)
         state[key] = weight + delta
     return state
+
+
+def _task_images(task: int, count: int, seed: int) -> torch.Tensor:
+    """Images of a task: the task's own template plus a little noise."""
+    template = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(1000 + task))
+    return template + 0.1 * torch.randn(count, 3, 16, 16, generator=torch.Generator().manual_seed(seed))
 
 
 def _tasks(num_tasks: int, pretrained: Encoder) -> list[TaskSource]:
@@ -33,7 +41,7 @@ def _tasks(num_tasks: int, pretrained: Encoder) -> list[TaskSource]:
             TaskSource(
                 name=f"task{t}",
                 load=lambda state=state, t=t: Encoder(TINY_ARCH, state, f"finetuned-{t}"),
-                proxy=torch.randn(6, 3, 16, 16, generator=torch.Generator().manual_seed(t)) + t,
+                proxy=_task_images(t, count=6, seed=0),
                 head=torch.randn(3, TINY_ARCH.embed_dim, generator=torch.Generator().manual_seed(50 + t)),
                 classes=["a", "b", "c"],
             )
@@ -85,14 +93,14 @@ def test_routing_follows_distinct_proxy_distributions(pretrained):
     model = artifact.to_model()
     with torch.no_grad():
         for t in range(3):
-            images = torch.randn(5, 3, 16, 16, generator=torch.Generator().manual_seed(t)) + t
+            images = _task_images(t, count=5, seed=1)
             assert model(images).task.tolist() == [t] * 5
 
 
 def test_alpha_search_uses_validation_data(pretrained):
     tasks = _tasks(2, pretrained)
     for t, task in enumerate(tasks):
-        task.validation = (torch.randn(8, 3, 16, 16) + t, torch.randint(0, 3, (8,)))
+        task.validation = (_task_images(t, count=8, seed=2), torch.randint(0, 3, (8,)))
     artifact = build_artifact(pretrained, tasks, BuildOptions(rank=2, alpha_evaluations=4), progress=False)
     assert len(artifact.build["alpha_history"]) == 4
     assert 0.0 <= artifact.build["alpha"] <= 2.0

@@ -43,12 +43,8 @@ def assert_same_state(actual: dict[str, torch.Tensor], expected: dict[str, torch
 # ------------------------------------------------------------------------------------- open_clip files
 
 
-@pytest.mark.parametrize(
-    "prefix", ["", "visual.", "model.visual.", "image_encoder.model.visual.", "module.visual."]
-)
-def test_open_clip_state_dict_with_any_prefix_loads_the_visual_tower(
-    tmp_path, tiny_arch, tiny_visual, prefix
-):
+@pytest.mark.parametrize("prefix", ["", "visual.", "model.visual.", "image_encoder.model.visual.", "module.visual."])
+def test_open_clip_state_dict_with_any_prefix_loads_the_visual_tower(tmp_path, tiny_arch, tiny_visual, prefix):
     path = tmp_path / "encoder.pt"
     torch.save({prefix + key: value for key, value in tiny_visual.state_dict().items()}, path)
 
@@ -139,12 +135,8 @@ def test_named_architecture_is_checked_against_the_shapes(tmp_path, tiny_visual)
         load_encoder(path, arch="ViT-Nope")
 
 
-def test_saved_encoder_reloads_with_its_architecture_and_same_outputs(
-    tmp_path, tiny_arch, tiny_visual, tiny_images
-):
-    path = save_encoder(
-        Encoder(tiny_arch, tiny_visual.state_dict(), "memory"), tmp_path / "saved.safetensors"
-    )
+def test_saved_encoder_reloads_with_its_architecture_and_same_outputs(tmp_path, tiny_arch, tiny_visual, tiny_images):
+    path = save_encoder(Encoder(tiny_arch, tiny_visual.state_dict(), "memory"), tmp_path / "saved.safetensors")
 
     encoder = load_encoder(path)
 
@@ -189,9 +181,7 @@ def test_open_clip_hub_directory_takes_the_architecture_from_its_config(tmp_path
     embed_dim=st.sampled_from([8, 24]),
     layer_scale=st.booleans(),
 )
-def test_infer_architecture_recovers_the_shapes(
-    width_heads, layers, patch, grid, mlp_width, embed_dim, layer_scale
-):
+def test_infer_architecture_recovers_the_shapes(width_heads, layers, patch, grid, mlp_width, embed_dim, layer_scale):
     width, heads = width_heads
     vision = {
         "width": width,
@@ -263,9 +253,7 @@ def hf_vision_config(transformers_clip, **overrides):
 @pytest.mark.parametrize(
     "overrides", [{}, {"hidden_act": "gelu", "layer_norm_eps": 1e-6}], ids=["quick_gelu", "gelu_eps"]
 )
-def test_hf_vision_model_with_projection_gives_the_same_embeddings(
-    tmp_path, transformers_clip, tiny_images, overrides
-):
+def test_hf_vision_model_with_projection_gives_the_same_embeddings(tmp_path, transformers_clip, tiny_images, overrides):
     torch.manual_seed(0)
     model = transformers_clip.CLIPVisionModelWithProjection(hf_vision_config(transformers_clip, **overrides))
     model.eval().save_pretrained(tmp_path)
@@ -327,12 +315,9 @@ def test_single_hf_safetensors_file_loads_with_hf_defaults(tmp_path, transformer
     assert encoder.arch.quick_gelu  # transformers' CLIP default
     torch.testing.assert_close(encoder.state["proj"], model.visual_projection.weight.T)
     q, k, v = (
-        getattr(model.vision_model.encoder.layers[1].self_attn, p).weight
-        for p in ("q_proj", "k_proj", "v_proj")
+        getattr(model.vision_model.encoder.layers[1].self_attn, p).weight for p in ("q_proj", "k_proj", "v_proj")
     )
-    torch.testing.assert_close(
-        encoder.state["transformer.resblocks.1.attn.in_proj_weight"], torch.cat([q, k, v])
-    )
+    torch.testing.assert_close(encoder.state["transformer.resblocks.1.attn.in_proj_weight"], torch.cat([q, k, v]))
 
 
 # --------------------------------------------------------------------------------- pickled models
@@ -369,15 +354,11 @@ def pickled_image_encoder(tmp_path, tiny_arch, tiny_images):
 
 def test_pickled_model_needs_allow_pickle(pickled_image_encoder):
     path, _, _ = pickled_image_encoder
-    with pytest.raises(
-        CheckpointError, match=r"finetuned\.pt.*arbitrary code.*--allow-pickle.*allow_pickle=True"
-    ):
+    with pytest.raises(CheckpointError, match=r"finetuned\.pt.*arbitrary code.*--allow-pickle.*allow_pickle=True"):
         load_encoder(path)
 
 
-def test_pickled_image_encoder_loads_with_its_heads_and_activation(
-    pickled_image_encoder, tiny_arch, tiny_images
-):
+def test_pickled_image_encoder_loads_with_its_heads_and_activation(pickled_image_encoder, tiny_arch, tiny_images):
     path, expected_state, expected_output = pickled_image_encoder
     assert "src.modeling" not in sys.modules
 

@@ -66,5 +66,5 @@ def test_corrupted_file_is_named(tmp_path):
     Image.new("RGB", (32, 32)).save(buffer, format="JPEG")
     path = tmp_path / "broken.jpg"
     path.write_bytes(buffer.getvalue()[:40])
-    with pytest.raises(ImageError, match="broken.jpg: cannot decode"):
+    with pytest.raises(ImageError, match=r"broken\.jpg: cannot decode"):
         load_image(path)

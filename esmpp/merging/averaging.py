@@ -13,9 +13,7 @@ class WeightAveraging(MergeMethod):
     name = "averaging"
     fixed_alpha = 1.0
 
-    def summarize(
-        self, key: str, delta: Tensor, stats: LayerStats | None, previous: TaskSum | None
-    ) -> TaskSum:
+    def summarize(self, key: str, delta: Tensor, stats: LayerStats | None, previous: TaskSum | None) -> TaskSum:
         return add_to_sum(previous, delta)
 
     def combine(self, key: str, summary: TaskSum) -> Tensor:

@@ -100,9 +100,7 @@ def esm_merge(summaries: list[EssentialSummary], options: EsmOptions) -> Tensor:
     """Steps 2–6 on the tasks' summaries of one layer → ΔM (``d_out × d_in``, float64)."""
     exponent = options.polarization_exponent
     norms = torch.tensor([s.delta_norm for s in summaries], dtype=torch.float64)
-    task_scales = (
-        polarized_weights(norms, exponent) if options.polarized_task_scaling else torch.ones_like(norms)
-    )
+    task_scales = polarized_weights(norms, exponent) if options.polarized_task_scaling else torch.ones_like(norms)
     bases, coordinates = [], []
     for summary, task_scale in zip(summaries, task_scales, strict=True):
         weights = eigenvalue_weights(summary.eigenvalues.to(torch.float64), options.eigenvalue_exponent)

@@ -18,9 +18,7 @@ from esmpp.merging.registry import register_method
 class IsoC(MergeMethod):
     name = "iso_c"
 
-    def summarize(
-        self, key: str, delta: Tensor, stats: LayerStats | None, previous: TaskSum | None
-    ) -> TaskSum:
+    def summarize(self, key: str, delta: Tensor, stats: LayerStats | None, previous: TaskSum | None) -> TaskSum:
         return add_to_sum(previous, delta)
 
     def combine(self, key: str, summary: TaskSum) -> Tensor:

@@ -27,9 +27,7 @@ def merge_task_vectors(
     parameter. ``stats``: key → the T tasks' LayerStats, for the linear layers of methods that need them."""
     num_tasks = {len(task_deltas) for task_deltas in deltas.values()}
     if len(num_tasks) != 1:
-        raise ConfigError(
-            f"Every parameter needs one task vector per task; got task counts {sorted(num_tasks)}."
-        )
+        raise ConfigError(f"Every parameter needs one task vector per task; got task counts {sorted(num_tasks)}.")
     method = get_method(method_name)(options, num_tasks=num_tasks.pop())
     if method.needs_grams and stats is None:
         raise ConfigError(f"Merge method {method_name!r} needs activation statistics: pass 'stats'.")

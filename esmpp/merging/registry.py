@@ -24,9 +24,7 @@ def get_method(name: str) -> type[MergeMethod]:
     try:
         return _METHODS[name]
     except KeyError:
-        raise ConfigError(
-            f"Unknown merge method {name!r}. Choose one of: {', '.join(available_methods())}."
-        ) from None
+        raise ConfigError(f"Unknown merge method {name!r}. Choose one of: {', '.join(available_methods())}.") from None
 
 
 def available_methods() -> list[str]:

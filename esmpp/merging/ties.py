@@ -73,9 +73,7 @@ class Ties(MergeMethod):
     name = "ties"
     Options = TiesOptions
 
-    def summarize(
-        self, key: str, delta: Tensor, stats: LayerStats | None, previous: SignedSums | None
-    ) -> SignedSums:
+    def summarize(self, key: str, delta: Tensor, stats: LayerStats | None, previous: SignedSums | None) -> SignedSums:
         delta = delta.to(torch.promote_types(delta.dtype, torch.float32))
         return add_signed(previous, trim_to_top_magnitude(delta, self.options.keep_fraction))
 

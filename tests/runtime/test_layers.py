@@ -38,10 +38,7 @@ def test_forced_routed_layers_equal_the_dense_formula(kinds):
         def check(mod, args, output, weight=weight, bias=bias, layer=layer, kind=kind):
             x = args[0]
             dense = torch.stack(
-                [
-                    F.linear(x[b], weight + layer.up[t] @ layer.down[t], bias)
-                    for b, t in enumerate(task_ids.tolist())
-                ]
+                [F.linear(x[b], weight + layer.up[t] @ layer.down[t], bias) for b, t in enumerate(task_ids.tolist())]
             )
             if kind == "qkv":  # the attention's output is after the softmax: recompute its in-projection
                 got = F.linear(x, mod.in_proj_weight, mod.in_proj_bias) + mod.qkv_experts(x, mod.control)

@@ -29,7 +29,9 @@ def test_soft_route_weights_sum_to_one_and_follow_similarity():
 
 def test_route_once_reuses_the_first_decision():
     artifact = random_artifact(num_tasks=3)
-    model = RoutedEncoder(artifact.arch, artifact.backbone, artifact.experts, artifact.heads, RoutingControl(route_once=True))
+    model = RoutedEncoder(
+        artifact.arch, artifact.backbone, artifact.experts, artifact.heads, RoutingControl(route_once=True)
+    )
     images = torch.randn(5, 3, 16, 16)
     with torch.no_grad():
         model(images)
