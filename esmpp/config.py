@@ -8,7 +8,8 @@ Relative paths are resolved against the config file's folder. Example::
       - name: cars
         checkpoint: checkpoints/cars.pt
         head: heads/cars.safetensors   # tensor "head" [classes, embed_dim]; logits = normalize(emb) @ head.T
-        classes: [audi, bmw, ...]      # optional when the head file carries them
+        classes: [audi, bmw, ...]      # optional with a head file that carries them; without a head file,
+                                       # a zero-shot head is built with the pretrained CLIP's text tower
         proxy: proxy/cars              # a folder of unlabeled images (32 are used)
         validation: val/cars           # optional: one subfolder per class, for choosing α
     options:
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from esmpp.build import BuildOptions
 from esmpp.errors import ConfigError
@@ -33,10 +34,16 @@ class TaskConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str
     checkpoint: Path
-    head: Path
+    head: Path | None = None
     classes: list[str] | None = None
     proxy: Path
     validation: Path | None = None
+
+    @model_validator(mode="after")
+    def _head_or_classes(self) -> TaskConfig:
+        if self.head is None and not self.classes:
+            raise ValueError("give `head:` (a head file) or `classes:` (for a zero-shot head from the text tower)")
+        return self
 
 
 class OptionsConfig(BaseModel):
@@ -82,6 +89,7 @@ def load_config(path: Path) -> BuildConfig:
     base = path.parent
     config.pretrained = base / config.pretrained
     for task in config.tasks:
-        task.checkpoint, task.head, task.proxy = base / task.checkpoint, base / task.head, base / task.proxy
+        task.checkpoint, task.proxy = base / task.checkpoint, base / task.proxy
+        task.head = base / task.head if task.head else None
         task.validation = base / task.validation if task.validation else None
     return config

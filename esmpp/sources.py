@@ -13,6 +13,7 @@ from esmpp.architecture import Architecture
 from esmpp.checkpoints import Encoder, load_encoder
 from esmpp.config import BuildConfig
 from esmpp.errors import ConfigError
+from esmpp.heads import zero_shot_head
 from esmpp.images import preprocess_images, preprocess_uint8
 from esmpp.merge import TaskSource
 
@@ -79,7 +80,10 @@ def config_sources(config: BuildConfig) -> tuple[Encoder, list[TaskSource]]:
     arch = pretrained.arch
     tasks = []
     for task in config.tasks:
-        head, classes = load_head(task.head, task.classes, arch.embed_dim)
+        if task.head is not None:
+            head, classes = load_head(task.head, task.classes, arch.embed_dim)
+        else:
+            head, classes = zero_shot_head(config.pretrained, arch.name, task.classes), task.classes
         tasks.append(
             TaskSource(
                 name=task.name,

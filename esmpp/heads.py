@@ -1,0 +1,80 @@
+"""Zero-shot task heads from class names, with the pretrained CLIP's own text tower.
+
+A head is a matrix [classes, embed_dim] used as ``logits = normalize(embedding) @ head.T``; the zero-shot
+head is CLIP's: each row the normalised mean of the normalised text embeddings of the class name in a few
+prompt templates, times the model's logit scale.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from esmpp.errors import ConfigError
+
+DEFAULT_TEMPLATES = (
+    "a photo of a {}.",
+    "a blurry photo of a {}.",
+    "a close-up photo of a {}.",
+    "a photo of the {}.",
+)
+_TEXT_KEYS = ("token_embedding.weight", "text_projection", "ln_final.weight")
+_PREFIXES = ("module.", "model.", "clip_model.")
+
+
+def _full_state(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        if path.suffix == ".safetensors":
+            state = load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, SafetensorError, RuntimeError, ValueError) as exc:
+        raise ConfigError(f"{path}: cannot read the pretrained checkpoint for zero-shot heads ({exc}).") from exc
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ConfigError(f"{path}: not a state dict; zero-shot heads need a whole open_clip CLIP checkpoint.")
+    for prefix in _PREFIXES:
+        if all(key.startswith(prefix) for key in state):
+            state = {key[len(prefix) :]: value for key, value in state.items()}
+    return state
+
+
+def zero_shot_head(
+    checkpoint: Path, model_name: str, classes: list[str], templates: tuple[str, ...] = DEFAULT_TEMPLATES
+) -> torch.Tensor:
+    """The zero-shot head [len(classes), embed_dim] of the open_clip model ``model_name`` whose whole CLIP
+    state dict (vision and text towers) is in ``checkpoint``."""
+    import open_clip
+
+    if not classes:
+        raise ConfigError("zero-shot heads need at least one class name.")
+    if open_clip.get_model_config(model_name) is None:
+        raise ConfigError(
+            f"zero-shot heads need an open_clip model name (e.g. ViT-B-32), got {model_name!r}. "
+            "Set `architecture:` in the config, or give a head file instead."
+        )
+    state = _full_state(Path(checkpoint))
+    missing = [key for key in _TEXT_KEYS if key not in state]
+    if missing:
+        raise ConfigError(
+            f"{checkpoint}: has no text tower (missing {missing}), so class names cannot become a zero-shot head. "
+            "Give the task a head file (`head:`) or a whole-CLIP pretrained checkpoint."
+        )
+    model = open_clip.create_model(model_name, pretrained=None)
+    result = model.load_state_dict(state, strict=False)
+    text_missing = [key for key in result.missing_keys if not key.startswith("visual.")]
+    if text_missing:
+        raise ConfigError(f"{checkpoint}: text tower incomplete for {model_name}: missing {text_missing[:3]}.")
+    tokenizer = open_clip.get_tokenizer(model_name)
+    model.eval()
+    rows = []
+    with torch.no_grad():
+        for name in classes:
+            texts = tokenizer([template.format(name) for template in templates])
+            rows.append(F.normalize(F.normalize(model.encode_text(texts), dim=-1).mean(dim=0), dim=-1))
+        return torch.stack(rows) * model.logit_scale.exp()

@@ -1,0 +1,91 @@
+"""A YAML build config with user files (checkpoints, image folders, head files) → task sources → artifact."""
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+from safetensors.torch import save_file
+
+from esmpp.architecture import build_visual
+from esmpp.build import build_artifact
+from esmpp.checkpoints import Encoder, save_encoder
+from esmpp.config import load_config
+from esmpp.errors import ConfigError
+from esmpp.sources import config_sources
+from tests.conftest import TINY_ARCH
+
+
+def _write_images(folder, colour, count):
+    folder.mkdir(parents=True)
+    for i in range(count):
+        Image.new("RGB", (20, 20), tuple((c + 7 * i) % 256 for c in colour)).save(folder / f"{i:03d}.png")
+
+
+@pytest.fixture
+def config_file(tmp_path):
+    torch.manual_seed(0)
+    state = build_visual(TINY_ARCH).state_dict()
+    save_encoder(Encoder(TINY_ARCH, state, "pretrained"), tmp_path / "pretrained.safetensors")
+    tasks = []
+    for t, colour in enumerate([(200, 10, 10), (10, 10, 200)]):
+        tuned = {k: v + 0.01 * torch.randn_like(v) for k, v in state.items()}
+        save_encoder(Encoder(TINY_ARCH, tuned, f"task{t}"), tmp_path / f"task{t}.safetensors")
+        save_file({"head": torch.randn(2, 16)}, tmp_path / f"head{t}.safetensors", {"classes": "yes\nno"})
+        _write_images(tmp_path / f"proxy{t}", colour, 5)
+        for label in ("yes", "no"):
+            _write_images(tmp_path / f"val{t}" / label, colour, 2)
+        tasks.append(
+            {
+                "name": f"task{t}",
+                "checkpoint": f"task{t}.safetensors",
+                "head": f"head{t}.safetensors",
+                "proxy": f"proxy{t}",
+                "validation": f"val{t}",
+            }
+        )
+    config = {"pretrained": "pretrained.safetensors", "tasks": tasks, "options": {"rank": 2}}
+    path = tmp_path / "build.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_config_to_artifact(config_file):
+    config = load_config(config_file)
+    pretrained, tasks = config_sources(config)
+    assert [t.name for t in tasks] == ["task0", "task1"]
+    assert tasks[0].classes == ["yes", "no"] and tasks[0].proxy.shape == (5, 3, 16, 16)
+    assert tasks[1].validation[0].shape == (4, 3, 16, 16) and tasks[1].validation[1].tolist() == [0, 0, 1, 1]
+    artifact = build_artifact(pretrained, tasks, config.options.to_build_options(), progress=False)
+    assert artifact.build["rank"] == 2 and len(artifact.build["alpha_history"]) == 10
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda c: c.update(tasks=[]), "tasks"),
+        (lambda c: c["tasks"][0].pop("head"), "give `head:`"),
+        (lambda c: c["options"].update(routed_kinds=["mlp"]), "routed_kinds"),
+        (lambda c: c.update(colour="blue"), "colour"),
+    ],
+)
+def test_invalid_configs_are_named(config_file, edit, message):
+    config = yaml.safe_load(config_file.read_text())
+    edit(config)
+    config_file.write_text(yaml.safe_dump(config))
+    with pytest.raises(ConfigError, match=message):
+        load_config(config_file)
+
+
+def test_empty_proxy_folder_is_named(config_file):
+    for png in (config_file.parent / "proxy1").iterdir():
+        png.unlink()
+    with pytest.raises(ConfigError, match="proxy1: the proxy folder has no images"):
+        config_sources(load_config(config_file))
+
+
+def test_missing_config_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="no such config file"):
+        load_config(tmp_path / "nope.yaml")
+    (tmp_path / "bad.yaml").write_text("tasks: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(tmp_path / "bad.yaml")
