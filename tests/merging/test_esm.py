@@ -1,0 +1,153 @@
+import pytest
+import torch
+
+from esmpp.architecture import linear_key
+from esmpp.errors import ConfigError
+from esmpp.merging import merge_task_vectors
+from esmpp.merging.esm import (
+    EssentialSubspaceMerging,
+    eigenvalue_weights,
+    inter_layer_scaling,
+    polarized_weights,
+)
+from esmpp.merging.tsv import TaskSingularVectorsMerging
+
+FC = linear_key(0, "fc")  # d_out × d_in = 64 × 16 in the tiny ViT
+PLAIN = {
+    "polarized_task_scaling": False,
+    "eigenvalue_exponent": 0.0,
+    "dimension_scaling": False,
+    "orthogonalization": "none",
+    "scale_factor": 1.0,
+    "layer_scaling": False,
+}
+
+
+@pytest.fixture
+def layer(make_stats):
+    """Factory: random task matrices (float64) of one layer and LayerStats per task."""
+
+    def make(num_tasks: int, seed: int = 0, d_out: int = 64, d_in: int = 16):
+        generator = torch.Generator().manual_seed(seed)
+        deltas = [
+            torch.randn(d_out, d_in, generator=generator, dtype=torch.float64) for _ in range(num_tasks)
+        ]
+        return deltas, [make_stats(d_in, generator) for _ in range(num_tasks)]
+
+    return make
+
+
+def _esm(deltas, stats, key=FC, **options):
+    return merge_task_vectors("esm", {key: deltas}, {key: stats}, options)[key]
+
+
+def test_summaries_keep_only_the_truncated_decomposition(layer):
+    deltas, stats = layer(num_tasks=8)
+    method = EssentialSubspaceMerging(None, num_tasks=8)
+    summary = None
+    for delta, layer_stats in zip(deltas, stats, strict=True):
+        summary = method.summarize(FC, delta, layer_stats, summary)
+    assert len(summary) == 8
+    for task in summary:
+        # k = ⌊64 / 8⌋ = 8: P_k is 64 × 8 and C_k is 8 × 16, together smaller than one 64 × 16 ΔW.
+        assert task.basis.shape == (64, 8)
+        assert task.eigenvalues.shape == (8,)
+        assert task.coordinates.shape == (8, 16)
+        assert task.basis.numel() + task.coordinates.numel() < 64 * 16
+
+
+def test_single_task_without_scalings_reconstructs_the_task_vector(layer):
+    # k = d_out and no scaling step: ΔM = P C = ΔW exactly.
+    deltas, stats = layer(num_tasks=1)
+    torch.testing.assert_close(_esm(deltas, stats, **PLAIN), deltas[0])
+
+
+def test_polarized_task_scaling_favours_the_larger_task(layer):
+    # Two tasks within their rank budget (rank 16 ≤ k = 32): without other steps ΔM = Σ γ_t ΔW_t with
+    # γ_t = (‖ΔW_t‖ / mean ‖ΔW‖)².
+    deltas, stats = layer(num_tasks=2)
+    deltas = [deltas[0] / deltas[0].norm(), 2 * deltas[1] / deltas[1].norm()]
+    merged = _esm(deltas, stats, **{**PLAIN, "polarized_task_scaling": True})
+    expected = (1 / 1.5) ** 2 * deltas[0] + (2 / 1.5) ** 2 * deltas[1]
+    torch.testing.assert_close(merged, expected)
+
+
+def test_default_merge_is_isotropic_in_both_factors(layer):
+    # T = 2, k = 32: P is 64 × 64 and C is 64 × 16 (rank 16); iso(P)·iso(C) has 16 equal singular values.
+    deltas, stats = layer(num_tasks=2)
+    merged = _esm(deltas, stats, layer_scaling=False)
+    singular_values = torch.linalg.svdvals(merged)
+    torch.testing.assert_close(singular_values, singular_values.mean().expand(16))
+
+
+def test_every_variant_runs_and_differs_from_the_default(layer):
+    deltas, stats = layer(num_tasks=3)
+    default = _esm(deltas, stats)
+    variants = [
+        {"orthogonalization": "keep_row_norms"},
+        {"orthogonalization": "none"},
+        {"centered": True},
+        {"eigenvalue_exponent": 0.0},
+        {"dimension_scaling": False},
+        {"polarized_task_scaling": False},
+        {"rank_fraction": 0.5},
+        {"scale_factor": 1.0},
+    ]
+    for options in variants:
+        merged = _esm(deltas, stats, **options)
+        assert torch.isfinite(merged).all(), options
+        assert not torch.allclose(merged, default), options
+
+
+def test_missing_statistics_name_the_layer_and_the_way_out(layer):
+    deltas, _ = layer(num_tasks=1)
+    method = EssentialSubspaceMerging(None, num_tasks=1)
+    with pytest.raises(ConfigError, match=r"mlp\.c_fc\.weight.*esd_kinds"):
+        method.summarize(FC, deltas[0], None, None)
+
+
+def test_other_parameters_follow_tsv():
+    generator = torch.Generator().manual_seed(3)
+    layers = {
+        linear_key(1, "out"): [torch.randn(16, 16, generator=generator) for _ in range(3)],
+        "positional_embedding": [torch.randn(5, 16, generator=generator) for _ in range(3)],
+        "conv1.weight": [torch.randn(16, 3, 4, 4, generator=generator) for _ in range(3)],
+    }
+    esm = EssentialSubspaceMerging({"layer_scaling": False}, num_tasks=3)
+    tsv = TaskSingularVectorsMerging(None, num_tasks=3)
+    for key, deltas in layers.items():
+        esm_summary = tsv_summary = None
+        for delta in deltas:
+            esm_summary = esm.summarize(key, delta, None, esm_summary)
+            tsv_summary = tsv.summarize(key, delta, None, tsv_summary)
+        assert torch.equal(esm.combine(key, esm_summary), tsv.combine(key, tsv_summary)), key
+
+
+def test_out_projection_can_join_the_esd_kinds(layer):
+    out = linear_key(0, "out")
+    deltas, stats = layer(num_tasks=1, d_out=16)
+    merged = _esm(deltas, stats, key=out, esd_kinds=("qkv", "out", "fc", "proj"), **PLAIN)
+    torch.testing.assert_close(merged, deltas[0])
+
+
+def test_inter_layer_scaling_is_per_kind_and_leaves_other_parameters():
+    merged = {
+        linear_key(0, "fc"): torch.ones(4, 2),  # norm √8
+        linear_key(1, "fc"): 3 * torch.ones(4, 2),  # norm 3√8, mean 2√8
+        linear_key(0, "qkv"): torch.ones(6, 2),
+        "proj": torch.ones(2, 2),
+    }
+    scaled = inter_layer_scaling(merged, exponent=2.0)
+    torch.testing.assert_close(scaled[linear_key(0, "fc")], merged[linear_key(0, "fc")] / 4)
+    torch.testing.assert_close(scaled[linear_key(1, "fc")], merged[linear_key(1, "fc")] * 9 / 4)
+    torch.testing.assert_close(scaled[linear_key(0, "qkv")], merged[linear_key(0, "qkv")])
+    assert scaled["proj"] is merged["proj"]
+
+
+def test_polarized_and_eigenvalue_weights():
+    torch.testing.assert_close(polarized_weights(torch.tensor([1.0, 3.0]), 2.0), torch.tensor([0.25, 2.25]))
+    torch.testing.assert_close(polarized_weights(torch.zeros(3), 2.0), torch.ones(3))
+    weights = eigenvalue_weights(torch.tensor([8.0, 4.0, 1.0, 0.0]), 0.15)
+    assert weights.mean() == pytest.approx(1.0)
+    assert torch.all(weights[:-1] > weights[1:])
+    torch.testing.assert_close(eigenvalue_weights(torch.tensor([8.0, 4.0]), 0.0), torch.ones(2))
