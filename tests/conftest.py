@@ -1,5 +1,5 @@
-"""Shared fixtures: a tiny open_clip ViT (width 32, 2 layers, 2 heads, patch 8, 16×16 images) and random
-routed artifacts built from it."""
+"""Shared fixtures: a tiny open_clip ViT (width 32, 2 layers, 2 heads, patch 8, 16×16 images), random
+routed artifacts built from it, and ``tiny_zoo``: the tiny zoo preset built once per test session."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import torch
 from esmpp.architecture import Architecture, build_visual, linear_keys
 from esmpp.artifact import Artifact, TaskInfo
 from esmpp.runtime.model import Experts
+from esmpp.zoo import Zoo, build_zoo
 
 TINY_ARCH = Architecture(
     embed_dim=16,
@@ -57,3 +58,8 @@ def random_artifact(
 @pytest.fixture
 def artifact() -> Artifact:
     return random_artifact()
+
+
+@pytest.fixture(scope="session")
+def tiny_zoo(tmp_path_factory: pytest.TempPathFactory) -> Zoo:
+    return build_zoo("tiny", root=tmp_path_factory.mktemp("zoo") / "tiny", progress=False)

@@ -1,0 +1,199 @@
+"""Build a zoo: pretrain one encoder on procedural glyphs, then fine-tune one expert per task.
+
+Deterministic (fixed seeds, deterministic torch algorithms: same preset, same machine → identical
+checkpoint bytes), cached (a directory with a manifest is reused unless ``force``), and atomic (built in a
+temporary directory next to the destination, then renamed into place).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from esmpp.architecture import Architecture, build_visual
+from esmpp.evaluation import accuracy
+from esmpp.images import preprocess_uint8
+from esmpp.zoo import procedural
+from esmpp.zoo.datasets import SPLITS, TaskData, load_task
+from esmpp.zoo.presets import ZooPreset, get_preset
+from esmpp.zoo.store import (
+    ARCHITECTURE_METADATA_KEY,
+    DATA,
+    FINETUNED,
+    FORMAT_VERSION,
+    HEAD,
+    MANIFEST,
+    PRETRAINED,
+    Zoo,
+)
+from esmpp.zoo.training import Batch, class_mean_head, shifted, train
+
+
+def default_root(preset: str) -> Path:
+    """``$ESMPP_CACHE/zoo/<preset>``, or ``~/.cache/esmpp/zoo/<preset>`` without ``ESMPP_CACHE``."""
+    cache = os.environ.get("ESMPP_CACHE")
+    base = Path(cache) if cache else Path.home() / ".cache" / "esmpp"
+    return base / "zoo" / preset
+
+
+@contextlib.contextmanager
+def deterministic(seed: int) -> Iterator[None]:
+    """Seed torch and force deterministic kernels for the block; restore the caller's state after."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        torch.use_deterministic_algorithms(True)
+        try:
+            yield
+        finally:
+            torch.use_deterministic_algorithms(previous)
+
+
+def save_checkpoint(state: dict[str, torch.Tensor], arch: Architecture, path: Path) -> None:
+    """Write a visual state dict with the architecture in the safetensors metadata."""
+    tensors = {key: value.detach().contiguous().clone() for key, value in state.items()}
+    save_file(tensors, path, metadata={ARCHITECTURE_METADATA_KEY: json.dumps(arch.to_dict(), sort_keys=True)})
+
+
+def _glyph_batches(recipe: ZooPreset, arch: Architecture) -> tuple[torch.Tensor, Iterator[Batch]]:
+    """Template-class head (random init) and an endless stream of fresh, seeded glyph batches."""
+    rng = np.random.default_rng(recipe.seed)
+    templates = procedural.glyph_templates(recipe.pretrain.classes, recipe.pretrain.strokes, rng)
+
+    def stream() -> Iterator[Batch]:
+        while True:
+            images, labels = procedural.glyphs(templates, recipe.pretrain.batch_size, arch.image_size, rng)
+            yield preprocess_uint8(images, arch), torch.from_numpy(labels)
+
+    head = torch.randn(recipe.pretrain.classes, arch.embed_dim) * recipe.head_scale / arch.embed_dim**0.5
+    return head.requires_grad_(True), stream()
+
+
+def _task_batches(recipe: ZooPreset, task: TaskData, arch: Architecture) -> Iterator[Batch]:
+    """Endless seeded minibatches (with random shifts) from a task's train split."""
+    images, labels = task.splits["train"]
+    pixels, targets = preprocess_uint8(images, arch), torch.from_numpy(labels)
+    generator = torch.Generator().manual_seed(recipe.seed)
+    while True:
+        index = torch.randint(0, len(pixels), (recipe.finetune.batch_size,), generator=generator)
+        yield shifted(pixels[index], recipe.max_shift, generator), targets[index]
+
+
+def _accuracies(
+    encoder: torch.nn.Module, task: TaskData, head: torch.Tensor, arch: Architecture
+) -> dict[str, float]:
+    return {split: accuracy(encoder, *task.splits[split], head, arch) for split in ("val", "test")}
+
+
+def _build_into(recipe: ZooPreset, root: Path, progress: bool) -> dict[str, Any]:
+    """Write every file of the zoo into ``root``; return the manifest (also written, last)."""
+    start = time.perf_counter()
+    arch = recipe.arch
+    sizes = recipe.sizes
+    tasks = {
+        name: load_task(
+            name,
+            arch.image_size,
+            train=sizes.train,
+            val=sizes.val,
+            test=sizes.test,
+            proxy=sizes.proxy,
+            seed=recipe.seed,
+        )
+        for name in tqdm(recipe.tasks, desc="datasets", disable=not progress, leave=False)
+    }
+    with deterministic(recipe.seed):
+        encoder = build_visual(arch)
+        glyph_head, glyph_stream = _glyph_batches(recipe, arch)
+        train(
+            encoder,
+            glyph_head,
+            lambda: next(glyph_stream),
+            recipe.pretrain,
+            description="pretrain",
+            progress=progress,
+        )
+    pretrained = {key: value.clone() for key, value in encoder.state_dict().items()}
+    save_checkpoint(pretrained, arch, root / PRETRAINED)
+    pretrain_seconds = time.perf_counter() - start
+
+    task_entries = {}
+    for index, (name, task) in enumerate(tasks.items()):
+        task_dir = root / "tasks" / name
+        task_dir.mkdir(parents=True)
+        np.savez_compressed(
+            task_dir / DATA,
+            **{
+                f"{split}_{part}": array
+                for split in SPLITS
+                for part, array in zip(("images", "labels"), task.splits[split], strict=True)
+            },
+        )
+        encoder.load_state_dict(pretrained)
+        encoder.eval()
+        head = class_mean_head(encoder, *task.splits["train"], len(task.class_names), arch, recipe.head_scale)
+        save_file({"head": head.contiguous()}, task_dir / HEAD)
+        pretrained_accuracy = _accuracies(encoder, task, head, arch)
+        with deterministic(recipe.seed + 1 + index):
+            batches = _task_batches(recipe, task, arch)
+            train(
+                encoder,
+                head,
+                lambda b=batches: next(b),
+                recipe.finetune,
+                description=f"fine-tune {name}",
+                progress=progress,
+            )
+        save_checkpoint(encoder.state_dict(), arch, task_dir / FINETUNED)
+        task_entries[name] = {
+            "class_names": list(task.class_names),
+            "sizes": {split: len(task.splits[split][1]) for split in SPLITS},
+            "accuracy": {
+                "pretrained": pretrained_accuracy,
+                "finetuned": _accuracies(encoder, task, head, arch),
+            },
+        }
+
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "preset": recipe.model_dump(mode="json"),
+        "architecture": arch.to_dict(),
+        "tasks": task_entries,
+        "build_seconds": {"pretrain": pretrain_seconds, "total": time.perf_counter() - start},
+        "torch_version": torch.__version__,
+    }
+    (root / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    return manifest
+
+
+def build_zoo(
+    preset: str | ZooPreset = "mini", root: Path | None = None, force: bool = False, progress: bool = True
+) -> Zoo:
+    """Build the zoo of ``preset`` (a name or a ``ZooPreset``) into ``root`` (default ``default_root``),
+    or open the complete build already there unless ``force``."""
+    recipe = get_preset(preset) if isinstance(preset, str) else preset
+    root = Path(root) if root is not None else default_root(recipe.name)
+    if (root / MANIFEST).is_file() and not force:
+        return Zoo.load(root)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.building-", dir=root.parent))
+    try:
+        _build_into(recipe, staging, progress)
+        if root.exists():
+            shutil.rmtree(root)
+        staging.rename(root)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return Zoo.load(root)

@@ -1,0 +1,111 @@
+"""Zoo recipes as data: the architecture, tasks, split sizes, training schedules and seeds of a preset.
+
+``tiny`` is the test fixture (seconds); ``mini`` is the accuracy benchmark every merging method is
+judged by (minutes on a laptop CPU). A preset is a pydantic model, so a variant is
+``get_preset("mini").model_copy(update=...)`` and the whole recipe goes into the zoo manifest.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from esmpp.architecture import Architecture
+from esmpp.errors import ConfigError
+
+
+class SplitSizes(BaseModel):
+    """Images per split and task (real data sets may have fewer; see ``datasets.load_task``)."""
+
+    model_config = ConfigDict(frozen=True)
+    train: int = Field(gt=0)
+    val: int = Field(gt=0)
+    test: int = Field(gt=0)
+    proxy: int = Field(default=32, gt=0)
+
+
+class TrainRecipe(BaseModel):
+    """AdamW with linear warm-up and cosine decay to zero."""
+
+    model_config = ConfigDict(frozen=True)
+    steps: int = Field(gt=0)
+    batch_size: int = Field(gt=0)
+    lr: float = Field(gt=0)
+    weight_decay: float = Field(ge=0)
+    warmup_fraction: float = Field(default=0.05, ge=0, lt=1)
+
+
+class PretrainRecipe(TrainRecipe):
+    """Pretraining on procedural glyphs: ``classes`` random templates of ``strokes`` strokes each, with a
+    trainable cosine head that is thrown away afterwards."""
+
+    classes: int = Field(gt=1)
+    strokes: int = Field(gt=0)
+
+
+class ZooPreset(BaseModel):
+    """Everything that determines a zoo's bytes."""
+
+    model_config = ConfigDict(frozen=True)
+    name: str
+    architecture: dict[str, Any]
+    tasks: tuple[str, ...]
+    sizes: SplitSizes
+    pretrain: PretrainRecipe
+    finetune: TrainRecipe
+    # Heads are normalised class means of pretrained features times this scale (CLIP's logit scale role).
+    head_scale: float = Field(gt=0)
+    # Fine-tuning shifts each batch by up to this many pixels (edge-replicated), for small tasks.
+    max_shift: int = Field(default=2, ge=0)
+    seed: int = 0
+
+    @property
+    def arch(self) -> Architecture:
+        return Architecture.from_dict(self.architecture)
+
+
+def _vit(
+    name: str, image_size: int, width: int, layers: int, patch_size: int, head_width: int
+) -> dict[str, Any]:
+    vision = {
+        "image_size": image_size,
+        "layers": layers,
+        "width": width,
+        "patch_size": patch_size,
+        "head_width": head_width,
+        "mlp_ratio": 4.0,
+    }
+    return Architecture(embed_dim=width, vision=vision, name=name).to_dict()
+
+
+PRESETS: dict[str, ZooPreset] = {
+    "tiny": ZooPreset(
+        name="tiny",
+        architecture=_vit("zoo-tiny", image_size=16, width=32, layers=2, patch_size=4, head_width=16),
+        tasks=("digits", "faces", "stripes", "shapes"),
+        sizes=SplitSizes(train=256, val=64, test=64, proxy=32),
+        pretrain=PretrainRecipe(steps=300, batch_size=64, lr=2e-3, weight_decay=0.05, classes=32, strokes=2),
+        finetune=TrainRecipe(steps=200, batch_size=32, lr=2e-3, weight_decay=0.1),
+        head_scale=16.0,
+        max_shift=1,
+    ),
+    "mini": ZooPreset(
+        name="mini",
+        architecture=_vit("zoo-mini", image_size=32, width=128, layers=6, patch_size=8, head_width=32),
+        tasks=("mnist", "digits", "faces", "textures", "textile", "shapes", "stripes", "positions"),
+        sizes=SplitSizes(train=3000, val=500, test=500, proxy=32),
+        pretrain=PretrainRecipe(
+            steps=1500, batch_size=128, lr=1e-3, weight_decay=0.05, classes=512, strokes=3
+        ),
+        finetune=TrainRecipe(steps=600, batch_size=64, lr=3e-4, weight_decay=0.1),
+        head_scale=16.0,
+    ),
+}
+
+
+def get_preset(name: str) -> ZooPreset:
+    """The preset called ``name``."""
+    if name not in PRESETS:
+        raise ConfigError(f"Unknown zoo preset {name!r}. Choose one of: {', '.join(PRESETS)}.")
+    return PRESETS[name]

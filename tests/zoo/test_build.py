@@ -1,0 +1,96 @@
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+from safetensors import safe_open
+
+from esmpp.architecture import Architecture
+from esmpp.errors import ConfigError, DatasetError
+from esmpp.zoo import Zoo, build_zoo, default_root, get_preset
+from esmpp.zoo import build as build_module
+from esmpp.zoo.store import ARCHITECTURE_METADATA_KEY
+
+
+def _checkpoint_hashes(zoo: Zoo) -> dict[str, str]:
+    paths = [zoo.pretrained_path, *(zoo.finetuned_path(task) for task in zoo.tasks)]
+    return {
+        path.relative_to(zoo.root).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest() for path in paths
+    }
+
+
+def test_complete_build_is_reused_without_retraining(tiny_zoo: Zoo, monkeypatch: pytest.MonkeyPatch) -> None:
+    def fail(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a cached zoo was rebuilt")
+
+    monkeypatch.setattr(build_module, "_build_into", fail)
+    again = build_zoo("tiny", root=tiny_zoo.root, progress=False)
+    assert again.manifest == tiny_zoo.manifest
+
+
+def test_same_seed_builds_identical_checkpoints(tiny_zoo: Zoo, tmp_path: Path) -> None:
+    rebuilt = build_zoo("tiny", root=tmp_path / "tiny", progress=False)
+    assert _checkpoint_hashes(rebuilt) == _checkpoint_hashes(tiny_zoo)
+    assert list(tmp_path.iterdir()) == [tmp_path / "tiny"], "the staging directory was left behind"
+
+
+def test_layout_and_manifest(tiny_zoo: Zoo) -> None:
+    preset = get_preset("tiny")
+    assert tiny_zoo.tasks == list(preset.tasks)
+    assert tiny_zoo.arch == preset.arch
+    for task in tiny_zoo.tasks:
+        task_dir = tiny_zoo.root / "tasks" / task
+        assert {p.name for p in task_dir.iterdir()} == {
+            "finetuned.safetensors",
+            "head.safetensors",
+            "data.npz",
+        }
+        entry = tiny_zoo.manifest["tasks"][task]
+        assert set(entry["accuracy"]) == {"pretrained", "finetuned"}
+        assert set(entry["accuracy"]["finetuned"]) == {"val", "test"}
+    assert tiny_zoo.manifest["preset"]["finetune"]["steps"] == preset.finetune.steps
+    assert tiny_zoo.manifest["build_seconds"]["total"] > 0
+    assert json.loads((tiny_zoo.root / "manifest.json").read_text()) == tiny_zoo.manifest
+
+
+def test_checkpoints_carry_canonical_keys_and_architecture(tiny_zoo: Zoo) -> None:
+    with safe_open(tiny_zoo.finetuned_path(tiny_zoo.tasks[0]), framework="pt") as handle:
+        keys = set(handle.keys())
+        metadata = handle.metadata()
+    assert "transformer.resblocks.0.attn.in_proj_weight" in keys and "conv1.weight" in keys
+    assert not any(key.startswith("visual.") for key in keys)
+    assert Architecture.from_dict(json.loads(metadata[ARCHITECTURE_METADATA_KEY])) == tiny_zoo.arch
+
+
+def test_force_rebuilds_in_place(tmp_path: Path) -> None:
+    small = get_preset("tiny").model_copy(
+        update={
+            "tasks": ("stripes",),
+            "pretrain": get_preset("tiny").pretrain.model_copy(update={"steps": 2}),
+            "finetune": get_preset("tiny").finetune.model_copy(update={"steps": 2}),
+        }
+    )
+    first = build_zoo(small, root=tmp_path / "z", progress=False)
+    (first.root / "stale").write_text("left from an earlier build")
+    second = build_zoo(small, root=tmp_path / "z", force=True, progress=False)
+    assert not (second.root / "stale").exists()
+    assert second.tasks == ["stripes"]
+
+
+def test_default_root_follows_esmpp_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("ESMPP_CACHE", str(tmp_path))
+    assert default_root("mini") == tmp_path / "zoo" / "mini"
+    monkeypatch.delenv("ESMPP_CACHE")
+    assert default_root("tiny") == Path.home() / ".cache" / "esmpp" / "zoo" / "tiny"
+
+
+def test_missing_zoo_says_how_to_build_it(tmp_path: Path) -> None:
+    with pytest.raises(DatasetError, match="esmpp zoo build"):
+        Zoo.load(tmp_path)
+
+
+def test_unknown_preset_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="tiny"):
+        build_zoo("huge")
