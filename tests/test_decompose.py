@@ -8,6 +8,7 @@ from esmpp.decompose import (
     essential_basis,
     essential_basis_direct,
     functional_error,
+    gram_factor,
     isotropic_factor,
     polar_factor,
     truncate,
@@ -146,3 +147,25 @@ def test_complete_orthonormal_keeps_given_columns():
     full = complete_orthonormal(columns)
     assert torch.equal(full[:, :2], columns)
     torch.testing.assert_close(full.T @ full, torch.eye(6, dtype=torch.float64))
+
+
+@given(layers(), st.integers(1, 12))
+@SETTINGS
+def test_requested_rank_matches_truncating_the_full_basis(layer, rank):
+    delta, inputs = layer
+    rank = min(rank, delta.shape[0])
+    gram, num_tokens = inputs.T @ inputs, inputs.shape[0]
+    full = essential_basis(delta, gram, num_tokens)
+    top = essential_basis(delta, gram, num_tokens, rank=rank)
+    basis_k, coords_k = truncate(full, rank)
+    assert top.basis.shape == basis_k.shape and top.coordinates.shape == coords_k.shape
+    torch.testing.assert_close(top.eigenvalues, full.eigenvalues[:rank])
+    torch.testing.assert_close(top.basis @ top.coordinates, basis_k @ coords_k)
+
+
+@pytest.mark.parametrize("num_tokens", [3, 20])  # singular Gram (eigh fallback), then definite (Cholesky)
+def test_gram_factor_reproduces_the_gram(num_tokens):
+    inputs = torch.randn(num_tokens, 8, dtype=torch.float64)
+    gram = inputs.T @ inputs
+    factor = gram_factor(gram)
+    torch.testing.assert_close(factor @ factor.T, gram)

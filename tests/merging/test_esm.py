@@ -3,7 +3,7 @@ import torch
 
 from esmpp.architecture import linear_key
 from esmpp.errors import ConfigError
-from esmpp.merging import merge_task_vectors
+from esmpp.merging import LayerStats, merge_task_vectors
 from esmpp.merging.esm import (
     EssentialSubspaceMerging,
     eigenvalue_weights,
@@ -78,6 +78,18 @@ def test_default_merge_is_isotropic_in_both_factors(layer):
     merged = _esm(deltas, stats, layer_scaling=False)
     singular_values = torch.linalg.svdvals(merged)
     torch.testing.assert_close(singular_values, singular_values.mean().expand(16))
+
+
+@pytest.mark.parametrize(
+    ("orthogonalization", "reference"), [("isotropic", "iso_c"), ("keep_row_norms", "task_arithmetic")]
+)
+def test_isotropic_tokens_reduce_step_6_to_its_svd_counterpart(layer, orthogonalization, reference):
+    # With G = I the ESD is the SVD of ΔW, so for one task and no scaling step 'isotropic' is Iso-C and
+    # 'keep_row_norms' (singular values kept) gives ΔW back.
+    deltas, _ = layer(num_tasks=1)
+    stats = [LayerStats(gram=torch.eye(16, dtype=torch.float64), mean=torch.zeros(16), num_tokens=16)]
+    merged = _esm(deltas, stats, **{**PLAIN, "orthogonalization": orthogonalization})
+    torch.testing.assert_close(merged, merge_task_vectors(reference, {FC: deltas})[FC])
 
 
 def test_every_variant_runs_and_differs_from_the_default(layer):
