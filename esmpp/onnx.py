@@ -15,6 +15,7 @@ import contextlib
 import io
 import json
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -167,7 +168,9 @@ def _trace(model: RoutedEncoder, task_input: bool, opset: int | None) -> onnx.Mo
         args = (pixels, torch.arange(EXAMPLE_BATCH) % model.num_tasks)
     # The exporter prints its progress on stdout; the CLI prints its own summary instead.
     try:
-        with contextlib.redirect_stdout(io.StringIO()):
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            # Both inputs share the one batch axis; the exporter warns that it keeps a single name for it.
+            warnings.filterwarnings("ignore", message=".*axis name: batch will not be used")
             program = torch.onnx.export(
                 _ExportGraph(model).eval(),
                 args,
