@@ -126,6 +126,20 @@ def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {key: value.detach().cpu().contiguous() for key, value in tensors.items()}
 
 
+def describe_artifact(artifact: Artifact) -> dict[str, Any]:
+    """The manifest of ``artifact`` without the checksums (which exist only once its files are written)."""
+    return {
+        "format": "esmpp-artifact",
+        "format_version": FORMAT_VERSION,
+        "esmpp_version": esmpp.__version__,
+        "architecture": artifact.arch.to_dict(),
+        "tasks": [{"name": task.name, "classes": task.classes} for task in artifact.tasks],
+        "routed_layers": list(artifact.experts),
+        "ranks": {key: int(layer.up.shape[2]) for key, layer in artifact.experts.items()},
+        "build": artifact.build,
+    }
+
+
 def save_artifact(artifact: Artifact, path: Path, overwrite: bool = False) -> Path:
     """Validate ``artifact`` and write it to the directory ``path`` atomically."""
     artifact.validate()
@@ -138,14 +152,7 @@ def save_artifact(artifact: Artifact, path: Path, overwrite: bool = False) -> Pa
         save_file(_contiguous(expert_tensors), staging / "experts.safetensors")
         save_file(_contiguous({f"head.{t}": h for t, h in enumerate(artifact.heads)}), staging / "heads.safetensors")
         manifest = {
-            "format": "esmpp-artifact",
-            "format_version": FORMAT_VERSION,
-            "esmpp_version": esmpp.__version__,
-            "architecture": artifact.arch.to_dict(),
-            "tasks": [{"name": task.name, "classes": task.classes} for task in artifact.tasks],
-            "routed_layers": list(artifact.experts),
-            "ranks": {key: int(layer.up.shape[2]) for key, layer in artifact.experts.items()},
-            "build": artifact.build,
+            **describe_artifact(artifact),
             "checksums": {name: _sha256(staging / name) for name in TENSOR_FILES},
         }
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))

@@ -297,6 +297,35 @@ def demo(
             typer.echo(f"  true {task}/{truth:<12} → {result.task}/{result.label} ({result.score:.2f})")
 
 
+@app.command("export")
+def export_model(
+    artifact: Annotated[Path, typer.Argument(help="Artifact directory.")],
+    out: Annotated[Path, typer.Option(help="Directory to write: model.onnx (+ model.onnx.data) and export.json.")],
+    opset: Annotated[int | None, typer.Option(help="ONNX opset (default: the exporter's).")] = None,
+    fp16: Annotated[bool, typer.Option(help="float16 weights and compute (float32 inputs/outputs).")] = False,
+    task_input: Annotated[
+        bool, typer.Option(help="Take the task as a second input (forced_task_id) instead of routing.")
+    ] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out directory.")] = False,
+) -> None:
+    """Export an artifact to ONNX (routing inside the graph) and check it against PyTorch with onnxruntime."""
+    from esmpp.onnx import export_onnx
+
+    report = export_onnx(artifact, out, opset=opset, fp16=fp16, task_input=task_input, overwrite=overwrite)
+    typer.echo(
+        f"model: {report.path} ({report.size_bytes / 1e6:.2f} MB, {report.mode}, opset {report.opset}"
+        f"{', fp16' if report.fp16 else ''}) in {report.seconds:.1f} s"
+    )
+    typer.echo(f"provider: {', '.join(report.providers)}")
+    parity = report.parity
+    typer.echo(
+        f"parity on {parity.batch_size} images: routing agreement {parity.routing_agreement:.1%}, "
+        f"logits error {parity.logits_error:.2e}, embedding error {parity.embedding_error:.2e} "
+        f"(tolerance {parity.tolerance['logits']:g}); tasks covered: "
+        + ", ".join(f"{name} {count}" for name, count in parity.coverage.items())
+    )
+
+
 def run() -> None:
     """Entry point: EsmppError becomes a one-line message and exit code 1 (tracebacks with --debug)."""
     try:

@@ -1,0 +1,116 @@
+"""Serve an exported esmpp model with onnxruntime alone (no torch, no esmpp): images in, task + label +
+score out. Everything but the graph — tasks, class names, preprocessing — comes from the model's metadata.
+
+    python -m export.serve_onnx out/model.onnx cat.jpg dog.png [--task NAME]
+
+A routed model (the default export) picks each image's task itself; a model exported with
+``--task-input`` needs ``--task``. onnxruntime-gpu is used when installed (CUDA first, CPU fallback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from PIL import Image
+
+ImageSource = str | Path | Image.Image
+
+
+def default_providers() -> list[str]:
+    """CUDA first when this onnxruntime build has it (onnxruntime-gpu); onnxruntime falls back to the CPU
+    when no GPU is usable, and ``session.get_providers()`` tells which one runs."""
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def _rgb(source: ImageSource) -> Image.Image:
+    image = Image.open(source) if isinstance(source, (str, Path)) else source
+    image.load()
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        # Transparent pixels are composited on white, as the esmpp runtime does.
+        image = Image.alpha_composite(Image.new("RGBA", image.size, (255, 255, 255, 255)), image.convert("RGBA"))
+    return image.convert("RGB")
+
+
+def preprocess(images: Sequence[ImageSource], spec: dict) -> np.ndarray:
+    """Images → float32 [N, 3, S, S] following ``spec`` (the ``esmpp.preprocessing`` metadata): resize the
+    shortest side to S (bicubic), centre crop, scale to [0, 1], normalise — open_clip's evaluation transform."""
+    size = int(spec["image_size"])
+    mean = np.asarray(spec["mean"], dtype=np.float32).reshape(3, 1, 1)
+    std = np.asarray(spec["std"], dtype=np.float32).reshape(3, 1, 1)
+    batch = []
+    for source in images:
+        image = _rgb(source)
+        width, height = image.size
+        short, long = min(width, height), max(width, height)
+        resized_long = int(size * long / short)
+        new_size = (size, resized_long) if width <= height else (resized_long, size)
+        image = image.resize(new_size, Image.Resampling.BICUBIC)
+        left = round((new_size[0] - size) / 2.0)
+        top = round((new_size[1] - size) / 2.0)
+        image = image.crop((left, top, left + size, top + size))
+        pixels = np.asarray(image, dtype=np.float32).transpose(2, 0, 1) * np.float32(spec["scale"])
+        batch.append((pixels - mean) / std)
+    return np.stack(batch).astype(np.float32)
+
+
+def _softmax(values: np.ndarray) -> np.ndarray:
+    shifted = np.exp(values - values.max())
+    return shifted / shifted.sum()
+
+
+class OnnxClassifier:
+    """An exported esmpp model and its metadata; ``predict(images, task=None)`` → one dict per image."""
+
+    def __init__(self, model_path: str | Path, providers: list[str] | None = None) -> None:
+        self.session = ort.InferenceSession(str(model_path), providers=providers or default_providers())
+        meta = self.session.get_modelmeta().custom_metadata_map
+        if meta.get("esmpp.format") != "esmpp-onnx":
+            raise ValueError(f"{model_path} was not written by `esmpp export` (no esmpp metadata)")
+        self.mode = meta["esmpp.mode"]
+        self.tasks: list[str] = json.loads(meta["esmpp.tasks"])
+        self.classes: list[list[str]] = json.loads(meta["esmpp.classes"])
+        self.preprocessing: dict = json.loads(meta["esmpp.preprocessing"])
+
+    @property
+    def providers(self) -> list[str]:
+        return self.session.get_providers()
+
+    def predict(self, images: Sequence[ImageSource], task: str | None = None) -> list[dict]:
+        """``[{"task", "label", "score"}]``; score is the softmax probability within the task's classes."""
+        feeds = {"pixel_values": preprocess(images, self.preprocessing)}
+        if self.mode == "task_input":
+            if task not in self.tasks:
+                raise ValueError(f"this model takes the task as input: pass one of {self.tasks}, got {task!r}")
+            feeds["forced_task_id"] = np.full(len(images), self.tasks.index(task), dtype=np.int64)
+        elif task is not None:
+            raise ValueError("this model routes each image itself; export with --task-input to give the task")
+        task_ids, logits = self.session.run(["task_id", "logits"], feeds)
+        results = []
+        for t, row in zip(task_ids.tolist(), logits):
+            probabilities = _softmax(row[: len(self.classes[t])])
+            best = int(probabilities.argmax())
+            results.append({"task": self.tasks[t], "label": self.classes[t][best], "score": float(probabilities[best])})
+        return results
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", type=Path, help="model.onnx written by `esmpp export`")
+    parser.add_argument("images", type=Path, nargs="+", help="image files")
+    parser.add_argument("--task", help="task name (models exported with --task-input only)")
+    args = parser.parse_args(argv)
+    classifier = OnnxClassifier(args.model)
+    print(f"providers: {', '.join(classifier.providers)}")
+    for path, result in zip(args.images, classifier.predict(args.images, args.task)):
+        print(json.dumps({"image": str(path), **result}))
+
+
+if __name__ == "__main__":
+    main()

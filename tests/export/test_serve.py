@@ -1,0 +1,76 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from esmpp.architecture import Architecture
+from esmpp.images import preprocess_images
+from esmpp.runtime.predictor import Predictor
+from export.serve_onnx import OnnxClassifier, preprocess
+
+REPO = Path(__file__).parents[2]
+
+
+@pytest.fixture
+def image_files(tmp_path):
+    rng = np.random.default_rng(0)
+    paths = []
+    for i, (height, width) in enumerate([(16, 16), (23, 41), (50, 19), (31, 31)]):
+        path = tmp_path / f"image{i}.png"
+        Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(path)
+        paths.append(path)
+    rgba = tmp_path / "alpha.png"
+    Image.fromarray(rng.integers(0, 256, (20, 27, 4), dtype=np.uint8), mode="RGBA").save(rgba)
+    return [*paths, rgba]
+
+
+def test_numpy_preprocessing_matches_the_runtime(image_files):
+    arch = Architecture(embed_dim=16, vision={"image_size": 16, "layers": 1, "width": 32, "patch_size": 8})
+    spec = {"image_size": 16, "mean": list(arch.mean), "std": list(arch.std), "scale": 1 / 255}
+    expected = preprocess_images(image_files, arch).numpy()
+    np.testing.assert_allclose(preprocess(image_files, spec), expected, atol=1e-5, rtol=0)
+
+
+def test_predictions_match_the_torch_predictor(exported_model, artifact_path, image_files):
+    model_path, task_input = exported_model
+    classifier = OnnxClassifier(model_path, providers=["CPUExecutionProvider"])
+    assert classifier.providers == ["CPUExecutionProvider"]
+    predictor = Predictor.load(artifact_path)
+    task = "task1" if task_input else None
+    with torch.no_grad():
+        expected = predictor.predict(list(image_files), task=task)
+    results = classifier.predict(image_files, task=task)
+    assert [(r["task"], r["label"]) for r in results] == [(p.task, p.label) for p in expected]
+    np.testing.assert_allclose([r["score"] for r in results], [p.score for p in expected], atol=1e-4)
+
+
+def test_the_task_argument_must_fit_the_export_mode(exported_model, image_files):
+    model_path, task_input = exported_model
+    classifier = OnnxClassifier(model_path, providers=["CPUExecutionProvider"])
+    with pytest.raises(ValueError, match="pass one of" if task_input else "routes each image itself"):
+        classifier.predict(image_files, task=None if task_input else "task0")
+
+
+def test_command_line_prints_one_json_line_per_image(exported_model, image_files):
+    model_path, task_input = exported_model
+    command = [sys.executable, "-m", "export.serve_onnx", str(model_path), *map(str, image_files[:2])]
+    command += ["--task", "task2"] if task_input else []
+    output = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+    assert output.returncode == 0, output.stderr
+    lines = output.stdout.strip().splitlines()
+    assert lines[0].startswith("providers: ")
+    results = [json.loads(line) for line in lines[1:]]
+    assert [r["image"] for r in results] == [str(p) for p in image_files[:2]]
+    assert all(0 < r["score"] <= 1 for r in results)
+    assert not task_input or all(r["task"] == "task2" for r in results)
+
+
+def test_serving_kit_does_not_import_torch():
+    code = "import sys, export.serve_onnx, export.triton; print('torch' in sys.modules)"
+    output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert output.stdout.strip() == "False", output.stderr
