@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from torch.nn import functional as F  # noqa: N812 (the PyTorch convention)
+from torch.nn import functional as F
 
 from esmpp.architecture import Architecture
 from esmpp.images import preprocess_uint8
@@ -30,9 +30,7 @@ def head_logits(features: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def embed(
-    encoder: torch.nn.Module, images: np.ndarray, arch: Architecture, batch_size: int = 256
-) -> torch.Tensor:
+def embed(encoder: torch.nn.Module, images: np.ndarray, arch: Architecture, batch_size: int = 256) -> torch.Tensor:
     """uint8 images [N, H, W, 3] → embeddings [N, D], in batches."""
     chunks = [
         encoder(preprocess_uint8(images[start : start + batch_size], arch))
@@ -64,10 +62,7 @@ def evaluate(
     """Accuracy (%) per task of ``encoder`` (normalised images [N, 3, H, W] → embeddings [N, D]) with each
     task's zoo head, on ``split`` of every task in ``tasks`` (default: all of the zoo's)."""
     chosen = zoo.tasks if tasks is None else list(tasks)
-    return {
-        task: accuracy(encoder, *zoo.split(task, split), zoo.head(task), zoo.arch, batch_size)
-        for task in chosen
-    }
+    return {task: accuracy(encoder, *zoo.split(task, split), zoo.head(task), zoo.arch, batch_size) for task in chosen}
 
 
 def normalized_accuracy(acc: Mapping[str, float], finetuned_acc: Mapping[str, float]) -> dict[str, float]:
@@ -128,7 +123,6 @@ def format_table(
     tables = ["Accuracy (%)\n\n" + _markdown(header, body("accuracy", "average"))]
     if finetuned_acc is not None:
         tables.append(
-            "Normalised accuracy (% of fine-tuned)\n\n"
-            + _markdown(header, body("normalized", "normalized_average"))
+            "Normalised accuracy (% of fine-tuned)\n\n" + _markdown(header, body("normalized", "normalized_average"))
         )
     return "\n\n".join(tables)

@@ -57,6 +57,4 @@ def test_experts_beat_the_pretrained_model_on_most_tiny_tasks(tiny_zoo: Zoo) -> 
     assert sum(expert[t] > pretrained[t] for t in tiny_zoo.tasks) > len(tiny_zoo.tasks) / 2
     # the manifest records the same numbers the harness measures
     for task in tiny_zoo.tasks:
-        assert tiny_zoo.manifest["tasks"][task]["accuracy"]["finetuned"]["test"] == pytest.approx(
-            expert[task]
-        )
+        assert tiny_zoo.manifest["tasks"][task]["accuracy"]["finetuned"]["test"] == pytest.approx(expert[task])

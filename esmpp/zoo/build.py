@@ -91,9 +91,7 @@ def _task_batches(recipe: ZooPreset, task: TaskData, arch: Architecture) -> Iter
         yield shifted(pixels[index], recipe.max_shift, generator), targets[index]
 
 
-def _accuracies(
-    encoder: torch.nn.Module, task: TaskData, head: torch.Tensor, arch: Architecture
-) -> dict[str, float]:
+def _accuracies(encoder: torch.nn.Module, task: TaskData, head: torch.Tensor, arch: Architecture) -> dict[str, float]:
     return {split: accuracy(encoder, *task.splits[split], head, arch) for split in ("val", "test")}
 
 

@@ -15,7 +15,7 @@ from types import ModuleType
 
 import numpy as np
 import torch
-from torch.nn import functional as F  # noqa: N812 (the PyTorch convention)
+from torch.nn import functional as F
 
 from esmpp.errors import DatasetError
 from esmpp.zoo import procedural
@@ -49,9 +49,7 @@ def _gray_to_rgb(images: np.ndarray, size: int) -> np.ndarray:
     """Gray float images [N, h, w] in [0, 1] → uint8 [N, size, size, 3] (antialiased resize)."""
     tensor = torch.from_numpy(np.asarray(images, dtype=np.float32))[:, None]
     if tensor.shape[-1] != size or tensor.shape[-2] != size:
-        tensor = F.interpolate(
-            tensor, size=(size, size), mode="bilinear", antialias=True, align_corners=False
-        )
+        tensor = F.interpolate(tensor, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
     gray = (tensor[:, 0].clamp(0.0, 1.0) * 255.0 + 0.5).to(torch.uint8).numpy()
     return np.repeat(gray[..., None], 3, axis=-1)
 
@@ -149,9 +147,7 @@ def task_seed(seed: int, name: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(name.encode())) % 2**32
 
 
-def load_task(
-    name: str, image_size: int, *, train: int, val: int, test: int, proxy: int, seed: int
-) -> TaskData:
+def load_task(name: str, image_size: int, *, train: int, val: int, test: int, proxy: int, seed: int) -> TaskData:
     """Load (or generate) task ``name`` and cut it into seeded splits.
 
     Real data sets give at most ``_MAX_HELD_OUT_FRACTION`` of their pool to val and to test each, and at
@@ -170,9 +166,7 @@ def load_task(
     order = rng.permutation(len(images))
     cuts = {"val": order[:val], "test": order[val : val + test], "train": order[val + test :][:train]}
     if len(cuts["train"]) < proxy:
-        raise DatasetError(
-            f"Task {name!r} has {len(cuts['train'])} training images, fewer than {proxy} proxies."
-        )
+        raise DatasetError(f"Task {name!r} has {len(cuts['train'])} training images, fewer than {proxy} proxies.")
     cuts["proxy"] = cuts["train"][:proxy]
     splits = {split: (images[cuts[split]], labels[cuts[split]]) for split in SPLITS}
     return TaskData(name=name, class_names=class_names, splits=splits)

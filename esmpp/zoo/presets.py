@@ -65,9 +65,7 @@ class ZooPreset(BaseModel):
         return Architecture.from_dict(self.architecture)
 
 
-def _vit(
-    name: str, image_size: int, width: int, layers: int, patch_size: int, head_width: int
-) -> dict[str, Any]:
+def _vit(name: str, image_size: int, width: int, layers: int, patch_size: int, head_width: int) -> dict[str, Any]:
     vision = {
         "image_size": image_size,
         "layers": layers,
@@ -95,9 +93,7 @@ PRESETS: dict[str, ZooPreset] = {
         architecture=_vit("zoo-mini", image_size=32, width=128, layers=6, patch_size=8, head_width=32),
         tasks=("mnist", "digits", "faces", "textures", "textile", "shapes", "stripes", "positions"),
         sizes=SplitSizes(train=3000, val=500, test=500, proxy=32),
-        pretrain=PretrainRecipe(
-            steps=1500, batch_size=128, lr=1e-3, weight_decay=0.05, classes=512, strokes=3
-        ),
+        pretrain=PretrainRecipe(steps=1500, batch_size=128, lr=1e-3, weight_decay=0.05, classes=512, strokes=3),
         finetune=TrainRecipe(steps=600, batch_size=64, lr=3e-4, weight_decay=0.1),
         head_scale=16.0,
     ),

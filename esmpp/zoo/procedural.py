@@ -12,9 +12,7 @@ import numpy as np
 
 SHAPE_NAMES = ("circle", "square", "triangle", "cross", "ring", "diamond")
 STRIPE_ANGLES = (0, 30, 60, 90, 120, 150)
-POSITION_NAMES = tuple(
-    f"{row}-{col}" for row in ("top", "middle", "bottom") for col in ("left", "centre", "right")
-)
+POSITION_NAMES = tuple(f"{row}-{col}" for row in ("top", "middle", "bottom") for col in ("left", "centre", "right"))
 
 
 def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -35,9 +33,7 @@ def _contrasting_colours(rng: np.random.Generator, n: int) -> tuple[np.ndarray, 
     return foreground, background
 
 
-def _compose(
-    mask: np.ndarray, foreground: np.ndarray, background: np.ndarray, noise: np.ndarray
-) -> np.ndarray:
+def _compose(mask: np.ndarray, foreground: np.ndarray, background: np.ndarray, noise: np.ndarray) -> np.ndarray:
     """mask [N, S, S] in [0, 1], colours [N, 3], noise [N, S, S, 3] → uint8 [N, S, S, 3]."""
     alpha = mask[..., None]
     image = alpha * foreground[:, None, None, :] + (1.0 - alpha) * background[:, None, None, :] + noise
@@ -110,9 +106,7 @@ def glyph_templates(num_classes: int, strokes: int, rng: np.random.Generator) ->
     return rng.uniform(-0.8, 0.8, (num_classes, strokes, 4)).astype(np.float32)
 
 
-def glyphs(
-    templates: np.ndarray, n: int, size: int, rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray]:
+def glyphs(templates: np.ndarray, n: int, size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Pretraining images: a random template class drawn with random thickness, affine jitter,
     colours, and a random oriented-noise texture background. ``templates`` [C, K, 4]."""
     labels = rng.integers(0, templates.shape[0], n)

@@ -51,8 +51,7 @@ class Zoo:
         path = root / MANIFEST
         if not path.is_file():
             raise DatasetError(
-                f"No zoo in {root}: {MANIFEST} is missing. Build one with `esmpp zoo build` "
-                "(or esmpp.zoo.build_zoo)."
+                f"No zoo in {root}: {MANIFEST} is missing. Build one with `esmpp zoo build` (or esmpp.zoo.build_zoo)."
             )
         manifest = json.loads(path.read_text())
         if manifest.get("format_version") != FORMAT_VERSION:
@@ -67,9 +66,7 @@ class Zoo:
 
     def _task_dir(self, task: str) -> Path:
         if task not in self.tasks:
-            raise DatasetError(
-                f"Task {task!r} is not in the zoo at {self.root}; it has: {', '.join(self.tasks)}."
-            )
+            raise DatasetError(f"Task {task!r} is not in the zoo at {self.root}; it has: {', '.join(self.tasks)}.")
         return self.root / "tasks" / task
 
     @property

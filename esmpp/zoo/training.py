@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-from torch.nn import functional as F  # noqa: N812 (the PyTorch convention)
+from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from esmpp.architecture import Architecture

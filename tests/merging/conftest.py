@@ -6,9 +6,7 @@ import torch
 from esmpp.architecture import Architecture, build_visual, linear_kind
 from esmpp.merging import LayerStats
 
-TINY = Architecture(
-    embed_dim=8, vision={"image_size": 8, "patch_size": 4, "width": 16, "layers": 2, "head_width": 8}
-)
+TINY = Architecture(embed_dim=8, vision={"image_size": 8, "patch_size": 4, "width": 16, "layers": 2, "head_width": 8})
 
 TaskVectors = dict[str, list[torch.Tensor]]
 Stats = dict[str, list[LayerStats]]

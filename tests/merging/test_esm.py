@@ -29,9 +29,7 @@ def layer(make_stats):
 
     def make(num_tasks: int, seed: int = 0, d_out: int = 64, d_in: int = 16):
         generator = torch.Generator().manual_seed(seed)
-        deltas = [
-            torch.randn(d_out, d_in, generator=generator, dtype=torch.float64) for _ in range(num_tasks)
-        ]
+        deltas = [torch.randn(d_out, d_in, generator=generator, dtype=torch.float64) for _ in range(num_tasks)]
         return deltas, [make_stats(d_in, generator) for _ in range(num_tasks)]
 
     return make

@@ -9,9 +9,7 @@ def _orthogonal_low_rank_tasks(num_tasks: int, rank: int, d_out: int = 12, d_in:
     left, _ = torch.linalg.qr(torch.randn(d_out, num_tasks * rank, dtype=torch.float64))
     right, _ = torch.linalg.qr(torch.randn(d_in, num_tasks * rank, dtype=torch.float64))
     blocks = [slice(t * rank, (t + 1) * rank) for t in range(num_tasks)]
-    return [
-        left[:, b] @ torch.diag(torch.rand(rank, dtype=torch.float64) + 0.5) @ right[:, b].T for b in blocks
-    ]
+    return [left[:, b] @ torch.diag(torch.rand(rank, dtype=torch.float64) + 0.5) @ right[:, b].T for b in blocks]
 
 
 def test_rank_budget_splits_the_smaller_side():
@@ -42,6 +40,4 @@ def test_overlapping_tasks_get_orthogonalised_directions():
 
 def test_non_matrix_parameters_get_the_mean():
     deltas = [torch.randn(3, 2, 2, 2) for _ in range(3)]
-    torch.testing.assert_close(
-        merge_task_vectors("tsv", {"conv": deltas})["conv"], torch.stack(deltas).mean(0)
-    )
+    torch.testing.assert_close(merge_task_vectors("tsv", {"conv": deltas})["conv"], torch.stack(deltas).mean(0))

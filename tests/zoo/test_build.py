@@ -16,9 +16,7 @@ from esmpp.zoo.store import ARCHITECTURE_METADATA_KEY
 
 def _checkpoint_hashes(zoo: Zoo) -> dict[str, str]:
     paths = [zoo.pretrained_path, *(zoo.finetuned_path(task) for task in zoo.tasks)]
-    return {
-        path.relative_to(zoo.root).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest() for path in paths
-    }
+    return {path.relative_to(zoo.root).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest() for path in paths}
 
 
 def test_complete_build_is_reused_without_retraining(tiny_zoo: Zoo, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -36,12 +36,7 @@ def test_glyph_classes_share_their_template() -> None:
 
     def overlap(pairs: list[tuple[int, int]]) -> float:
         return float(
-            np.mean(
-                [
-                    (flat[i] * flat[j]).sum() / (np.sqrt(flat[i].sum() * flat[j].sum()) + 1e-6)
-                    for i, j in pairs
-                ]
-            )
+            np.mean([(flat[i] * flat[j]).sum() / (np.sqrt(flat[i].sum() * flat[j].sum()) + 1e-6) for i, j in pairs])
         )
 
     assert overlap(same) > overlap(other)

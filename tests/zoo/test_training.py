@@ -35,9 +35,7 @@ def test_shift_moves_the_batch_and_zero_shift_is_identity() -> None:
     assert any(not torch.equal(m, images) for m in moved)
 
 
-ARCH = Architecture(
-    embed_dim=16, vision={"image_size": 8, "layers": 1, "width": 16, "patch_size": 4, "head_width": 8}
-)
+ARCH = Architecture(embed_dim=16, vision={"image_size": 8, "layers": 1, "width": 16, "patch_size": 4, "head_width": 8})
 
 
 def test_class_mean_head_points_at_each_class_mean() -> None:
