@@ -23,13 +23,13 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from esmpp.architecture import Architecture, build_visual
+from esmpp.checkpoints import Encoder, save_encoder
 from esmpp.evaluation import accuracy
 from esmpp.images import preprocess_uint8
 from esmpp.zoo import procedural
 from esmpp.zoo.datasets import SPLITS, TaskData, load_task
 from esmpp.zoo.presets import ZooPreset, get_preset
 from esmpp.zoo.store import (
-    ARCHITECTURE_METADATA_KEY,
     DATA,
     FINETUNED,
     FORMAT_VERSION,
@@ -62,9 +62,8 @@ def deterministic(seed: int) -> Iterator[None]:
 
 
 def save_checkpoint(state: dict[str, torch.Tensor], arch: Architecture, path: Path) -> None:
-    """Write a visual state dict with the architecture in the safetensors metadata."""
-    tensors = {key: value.detach().contiguous().clone() for key, value in state.items()}
-    save_file(tensors, path, metadata={ARCHITECTURE_METADATA_KEY: json.dumps(arch.to_dict(), sort_keys=True)})
+    """Write a visual state dict as esmpp's encoder format (architecture in the safetensors metadata)."""
+    save_encoder(Encoder(arch, {key: value.detach() for key, value in state.items()}, str(path)), path)
 
 
 def _glyph_batches(recipe: ZooPreset, arch: Architecture) -> tuple[torch.Tensor, Iterator[Batch]]:
