@@ -62,4 +62,5 @@ def artifact() -> Artifact:
 
 @pytest.fixture(scope="session")
 def tiny_zoo(tmp_path_factory: pytest.TempPathFactory) -> Zoo:
-    return build_zoo("tiny", root=tmp_path_factory.mktemp("zoo") / "tiny", progress=False)
+    """Built under ``<cache>/zoo/tiny`` so that CLI tests find it with ``ESMPP_CACHE=<cache>``."""
+    return build_zoo("tiny", root=tmp_path_factory.mktemp("cache") / "zoo" / "tiny", progress=False)

@@ -1,0 +1,62 @@
+"""The command line on the tiny zoo: build → inspect → predict → eval → export, and one-line errors."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from esmpp.cli import app
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def cache(tiny_zoo, monkeypatch):
+    monkeypatch.setenv("ESMPP_CACHE", str(tiny_zoo.root.parent.parent))
+    return tiny_zoo
+
+
+def _invoke(*args):
+    result = runner.invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return result.output
+
+
+def test_build_inspect_predict_eval(cache, tmp_path):
+    out = tmp_path / "artifact"
+    summary = _invoke("build", "--zoo", "tiny", "--out", out, "--rank", 4, "--alpha", 0.5)
+    assert "artifact:" in summary and "rank 4" in summary and "alpha 0.500" in summary
+    assert "task digits" in _invoke("inspect", out)
+
+    images, labels = cache.split("digits", "test")
+    paths = []
+    for i in range(3):
+        paths.append(tmp_path / f"digit{i}.png")
+        Image.fromarray(images[i]).save(paths[-1])
+    lines = _invoke("predict", out, *paths, "--json", "--routes").strip().splitlines()
+    predictions = [json.loads(line) for line in lines]
+    assert len(predictions) == 3 and all(p["routed"] and len(p["routes"]) == 4 for p in predictions)
+    given = json.loads(_invoke("predict", out, paths[0], "--task", "digits", "--json"))
+    assert given["task"] == "digits" and not given["routed"]
+
+    table = _invoke("eval", out, "--zoo", "tiny")
+    assert "task_given" in table and "routing" in table
+
+
+def test_errors_are_one_line_with_a_non_zero_exit(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "cli.py", "inspect", str(tmp_path / "missing")], capture_output=True, text=True
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'missing'} is not an artifact directory. "
+        f"Create one with `esmpp build CONFIG --out {tmp_path / 'missing'}`."
+    ]
+
+
+def test_build_needs_exactly_one_source(tmp_path):
+    result = runner.invoke(app, ["build", "--out", str(tmp_path / "x")])
+    assert result.exit_code != 0 and "either a CONFIG file or --zoo" in str(result.exception)

@@ -1,0 +1,29 @@
+"""The comparison table on the tiny zoo: every row present, ESM++ improves on the static backbone it extends."""
+
+from esmpp.build import BuildOptions
+from esmpp.compare import compare_on_zoo
+
+
+def test_compare_on_tiny_zoo(tiny_zoo):
+    report = compare_on_zoo(tiny_zoo, ["task_arithmetic", "esm"], BuildOptions(rank=8), progress=False)
+    rows = {row["method"]: row for row in report["rows"]}
+    assert list(rows) == [
+        "pretrained",
+        "fine-tuned",
+        "task_arithmetic",
+        "esm",
+        "ESM++ (r=8)",
+        "ESM++ (r=8) task-agnostic",
+    ]
+    for row in rows.values():
+        assert set(row["accuracy"]) == set(tiny_zoo.tasks)
+        assert all(0.0 <= value <= 100.0 for value in row["accuracy"].values())
+
+    def average(name):
+        return sum(rows[name]["accuracy"].values()) / len(tiny_zoo.tasks)
+
+    # The experts add back what the static merge lost, with the task given.
+    assert average("ESM++ (r=8)") > average("esm")
+    assert average("fine-tuned") > average("pretrained")
+    assert 0.0 <= report["esmpp"]["routing_average"] <= 100.0
+    assert 0.0 <= rows["esm"]["alpha"] <= 2.0
