@@ -49,27 +49,40 @@ def _zoo(preset: Preset, root: Path | None, force: bool = False):
     return build_zoo(preset.value, root=root, force=force, progress=True)
 
 
-def _build_options(method, rank, routed_kinds, prototypes, prototypes_per_task, alpha):
-    from esmpp.build import BuildOptions
+def _build_options(base=None, **overrides):
+    """Build options: the config's ``options:`` (or the defaults), with the flags that were given on top."""
+    from esmpp.config import OptionsConfig
 
-    return BuildOptions(
-        method=method,
-        alpha=alpha,
-        rank=rank,
-        routed_kinds=tuple(kind.strip() for kind in routed_kinds.split(",") if kind.strip()),
-        prototype_source=prototypes.value,
-        prototypes_per_task=prototypes_per_task,
-    )
+    given = {key: value for key, value in overrides.items() if value is not None}
+    if "routed_kinds" in given:
+        given["routed_kinds"] = [kind.strip() for kind in given["routed_kinds"].split(",") if kind.strip()]
+    if "prototype_source" in given:
+        given["prototype_source"] = given["prototype_source"].value
+    merged = (base or OptionsConfig()).model_dump() | given
+    try:
+        return OptionsConfig.model_validate(merged).to_build_options()
+    except ValueError as exc:
+        raise EsmppError(f"invalid build option: {exc}") from exc
 
 
-MethodOpt = Annotated[str, typer.Option(help="Static method for the shared backbone (see `esmpp methods`).")]
-RankOpt = Annotated[int, typer.Option(help="Rank r of each task's low-rank expert (8 is already strong).")]
-KindsOpt = Annotated[str, typer.Option(help="Routed linear kinds, comma-separated: qkv, out, fc, proj.")]
-ProtoOpt = Annotated[
-    PrototypeSource,
-    typer.Option(help="Prototypes from the fine-tuned models (authors) or measured in the routed runtime."),
+MethodOpt = Annotated[
+    str | None, typer.Option(help="Static method for the shared backbone (see `esmpp methods`). (default: esm)")
 ]
-ProtoCountOpt = Annotated[int, typer.Option(help="Prototypes per task (>1: spherical k-means with faiss).")]
+RankOpt = Annotated[
+    int | None, typer.Option(help="Rank r of each task's low-rank expert (8 is already strong). (default: 32)")
+]
+KindsOpt = Annotated[
+    str | None, typer.Option(help="Routed linear kinds, comma-separated: qkv, out, fc, proj. (default: qkv,fc)")
+]
+ProtoOpt = Annotated[
+    PrototypeSource | None,
+    typer.Option(
+        help="Prototypes from the fine-tuned models (authors) or measured in the routed runtime. (default: finetuned)"
+    ),
+]
+ProtoCountOpt = Annotated[
+    int | None, typer.Option(help="Prototypes per task (>1: spherical k-means with faiss). (default: 1)")
+]
 AlphaOpt = Annotated[
     float | None,
     typer.Option(help="Scaling α of the merged task vector; default: search on validation data."),
@@ -107,11 +120,12 @@ def build(
     config: Annotated[Path | None, typer.Argument(help="YAML build config (see README). Omit with --zoo.")] = None,
     out: Annotated[Path, typer.Option(help="Artifact directory to write.")] = Path("esmpp-artifact"),
     zoo: Annotated[Preset | None, typer.Option(help="Build from the offline zoo instead of a config.")] = None,
-    method: MethodOpt = "esm",
-    rank: RankOpt = 32,
-    routed_kinds: KindsOpt = "qkv,fc",
-    prototypes: ProtoOpt = PrototypeSource.finetuned,
-    prototypes_per_task: ProtoCountOpt = 1,
+    tasks: Annotated[str | None, typer.Option(help="With --zoo: a comma-separated subset of its tasks.")] = None,
+    method: MethodOpt = None,
+    rank: RankOpt = None,
+    routed_kinds: KindsOpt = None,
+    prototypes: ProtoOpt = None,
+    prototypes_per_task: ProtoCountOpt = None,
     alpha: AlphaOpt = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing artifact at --out.")] = False,
 ) -> None:
@@ -125,18 +139,29 @@ def build(
         raise EsmppError("give either a CONFIG file or --zoo tiny|mini (not both). See `esmpp build --help`.")
     if out.exists() and not overwrite:
         raise EsmppError(f"{out} already exists. Pass --overwrite to replace it, or choose another --out.")
-    options = _build_options(method, rank, routed_kinds, prototypes, prototypes_per_task, alpha)
+    flags = {
+        "method": method,
+        "rank": rank,
+        "routed_kinds": routed_kinds,
+        "prototype_source": prototypes,
+        "prototypes_per_task": prototypes_per_task,
+        "alpha": alpha,
+    }
     start = time.perf_counter()
     if zoo is not None:
         from esmpp.sources import zoo_sources
 
-        pretrained, tasks = zoo_sources(_zoo(zoo, None))
+        options = _build_options(**flags)
+        subset = [name.strip() for name in tasks.split(",")] if tasks else None
+        pretrained, sources = zoo_sources(_zoo(zoo, None), subset)
     else:
         from esmpp.config import load_config
         from esmpp.sources import config_sources
 
-        pretrained, tasks = config_sources(load_config(config))
-    artifact = build_artifact(pretrained, tasks, options)
+        build_config = load_config(config)
+        options = _build_options(build_config.options, **flags)
+        pretrained, sources = config_sources(build_config)
+    artifact = build_artifact(pretrained, sources, options)
     save_artifact(artifact, out, overwrite=overwrite)
     _print_summary(out, artifact, time.perf_counter() - start)
 
@@ -235,10 +260,10 @@ def compare(
     ] = "all",
     out: Annotated[Path, typer.Option(help="JSON report path.")] = Path("esmpp-compare.json"),
     artifact_out: Annotated[Path | None, typer.Option("--artifact", help="Also save the ESM++ artifact here.")] = None,
-    rank: RankOpt = 32,
-    routed_kinds: KindsOpt = "qkv,fc",
-    prototypes: ProtoOpt = PrototypeSource.finetuned,
-    prototypes_per_task: ProtoCountOpt = 1,
+    rank: RankOpt = None,
+    routed_kinds: KindsOpt = None,
+    prototypes: ProtoOpt = None,
+    prototypes_per_task: ProtoCountOpt = None,
 ) -> None:
     """The benchmark table: pretrained, fine-tuned, every merge method and ESM++ on the zoo's test splits."""
     _compare(
@@ -246,7 +271,9 @@ def compare(
         methods_,
         out,
         artifact_out,
-        _build_options("esm", rank, routed_kinds, prototypes, prototypes_per_task, None),
+        _build_options(
+            rank=rank, routed_kinds=routed_kinds, prototype_source=prototypes, prototypes_per_task=prototypes_per_task
+        ),
     )
 
 

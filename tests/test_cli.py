@@ -31,7 +31,7 @@ def test_build_inspect_predict_eval(cache, tmp_path):
     assert "artifact:" in summary and "rank 4" in summary and "alpha 0.500" in summary
     assert "task digits" in _invoke("inspect", out)
 
-    images, labels = cache.split("digits", "test")
+    images, _ = cache.split("digits", "test")
     paths = []
     for i in range(3):
         paths.append(tmp_path / f"digit{i}.png")
@@ -60,3 +60,14 @@ def test_errors_are_one_line_with_a_non_zero_exit(tmp_path):
 def test_build_needs_exactly_one_source(tmp_path):
     result = runner.invoke(app, ["build", "--out", str(tmp_path / "x")])
     assert result.exit_code != 0 and "either a CONFIG file or --zoo" in str(result.exception)
+
+
+def test_flags_override_the_config_options_only_when_given():
+    from esmpp.cli import PrototypeSource, _build_options
+    from esmpp.config import OptionsConfig
+
+    base = OptionsConfig(rank=2, routed_kinds=["fc"])
+    kept = _build_options(base, rank=None, routed_kinds=None, prototype_source=None)
+    assert kept.rank == 2 and kept.routed_kinds == ("fc",) and kept.method == "esm"
+    changed = _build_options(base, rank=5, routed_kinds="qkv, proj", prototype_source=PrototypeSource.runtime)
+    assert changed.rank == 5 and changed.routed_kinds == ("qkv", "proj") and changed.prototype_source == "runtime"
