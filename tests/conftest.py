@@ -3,12 +3,20 @@ routed artifacts built from it."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
 
 from esmpp.architecture import Architecture, build_visual, linear_keys
 from esmpp.artifact import Artifact, TaskInfo
 from esmpp.runtime.model import Experts
+
+# Hypothesis: a fast profile for CI (the default) and a long one, `HYPOTHESIS_PROFILE=nightly`.
+settings.register_profile("ci", max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("nightly", max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 TINY_ARCH = Architecture(
     embed_dim=16,
