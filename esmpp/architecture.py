@@ -102,9 +102,11 @@ def build_visual(arch: Architecture) -> torch.nn.Module:
 
     try:
         cfg = CLIPVisionCfg(**arch.vision)
-    except TypeError as exc:
+        visual = _build_vision_tower(arch.embed_dim, cfg, quick_gelu=arch.quick_gelu)
+    # Configs come from files (manifests, hub configs): open_clip fails on nonsense values in many ways
+    # (ZeroDivisionError for width 0, AssertionError, RuntimeError for negative sizes, ...).
+    except Exception as exc:
         raise ArchitectureError(f"Invalid open_clip vision config {arch.vision!r}: {exc}") from exc
-    visual = _build_vision_tower(arch.embed_dim, cfg, quick_gelu=arch.quick_gelu)
     return visual.eval()
 
 

@@ -160,14 +160,15 @@ def _print_summary(path: Path, artifact, seconds: float) -> None:
 @app.command()
 def inspect(artifact: Annotated[Path, typer.Argument(help="Artifact directory.")]) -> None:
     """Show an artifact's manifest: architecture, tasks, routed layers, ranks, α, build options."""
+    from esmpp.architecture import Architecture
     from esmpp.artifact import read_manifest
 
     manifest = read_manifest(artifact)
-    arch = manifest["architecture"]
+    arch = Architecture.from_dict(manifest["architecture"])
     typer.echo(f"esmpp artifact v{manifest['format_version']} (esmpp {manifest.get('esmpp_version')})")
     typer.echo(
-        f"architecture: {arch.get('name')} width {arch['vision'].get('width')} layers "
-        f"{arch['vision'].get('layers')} image {arch['vision'].get('image_size')}"
+        f"architecture: {arch.name} width {arch.vision.get('width')} layers "
+        f"{arch.vision.get('layers')} image {arch.vision.get('image_size')}"
     )
     for task in manifest["tasks"]:
         typer.echo(
