@@ -44,7 +44,10 @@ class TaskInfo:
 
 @dataclass
 class Artifact:
-    """Everything the runtime needs; ``build`` records how it was made (method, α, ranks, timings...)."""
+    """Everything the runtime needs; ``build`` records how it was made (method, α, ranks...).
+
+    ``timings`` (seconds per build stage) are reported but not saved: the same inputs must give the same
+    bytes on disk."""
 
     arch: Architecture
     tasks: list[TaskInfo]
@@ -52,6 +55,7 @@ class Artifact:
     experts: dict[str, Experts]
     heads: list[torch.Tensor]
     build: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
 
     def validate(self, source: str = "artifact") -> None:
         """Check that experts, prototypes and heads agree with each other, the tasks and the architecture."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -102,8 +103,20 @@ def methods() -> None:
         typer.echo(f"{name}: {options.model_dump()}")
 
 
+# `esmpp build` options → the BuildOptions fields they set.
+_BUILD_FIELDS = {
+    "method": "method",
+    "rank": "rank",
+    "routed_kinds": "routed_kinds",
+    "prototypes": "prototype_source",
+    "prototypes_per_task": "prototypes_per_task",
+    "alpha": "alpha",
+}
+
+
 @app.command()
 def build(
+    ctx: typer.Context,
     config: Annotated[Path | None, typer.Argument(help="YAML build config (see README). Omit with --zoo.")] = None,
     out: Annotated[Path, typer.Option(help="Artifact directory to write.")] = Path("esmpp-artifact"),
     zoo: Annotated[Preset | None, typer.Option(help="Build from the offline zoo instead of a config.")] = None,
@@ -125,17 +138,26 @@ def build(
         raise EsmppError("give either a CONFIG file or --zoo tiny|mini (not both). See `esmpp build --help`.")
     if out.exists() and not overwrite:
         raise EsmppError(f"{out} already exists. Pass --overwrite to replace it, or choose another --out.")
-    options = _build_options(method, rank, routed_kinds, prototypes, prototypes_per_task, alpha)
+    given = _build_options(method, rank, routed_kinds, prototypes, prototypes_per_task, alpha)
     start = time.perf_counter()
     if zoo is not None:
         from esmpp.sources import zoo_sources
 
+        options = given
         pretrained, tasks = zoo_sources(_zoo(zoo, None))
     else:
         from esmpp.config import load_config
         from esmpp.sources import config_sources
 
-        pretrained, tasks = config_sources(load_config(config))
+        build_config = load_config(config)
+        overrides = {
+            field: getattr(given, field)
+            for name, field in _BUILD_FIELDS.items()
+            # typer vendors its own click: compare the source by name, not by the enum class
+            if ctx.get_parameter_source(name).name != "DEFAULT"
+        }
+        options = dataclasses.replace(build_config.options.to_build_options(), **overrides)
+        pretrained, tasks = config_sources(build_config)
     artifact = build_artifact(pretrained, tasks, options)
     save_artifact(artifact, out, overwrite=overwrite)
     _print_summary(out, artifact, time.perf_counter() - start)
@@ -154,7 +176,7 @@ def _print_summary(path: Path, artifact, seconds: float) -> None:
         f"backbone: {build['method']}, alpha {build['alpha']:.3f}; experts: rank {build['rank']} on "
         f"{len(artifact.experts)} layers ({', '.join(build['routed_kinds'])})"
     )
-    typer.echo("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in build["seconds"].items()) + f", total {seconds:.1f}")
+    typer.echo("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in artifact.timings.items()) + f", total {seconds:.1f}")
 
 
 @app.command()

@@ -18,6 +18,10 @@ settings.register_profile("ci", max_examples=30, deadline=None, suppress_health_
 settings.register_profile("nightly", max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
+# One thread: on the shared 2-core CI machine, torch's default thread pool spins on tiny matrices (an SVD of
+# 96×32 takes 0.3 s instead of 0.1 ms under load); results do not depend on it.
+torch.set_num_threads(1)
+
 TINY_ARCH = Architecture(
     embed_dim=16,
     vision={"width": 32, "layers": 2, "patch_size": 8, "image_size": 16, "head_width": 16},
