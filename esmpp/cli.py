@@ -327,7 +327,8 @@ def run() -> None:
     except EsmppError as exc:
         if _debug["on"]:
             raise
-        typer.echo(f"error: {exc}", err=True)
+        # One line even when a message quotes a multi-line one (YAML parser errors point with a caret line).
+        typer.echo("error: " + " ".join(str(exc).split()), err=True)
         sys.exit(1)
 
 
