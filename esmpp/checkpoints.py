@@ -444,8 +444,12 @@ def _read_torch(path: Path, allow_pickle: bool) -> _Found:
                 "--allow-pickle (allow_pickle=True); or re-save it as a state dict."
             ) from exc
         content = _unpickle(path)
-    except (RuntimeError, OSError, EOFError, ValueError) as exc:
-        raise CheckpointError(f"{path} is not a readable torch checkpoint ({exc}). {_SUPPORTED}.") from exc
+    # torch's parsers fail on damaged bytes in many ways (RuntimeError, EOFError, IndexError from the
+    # weights-only unpickler's stack, ...): any failure to parse the file means it is unreadable.
+    except Exception as exc:
+        raise CheckpointError(
+            f"{path} is not a readable torch checkpoint ({type(exc).__name__}: {exc}). {_SUPPORTED}."
+        ) from exc
     return _from_object(content, str(path))
 
 
