@@ -9,6 +9,7 @@ factory, so nothing here hard-codes ViT-B/32.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -81,16 +82,21 @@ class Architecture:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Architecture:
         try:
+            mean = tuple(float(v) for v in data.get("mean", OPENAI_DATASET_MEAN))
+            std = tuple(float(v) for v in data.get("std", OPENAI_DATASET_STD))
+            # Normalisation is per RGB channel: three finite means, three finite positive deviations.
+            if len(mean) != 3 or len(std) != 3 or not all(math.isfinite(v) for v in mean + std) or min(std) <= 0:
+                raise ValueError(f"mean {mean} and std {std} must be 3 finite values each, std positive")
             return cls(
                 embed_dim=int(data["embed_dim"]),
                 vision=dict(data["vision"]),
                 name=str(data.get("name", "custom")),
-                mean=tuple(float(v) for v in data.get("mean", OPENAI_DATASET_MEAN)),  # type: ignore[arg-type]
-                std=tuple(float(v) for v in data.get("std", OPENAI_DATASET_STD)),  # type: ignore[arg-type]
+                mean=mean,  # type: ignore[arg-type]
+                std=std,  # type: ignore[arg-type]
                 quick_gelu=bool(data.get("quick_gelu", False)),
                 extra=dict(data.get("extra", {})),
             )
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise ArchitectureError(
                 f"Invalid architecture description {data!r}: {exc}. Expected keys 'embed_dim' and 'vision'."
             ) from exc
@@ -102,9 +108,11 @@ def build_visual(arch: Architecture) -> torch.nn.Module:
 
     try:
         cfg = CLIPVisionCfg(**arch.vision)
-    except TypeError as exc:
+        visual = _build_vision_tower(arch.embed_dim, cfg, quick_gelu=arch.quick_gelu)
+    # Configs come from files (manifests, hub configs): open_clip fails on nonsense values in many ways
+    # (ZeroDivisionError for width 0, AssertionError, RuntimeError for negative sizes, ...).
+    except Exception as exc:
         raise ArchitectureError(f"Invalid open_clip vision config {arch.vision!r}: {exc}") from exc
-    visual = _build_vision_tower(arch.embed_dim, cfg, quick_gelu=arch.quick_gelu)
     return visual.eval()
 
 

@@ -44,7 +44,10 @@ class TaskInfo:
 
 @dataclass
 class Artifact:
-    """Everything the runtime needs; ``build`` records how it was made (method, α, ranks, timings...)."""
+    """Everything the runtime needs; ``build`` records how it was made (method, α, ranks...).
+
+    ``timings`` (seconds per build stage) are reported but not saved: the same inputs must give the same
+    bytes on disk."""
 
     arch: Architecture
     tasks: list[TaskInfo]
@@ -52,12 +55,21 @@ class Artifact:
     experts: dict[str, Experts]
     heads: list[torch.Tensor]
     build: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
 
     def validate(self, source: str = "artifact") -> None:
         """Check that experts, prototypes and heads agree with each other, the tasks and the architecture."""
         T = len(self.tasks)
         if T == 0:
             raise ArtifactError(f"{source}: no tasks. Rebuild it with `esmpp build`.")
+        tensors = {
+            **{f"backbone {key}": value for key, value in self.backbone.items()},
+            **{f"{key}.{part}": getattr(layer, part) for key, layer in self.experts.items() for part in _EXPERT_PARTS},
+            **{f"head {t}": head for t, head in enumerate(self.heads)},
+        }
+        for name, tensor in tensors.items():
+            if tensor.dtype != torch.float32:  # the runtime computes in float32 and mixes these tensors freely
+                raise ArtifactError(f"{source}: {name} is {tensor.dtype}, expected torch.float32. Rebuild it.")
         if len(self.heads) != T:
             raise ArtifactError(f"{source}: {len(self.heads)} heads for {T} tasks. Rebuild it with `esmpp build`.")
         for t, (task, head) in enumerate(zip(self.tasks, self.heads)):
@@ -68,7 +80,8 @@ class Artifact:
                 )
             if not torch.isfinite(head).all():
                 raise ArtifactError(f"{source}: head {t} ({task.name!r}) has non-finite values. Rebuild it.")
-        reference = build_visual(self.arch).state_dict()
+        with torch.device("meta"):  # shapes only: a manifest may claim a huge architecture
+            reference = {key: value.shape for key, value in build_visual(self.arch).state_dict().items()}
         missing = sorted(set(reference) - set(self.backbone))
         extra = sorted(set(self.backbone) - set(reference))
         if missing or extra:
@@ -77,17 +90,17 @@ class Artifact:
                 f"unexpected {extra[:3]}. The artifact is corrupted or from another architecture; rebuild it."
             )
         for key, tensor in self.backbone.items():
-            if tensor.shape != reference[key].shape:
+            if tensor.shape != reference[key]:
                 raise ArtifactError(
                     f"{source}: backbone {key!r} has shape {tuple(tensor.shape)}, expected "
-                    f"{tuple(reference[key].shape)}. Rebuild the artifact."
+                    f"{tuple(reference[key])}. Rebuild the artifact."
                 )
         if not self.experts:
             raise ArtifactError(f"{source}: no routed layers. Rebuild it with `esmpp build`.")
         for key, layer in self.experts.items():
             if linear_kind(key) is None or key not in reference:
                 raise ArtifactError(f"{source}: routed layer {key!r} is not a linear layer of this architecture.")
-            d_out, d_in = reference[key].shape
+            d_out, d_in = reference[key]
             up, down, protos = layer.up, layer.down, layer.prototypes
             ok = (
                 up.ndim == 3
@@ -171,17 +184,26 @@ def _require(manifest: dict[str, Any], key: str, kind: type | tuple[type, ...], 
     return value
 
 
+def _member(path: Path, name: str, missing: str) -> Path:
+    """``path/name`` if it is a regular file inside ``path``. A link pointing elsewhere is refused: an artifact
+    from a stranger (a tarball, say) must not make the loader read files outside its directory."""
+    file = path / name
+    if not file.is_file():
+        raise ArtifactError(f"{file} is missing: {missing}")
+    if file.resolve().parent != path.resolve():
+        raise ArtifactError(f"{file} is a link to a file outside the artifact directory; copy the file itself in.")
+    return file
+
+
 def read_manifest(path: Path) -> dict[str, Any]:
     """Read and validate ``path/manifest.json`` (format, version, field types); tensors are not read."""
     path = Path(path)
-    manifest_path = path / MANIFEST
     if not path.is_dir():
         raise ArtifactError(f"{path} is not an artifact directory. Create one with `esmpp build CONFIG --out {path}`.")
-    if not manifest_path.is_file():
-        raise ArtifactError(f"{manifest_path} is missing: {path} is not a complete esmpp artifact. Rebuild it.")
+    manifest_path = _member(path, MANIFEST, f"{path} is not a complete esmpp artifact. Rebuild it.")
     try:
         manifest = json.loads(manifest_path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:  # RecursionError: deep nesting
         raise ArtifactError(f"{manifest_path} is not valid JSON ({exc}). Rebuild the artifact.") from exc
     if not isinstance(manifest, dict) or manifest.get("format") != "esmpp-artifact":
         raise ArtifactError(f"{manifest_path} is not an esmpp artifact manifest. Rebuild the artifact.")
@@ -193,7 +215,10 @@ def read_manifest(path: Path) -> dict[str, Any]:
         )
     if version < 1:
         raise ArtifactError(f"{manifest_path}: invalid format version {version}.")
-    _require(manifest, "architecture", dict, manifest_path)
+    try:
+        Architecture.from_dict(_require(manifest, "architecture", dict, manifest_path))
+    except ArchitectureError as exc:
+        raise ArtifactError(f"{manifest_path}: {exc} Rebuild the artifact.") from exc
     tasks = _require(manifest, "tasks", list, manifest_path)
     for task in tasks:
         if not (
@@ -206,6 +231,9 @@ def read_manifest(path: Path) -> dict[str, Any]:
     routed = _require(manifest, "routed_layers", list, manifest_path)
     if not all(isinstance(key, str) for key in routed):
         raise ArtifactError(f"{manifest_path}: 'routed_layers' must be a list of parameter names.")
+    ranks = _require(manifest, "ranks", dict, manifest_path)
+    if not all(isinstance(rank, int) for rank in ranks.values()):
+        raise ArtifactError(f"{manifest_path}: 'ranks' must map routed layers to integers.")
     _require(manifest, "build", dict, manifest_path)
     checksums = _require(manifest, "checksums", dict, manifest_path)
     if set(checksums) != set(TENSOR_FILES):
@@ -217,9 +245,7 @@ def read_manifest(path: Path) -> dict[str, Any]:
 
 
 def _load_tensors(path: Path, name: str, expected: str) -> dict[str, torch.Tensor]:
-    file = path / name
-    if not file.is_file():
-        raise ArtifactError(f"{file} is missing. The artifact is incomplete; rebuild it.")
+    file = _member(path, name, "the artifact is incomplete; rebuild it.")
     digest = _sha256(file)
     if digest != expected:
         raise ArtifactError(
@@ -236,12 +262,17 @@ def load_artifact(path: Path) -> Artifact:
     """Load and validate an artifact directory; ``ArtifactError`` names the file and the problem."""
     path = Path(path)
     manifest = read_manifest(path)
+    tensors = {name: _load_tensors(path, name, manifest["checksums"][name]) for name in TENSOR_FILES}
+    stored_blocks = {block_index(key) for key in tensors["backbone.safetensors"]} - {None}
     try:
         arch = Architecture.from_dict(manifest["architecture"])
-        build_visual(arch)
+        # Building even a shapes-only tower costs time per layer: check the depth against the file first.
+        if arch.layers != len(stored_blocks):
+            raise ValueError(f"{arch.layers} layers, but backbone.safetensors holds {len(stored_blocks)} blocks")
+        with torch.device("meta"):
+            build_visual(arch)
     except (ArchitectureError, ValueError, TypeError, KeyError) as exc:
         raise ArtifactError(f"{path / MANIFEST}: invalid architecture ({exc}). Rebuild the artifact.") from exc
-    tensors = {name: _load_tensors(path, name, manifest["checksums"][name]) for name in TENSOR_FILES}
     experts_file = tensors["experts.safetensors"]
     experts = {}
     for key in manifest["routed_layers"]:

@@ -185,7 +185,6 @@ def build_artifact(
         "routed_kinds": list(options.routed_kinds),
         "prototype_source": options.prototype_source,
         "prototypes_per_task": options.prototypes_per_task,
-        "seconds": timings,
     }
     return Artifact(
         arch=pretrained.arch,
@@ -194,6 +193,7 @@ def build_artifact(
         experts=experts,
         heads=heads,
         build=build_record,
+        timings=timings,
     )
 
 

@@ -189,6 +189,11 @@ def check_state(state: dict[str, Tensor], arch: Architecture, source: str) -> No
             f"{fix}. Only open_clip ViT vision towers are supported."
         )
     for key, value in state.items():
+        if not value.is_floating_point():
+            raise CheckpointError(
+                f"{source}: {key} holds {value.dtype} values, expected floating-point weights. The checkpoint "
+                "is corrupted or not a model's weights: re-export it as a state dict of float tensors."
+            )
         if not torch.isfinite(value).all():
             raise CheckpointError(
                 f"{source}: {key} contains NaN or infinite values. The checkpoint is corrupted (diverged "
@@ -439,8 +444,12 @@ def _read_torch(path: Path, allow_pickle: bool) -> _Found:
                 "--allow-pickle (allow_pickle=True); or re-save it as a state dict."
             ) from exc
         content = _unpickle(path)
-    except (RuntimeError, OSError, EOFError, ValueError) as exc:
-        raise CheckpointError(f"{path} is not a readable torch checkpoint ({exc}). {_SUPPORTED}.") from exc
+    # torch's parsers fail on damaged bytes in many ways (RuntimeError, EOFError, IndexError from the
+    # weights-only unpickler's stack, ...): any failure to parse the file means it is unreadable.
+    except Exception as exc:
+        raise CheckpointError(
+            f"{path} is not a readable torch checkpoint ({type(exc).__name__}: {exc}). {_SUPPORTED}."
+        ) from exc
     return _from_object(content, str(path))
 
 
@@ -467,7 +476,8 @@ def _from_object(content: Any, source: str) -> _Found:
             f"{source} holds a {type(content).__name__}, not a state dict or a model. "
             f"{_SUPPORTED}, holding a dict of tensors."
         )
-    tensors = {key: value for key, value in content.items() if isinstance(value, Tensor)}
+    # Visual keys are strings: other keys (a pickled dict may hold any) are not part of a state dict.
+    tensors = {key: value for key, value in content.items() if isinstance(key, str) and isinstance(value, Tensor)}
     if not tensors:
         raise CheckpointError(
             f"{source} holds a dict without tensors (keys {list(content)[:5]}). "

@@ -179,20 +179,21 @@ def _print_summary(path: Path, artifact, seconds: float) -> None:
         f"backbone: {build['method']}, alpha {build['alpha']:.3f}; experts: rank {build['rank']} on "
         f"{len(artifact.experts)} layers ({', '.join(build['routed_kinds'])})"
     )
-    typer.echo("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in build["seconds"].items()) + f", total {seconds:.1f}")
+    typer.echo("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in artifact.timings.items()) + f", total {seconds:.1f}")
 
 
 @app.command()
 def inspect(artifact: Annotated[Path, typer.Argument(help="Artifact directory.")]) -> None:
     """Show an artifact's manifest: architecture, tasks, routed layers, ranks, α, build options."""
+    from esmpp.architecture import Architecture
     from esmpp.artifact import read_manifest
 
     manifest = read_manifest(artifact)
-    arch = manifest["architecture"]
+    arch = Architecture.from_dict(manifest["architecture"])
     typer.echo(f"esmpp artifact v{manifest['format_version']} (esmpp {manifest.get('esmpp_version')})")
     typer.echo(
-        f"architecture: {arch.get('name')} width {arch['vision'].get('width')} layers "
-        f"{arch['vision'].get('layers')} image {arch['vision'].get('image_size')}"
+        f"architecture: {arch.name} width {arch.vision.get('width')} layers "
+        f"{arch.vision.get('layers')} image {arch.vision.get('image_size')}"
     )
     for task in manifest["tasks"]:
         typer.echo(
@@ -360,7 +361,8 @@ def run() -> None:
     except EsmppError as exc:
         if _debug["on"]:
             raise
-        typer.echo(f"error: {exc}", err=True)
+        # One line even when a message quotes a multi-line one (YAML parser errors point with a caret line).
+        typer.echo("error: " + " ".join(str(exc).split()), err=True)
         sys.exit(1)
 
 

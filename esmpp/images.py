@@ -59,11 +59,16 @@ def _from_array(array: np.ndarray, name: str) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(array))
 
 
-def _to_rgb(image: Image.Image, name: str) -> Image.Image:
+def _check_size(image: Image.Image, name: str) -> None:
+    """Refuse empty and oversized images from their header, before any pixel is decoded."""
     if image.width < 1 or image.height < 1:
         raise ImageError(f"{name}: the image is empty ({image.width}×{image.height}).")
     if image.width * image.height > MAX_PIXELS:
         raise ImageError(f"{name}: {image.width}×{image.height} is over {MAX_PIXELS} pixels; downscale it first.")
+
+
+def _to_rgb(image: Image.Image, name: str) -> Image.Image:
+    _check_size(image, name)
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         image = Image.fromarray((np.asarray(image, dtype=np.uint32) >> 8).clip(0, 255).astype(np.uint8))
     elif image.mode == "F":
@@ -86,8 +91,7 @@ def load_image(source: ImageInput, name: str | None = None) -> Image.Image:
             raise ImageError(f"{path}: no such image file.")
         try:
             with Image.open(path) as opened:
-                if opened.width * opened.height > MAX_PIXELS:
-                    raise ImageError(f"{path}: {opened.width}×{opened.height} is over {MAX_PIXELS} pixels.")
+                _check_size(opened, name)
                 opened.load()
                 return _to_rgb(opened, name)
         except ImageError:
@@ -95,13 +99,16 @@ def load_image(source: ImageInput, name: str | None = None) -> Image.Image:
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
             raise ImageError(f"{path}: cannot decode the image ({exc}). Is it a valid PNG/JPEG file?") from exc
     if isinstance(source, Image.Image):
+        _check_size(source, name)
         try:
             source.load()
             return _to_rgb(source, name)
         except (OSError, ValueError) as exc:
             raise ImageError(f"{name}: cannot decode the image ({exc}).") from exc
     if isinstance(source, torch.Tensor):
-        source = source.detach().cpu().numpy()
+        source = source.detach().cpu()
+        # numpy has no bfloat16: floats go through float32, which every float dtype fits in.
+        source = (source.float() if source.is_floating_point() else source).numpy()
     if isinstance(source, np.ndarray):
         if source.size == 0:
             raise ImageError(f"{name}: the array is empty (shape {source.shape}).")

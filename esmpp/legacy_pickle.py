@@ -28,6 +28,13 @@ from torch import nn
 _IMPORTABLE_ROOTS = frozenset(
     {"torch", "torchvision", "numpy", "collections", "builtins", "copyreg", "_codecs", "functools", "enum"}
 )
+_ROOTS_TEXT = ", ".join(sorted(_IMPORTABLE_ROOTS))
+# Of the builtins, only data types: ``eval``, ``exec``, ``open``, ``getattr``, ``__import__`` are how a
+# malicious pickle would run code.
+_BUILTINS = frozenset(
+    {"set", "frozenset", "dict", "list", "tuple", "slice", "range", "complex", "bytes", "bytearray", "object"}
+    | {"int", "float", "bool", "str"}
+)
 # Where today's open_clip keeps the classes older releases had in ``open_clip.model``.
 _OPEN_CLIP_HOMES = ("open_clip.transformer", "open_clip.model", "open_clip.transform")
 
@@ -78,8 +85,24 @@ class LegacyUnpickler(pickle.Unpickler):
         if root == "open_clip":
             return _open_clip_class(module, name)
         if root in _IMPORTABLE_ROOTS:
-            return super().find_class(module, name)
+            return _allowed(module, name, super().find_class(module, name))
         return stand_in(module, name)
+
+
+def _allowed(module: str, name: str, found: Any) -> Any:
+    """``found`` (``module.name``) unless the name only reaches it through another module — ``torch`` imports
+    ``os``, so ``torch`` + ``os.system`` names ``os.system`` — or it is a builtin that is not a data type."""
+    owner = importlib.import_module(_compat_pickle.IMPORT_MAPPING.get(module, module))
+    for part in name.split(".")[:-1]:
+        owner = getattr(owner, part)
+        if isinstance(owner, types.ModuleType):
+            raise pickle.UnpicklingError(f"refusing {module}.{name}: it reaches into module {owner.__name__}")
+    home = getattr(found, "__module__", None) or module
+    if isinstance(found, types.ModuleType) or home.split(".")[0] not in _IMPORTABLE_ROOTS:
+        raise pickle.UnpicklingError(f"refusing {module}.{name}: it is defined in {home}, outside {_ROOTS_TEXT}")
+    if home == "builtins" and name not in _BUILTINS:
+        raise pickle.UnpicklingError(f"refusing builtins.{name}: only data types are unpickled from builtins")
+    return found
 
 
 def _load(file: Any, **kwargs: Any) -> Any:

@@ -3,13 +3,25 @@ routed artifacts built from it, and ``tiny_zoo``: the tiny zoo preset built once
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
 
 from esmpp.architecture import Architecture, build_visual, linear_keys
 from esmpp.artifact import Artifact, TaskInfo
 from esmpp.runtime.model import Experts
 from esmpp.zoo import Zoo, build_zoo
+
+# Hypothesis: a fast profile for CI (the default) and a long one, `HYPOTHESIS_PROFILE=nightly`.
+settings.register_profile("ci", max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("nightly", max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+# One thread: on the shared 2-core CI machine, torch's default thread pool spins on tiny matrices (an SVD of
+# 96×32 takes 0.3 s instead of 0.1 ms under load); results do not depend on it.
+torch.set_num_threads(1)
 
 TINY_ARCH = Architecture(
     embed_dim=16,

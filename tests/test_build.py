@@ -76,7 +76,7 @@ def test_build_is_deterministic_and_records_its_choices(pretrained):
         assert layer.up.shape == (3, first.backbone[key].shape[0], 4)
         assert layer.prototypes.shape == (3, 1, first.backbone[key].shape[1])
     assert first.build["alpha"] == 0.8 and first.build["method"] == "esm" and first.build["rank"] == 4
-    assert set(first.build["seconds"]) == {"merge", "alpha", "experts"}
+    assert set(first.timings) == {"merge", "alpha", "experts"} and "seconds" not in first.build
 
 
 def test_runtime_prototypes_and_several_prototypes_per_task(pretrained):

@@ -49,3 +49,30 @@ def test_concurrent_predictions_equal_sequential_ones(predictor):
     with ThreadPoolExecutor(max_workers=4) as pool:
         concurrent = list(pool.map(predictor.predict, requests))
     assert concurrent == sequential
+
+
+def _rss_mib() -> float:
+    """Resident memory of this process now (Linux /proc), in MiB."""
+    with open("/proc/self/status") as status:
+        line = next(line for line in status if line.startswith("VmRSS:"))
+    return int(line.split()[1]) / 1024
+
+
+def test_many_threads_serve_many_requests_like_one_thread_in_flat_memory(predictor):
+    threads, per_thread, rounds = 8, 25, 4
+    tasks = [None, "task0", 2]  # routed, forced by name, forced by index
+    requests = [(_images(1 + seed % 3, seed), tasks[seed % 3]) for seed in range(threads * per_thread)]
+
+    def serve(request):
+        images, task = request
+        return predictor.predict(images, task=task, return_routes=task is None)
+
+    sequential = [serve(request) for request in requests]
+    memory = []
+    for _ in range(rounds):
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            assert list(pool.map(serve, requests)) == sequential
+        memory.append(_rss_mib())
+    served = rounds * len(requests)
+    print(f"\n{served} concurrent requests on {threads} threads; RSS per round (MiB): {[round(m) for m in memory]}")
+    assert memory[-1] - memory[0] < 16  # after the first round's warm-up: no growth per request

@@ -1,0 +1,116 @@
+"""The command line turns every EsmppError into one line on stderr and exit code 1; --debug shows the traceback."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from esmpp.artifact import save_artifact
+from esmpp.cli import run
+from tests.conftest import random_artifact
+from tests.reliability.project import REPO, directory_digest, run_esmpp, write_project
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    root = tmp_path_factory.mktemp("project")
+    config = write_project(root)
+    artifact = save_artifact(random_artifact(), root / "artifact")
+    image = root / "image.png"
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(image)
+    return root, config, artifact, image
+
+
+def _run(monkeypatch, capsys, *args) -> tuple[int, str, str]:
+    monkeypatch.setattr(sys, "argv", ["esmpp", *map(str, args)])
+    with pytest.raises(SystemExit) as exit_info:
+        run()
+    captured = capsys.readouterr()
+    return exit_info.value.code, captured.out, captured.err
+
+
+def _corrupted(root, artifact):
+    copy = root / "corrupted"
+    if not copy.exists():
+        copy.mkdir()
+        for file in artifact.iterdir():
+            data = bytearray(file.read_bytes())
+            if file.name == "experts.safetensors":
+                data[len(data) // 2] ^= 0xFF
+            (copy / file.name).write_bytes(bytes(data))
+    return copy
+
+
+CASES = {
+    "missing config": (
+        lambda root, config, artifact, image: ["build", root / "nope.yaml", "--out", root / "o"],
+        "no such config",
+    ),
+    "invalid YAML": (
+        lambda root, *_: ["build", _write(root / "bad.yaml", "tasks: [unclosed"), "--out", root / "o"],
+        "not valid YAML",
+    ),
+    "config field": (
+        lambda root, *_: ["build", _write(root / "field.yaml", "pretrained: 3\ntaskz: []"), "--out", root / "o"],
+        "taskz",
+    ),
+    "unknown method": (
+        lambda root, config, *_: ["build", config, "--out", root / "o", "--method", "magic"],
+        "Unknown merge method 'magic'",
+    ),
+    "unknown routed kind": (
+        lambda root, config, *_: ["build", config, "--out", root / "o", "--routed-kinds", "mlp"],
+        "routed kinds",
+    ),
+    "missing artifact": (
+        lambda root, config, artifact, image: ["predict", root / "nothing", image],
+        "not an artifact directory",
+    ),
+    "corrupted artifact": (
+        lambda root, config, artifact, image: ["predict", _corrupted(root, artifact), image],
+        "corrupted",
+    ),
+    "bad image path": (
+        lambda root, config, artifact, image: ["predict", artifact, root / "missing.png"],
+        "no such image",
+    ),
+    "not an image": (lambda root, config, artifact, image: ["predict", artifact, config], "cannot decode"),
+    "unknown task": (
+        lambda root, config, artifact, image: ["predict", artifact, image, "--task", "cars"],
+        "unknown task",
+    ),
+    "overwrite needed": (lambda root, config, artifact, image: ["build", config, "--out", artifact], "--overwrite"),
+    "inspect missing": (lambda root, *_: ["inspect", root / "nothing"], "not an artifact directory"),
+}
+
+
+def _write(path, text):
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_errors_are_one_line_and_exit_code_1(monkeypatch, capsys, project, case):
+    make_args, expected = CASES[case]
+    before = directory_digest(project[2])
+    code, _, err = _run(monkeypatch, capsys, *make_args(*project))
+    assert code == 1
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+    assert expected in err
+    assert directory_digest(project[2]) == before  # the existing artifact is untouched
+
+
+def test_a_good_command_still_works(monkeypatch, capsys, project):
+    code, out, _ = _run(monkeypatch, capsys, "predict", project[2], project[3], "--json")
+    assert code == 0 and '"task": "task' in out
+
+
+def test_subprocess_one_line_error_and_debug_traceback(tmp_path):
+    plain = run_esmpp("inspect", tmp_path / "nothing")
+    assert plain.returncode == 1 and plain.stderr.startswith("error: ") and plain.stderr.count("\n") == 1
+    debug = run_esmpp("--debug", "inspect", tmp_path / "nothing")
+    assert debug.returncode != 0 and "Traceback" in debug.stderr and "ArtifactError" in debug.stderr
+    assert (REPO / "cli.py").is_file()
