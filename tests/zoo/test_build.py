@@ -49,7 +49,8 @@ def test_layout_and_manifest(tiny_zoo: Zoo) -> None:
         assert set(entry["accuracy"]) == {"pretrained", "finetuned"}
         assert set(entry["accuracy"]["finetuned"]) == {"val", "test"}
     assert tiny_zoo.manifest["preset"]["finetune"]["steps"] == preset.finetune.steps
-    assert tiny_zoo.manifest["build_seconds"]["total"] > 0
+    assert tiny_zoo.manifest["build_seconds"]["total"] > 0 and tiny_zoo.manifest["build_seconds"]["cpu"] > 0
+    assert "load_digits" in tiny_zoo.manifest["tasks"]["digits"]["source"]
     assert json.loads((tiny_zoo.root / "manifest.json").read_text()) == tiny_zoo.manifest
 
 
