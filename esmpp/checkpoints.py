@@ -43,8 +43,9 @@ from esmpp.errors import CheckpointError
 from esmpp.hf_convert import HF_MARKER_KEY, HF_PROJECTION_KEY, apply_hf_config, hf_to_open_clip
 from esmpp.legacy_pickle import load_pickled, module_hints
 
-ARCHITECTURE_METADATA_KEY = "esmpp.architecture"
-FORMAT_METADATA_KEY = "esmpp.format"
+# One metadata entry: safetensors stores metadata in a hash map, so with two entries their order in the
+# file header (and the file's bytes) could change from one save to the next.
+ENCODER_METADATA_KEY = "esmpp.encoder"
 FORMAT_VERSION = "1"
 
 # The key that marks an open_clip visual tower; what precedes it is the prefix to strip.
@@ -125,8 +126,9 @@ def save_encoder(encoder: Encoder, path: str | os.PathLike[str]) -> Path:
     path = Path(path)
     temporary = path.with_name(f".{path.name}.tmp")
     metadata = {
-        ARCHITECTURE_METADATA_KEY: json.dumps(encoder.arch.to_dict()),
-        FORMAT_METADATA_KEY: FORMAT_VERSION,
+        ENCODER_METADATA_KEY: json.dumps(
+            {"format": FORMAT_VERSION, "architecture": encoder.arch.to_dict()}, sort_keys=True
+        ),
     }
     save_file({key: value.contiguous() for key, value in encoder.state.items()}, temporary, metadata)
     os.replace(temporary, path)
@@ -411,22 +413,30 @@ def _read_safetensors(paths: list[Path], source: str) -> _Found:
         tensors = {key: owner[key].get_tensor(key) for key in layout.keys}
         metadata = handles[0].metadata() or {}
     found = _canonical(layout, tensors, source)
-    if ARCHITECTURE_METADATA_KEY in metadata:
+    if ENCODER_METADATA_KEY in metadata:
         found.arch = _metadata_architecture(metadata, source)
     return found
 
 
 def _metadata_architecture(metadata: dict[str, str], source: str) -> Architecture:
-    if metadata.get(FORMAT_METADATA_KEY) != FORMAT_VERSION:
+    try:
+        entry = json.loads(metadata[ENCODER_METADATA_KEY])
+        version = entry.get("format") if isinstance(entry, dict) else None
+    except json.JSONDecodeError as exc:
         raise CheckpointError(
-            f"{source}: metadata {FORMAT_METADATA_KEY}={metadata.get(FORMAT_METADATA_KEY)!r}, this esmpp "
+            f"{source}: metadata key {ENCODER_METADATA_KEY} is not valid JSON ({exc}). "
+            "Pass the architecture explicitly (arch=... / --arch) or re-save the encoder."
+        ) from exc
+    if version != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{source}: metadata {ENCODER_METADATA_KEY} has format {version!r}, this esmpp "
             f"reads format {FORMAT_VERSION}. Upgrade esmpp or re-save the encoder with this version."
         )
     try:
-        return Architecture.from_dict(json.loads(metadata[ARCHITECTURE_METADATA_KEY]))
-    except (json.JSONDecodeError, ValueError) as exc:
+        return Architecture.from_dict(entry["architecture"])
+    except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(
-            f"{source}: metadata key {ARCHITECTURE_METADATA_KEY} is not a valid architecture ({exc}). "
+            f"{source}: metadata key {ENCODER_METADATA_KEY} holds no valid architecture ({exc}). "
             "Pass the architecture explicitly (arch=... / --arch) or re-save the encoder."
         ) from exc
 

@@ -51,6 +51,8 @@ def _zoo(preset: Preset, root: Path | None, force: bool = False):
 
 def _build_options(base=None, **overrides):
     """Build options: the config's ``options:`` (or the defaults), with the flags that were given on top."""
+    from pydantic import ValidationError
+
     from esmpp.config import OptionsConfig
 
     given = {key: value for key, value in overrides.items() if value is not None}
@@ -61,8 +63,11 @@ def _build_options(base=None, **overrides):
     merged = (base or OptionsConfig()).model_dump() | given
     try:
         return OptionsConfig.model_validate(merged).to_build_options()
-    except ValueError as exc:
-        raise EsmppError(f"invalid build option: {exc}") from exc
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{str(error['loc'][0]).replace('_', ' ')}: {error['msg']}" for error in exc.errors(include_url=False)
+        )
+        raise EsmppError(f"invalid build option ({problems}). See `esmpp build --help`.") from exc
 
 
 MethodOpt = Annotated[

@@ -446,8 +446,8 @@ def test_missing_path_and_directory_without_weights(tmp_path):
 
 def test_corrupted_architecture_metadata_is_reported(tmp_path, tiny_visual):
     path = tmp_path / "meta.safetensors"
-    save_file(tiny_visual.state_dict(), path, {"esmpp.architecture": "{not json", "esmpp.format": "1"})
-    with pytest.raises(CheckpointError, match=r"meta\.safetensors.*esmpp\.architecture.*--arch"):
+    save_file(tiny_visual.state_dict(), path, {"esmpp.encoder": "{not json"})
+    with pytest.raises(CheckpointError, match=r"meta\.safetensors.*esmpp\.encoder.*--arch"):
         load_encoder(path)
 
 

@@ -8,7 +8,7 @@ Layout of a zoo directory::
     tasks/<task>/head.safetensors    frozen head [num_classes, embed_dim] under key "head"
     tasks/<task>/data.npz            <split>_images uint8 [N, H, W, 3], <split>_labels int64 [N]
 
-Checkpoints carry the architecture JSON in their safetensors metadata under ``esmpp.architecture``.
+Checkpoints are written with ``esmpp.checkpoints.save_encoder`` (architecture in the safetensors metadata).
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ PRETRAINED = "pretrained.safetensors"
 FINETUNED = "finetuned.safetensors"
 HEAD = "head.safetensors"
 DATA = "data.npz"
-ARCHITECTURE_METADATA_KEY = "esmpp.architecture"
 FORMAT_VERSION = 1
 
 

@@ -7,11 +7,10 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
-from esmpp.architecture import Architecture
+from esmpp.checkpoints import load_encoder
 from esmpp.errors import ConfigError, DatasetError
 from esmpp.zoo import Zoo, build_zoo, default_root, get_preset
 from esmpp.zoo import build as build_module
-from esmpp.zoo.store import ARCHITECTURE_METADATA_KEY
 
 
 def _checkpoint_hashes(zoo: Zoo) -> dict[str, str]:
@@ -57,10 +56,9 @@ def test_layout_and_manifest(tiny_zoo: Zoo) -> None:
 def test_checkpoints_carry_canonical_keys_and_architecture(tiny_zoo: Zoo) -> None:
     with safe_open(tiny_zoo.finetuned_path(tiny_zoo.tasks[0]), framework="pt") as handle:
         keys = set(handle.keys())
-        metadata = handle.metadata()
     assert "transformer.resblocks.0.attn.in_proj_weight" in keys and "conv1.weight" in keys
     assert not any(key.startswith("visual.") for key in keys)
-    assert Architecture.from_dict(json.loads(metadata[ARCHITECTURE_METADATA_KEY])) == tiny_zoo.arch
+    assert load_encoder(tiny_zoo.finetuned_path(tiny_zoo.tasks[0])).arch == tiny_zoo.arch
 
 
 def test_force_rebuilds_in_place(tmp_path: Path) -> None:
