@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from esmpp.architecture import linear_kind
-from esmpp.decompose import essential_basis, isotropic_factor, polar_factor, truncate
+from esmpp.decompose import essential_top, isotropic_factor, polar_factor
 from esmpp.errors import ConfigError
 from esmpp.merging.base import LayerStats, MergeMethod, append_summary
 from esmpp.merging.registry import register_method
@@ -71,13 +71,12 @@ class EssentialSummary:
 
 def essential_summary(delta: Tensor, stats: LayerStats, rank: int, centered: bool) -> EssentialSummary:
     """Step 1 for one task: top-``rank`` ESD of ``delta`` (``d_out × d_in``), stored in at least float32."""
-    esd = essential_basis(delta, stats.gram, stats.num_tokens, centered, stats.mean)
-    basis, coordinates = truncate(esd, rank)
+    esd = essential_top(delta, stats.gram, stats.num_tokens, rank, centered, stats.mean)
     dtype = torch.promote_types(delta.dtype, torch.float32)
     return EssentialSummary(
-        basis=basis.to(dtype),
-        eigenvalues=esd.eigenvalues[:rank].to(dtype),
-        coordinates=coordinates.to(dtype),
+        basis=esd.basis.to(dtype),
+        eigenvalues=esd.eigenvalues.to(dtype),
+        coordinates=esd.coordinates.to(dtype),
         delta_norm=float(torch.linalg.norm(delta.to(torch.float64))),
     )
 
