@@ -21,7 +21,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -79,7 +79,6 @@ class BuildRun:
     peak_bytes: int
     baseline_bytes: int
     exact_peaks: bool
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def synthetic_finetune(
@@ -102,15 +101,21 @@ def synthetic_finetune(
     return state
 
 
-def write_workload(arch_name: str, num_tasks: int, directory: Path, seed: int = 0) -> Workload:
-    """Write a random pretrained ``arch_name`` tower and ``num_tasks`` synthetic fine-tunes to ``directory``
-    (files already there from an earlier call with the same seed are reused)."""
+def _architecture(arch: Architecture | str) -> Architecture:
+    return arch if isinstance(arch, Architecture) else Architecture.from_name(arch)
+
+
+def write_workload(arch: Architecture | str, num_tasks: int, directory: Path, seed: int = 0) -> Workload:
+    """Write a random pretrained ``arch`` tower (an open_clip name such as ``ViT-B-32``) and ``num_tasks``
+    synthetic fine-tunes to ``directory`` (files already there from an earlier call with the same seed
+    are reused)."""
     directory.mkdir(parents=True, exist_ok=True)
-    arch = Architecture.from_name(arch_name)
+    arch = _architecture(arch)
+
     pretrained_path = directory / f"pretrained-{seed}.safetensors"
     paths = [directory / f"task{t}-{seed}.safetensors" for t in range(num_tasks)]
     if all(path.exists() for path in (pretrained_path, *paths)):
-        return Workload(arch_name, pretrained_path, tuple(paths), seed)
+        return Workload(arch.name, pretrained_path, tuple(paths), seed)
     torch.manual_seed(seed)
     pretrained = {key: value.detach() for key, value in build_visual(arch).state_dict().items()}
     if not pretrained_path.exists():
@@ -119,7 +124,7 @@ def write_workload(arch_name: str, num_tasks: int, directory: Path, seed: int = 
         if not path.exists():
             generator = torch.Generator().manual_seed(seed * 1000 + t + 1)
             save_encoder(Encoder(arch, synthetic_finetune(pretrained, generator), f"task{t}"), path)
-    return Workload(arch_name, pretrained_path, tuple(paths), seed)
+    return Workload(arch.name, pretrained_path, tuple(paths), seed)
 
 
 def proxy_images(arch: Architecture, count: int, task: int, seed: int = 0) -> torch.Tensor:
@@ -251,10 +256,10 @@ def random_experts(arch: Architecture, num_tasks: int, rank: int, kinds: Sequenc
     return experts
 
 
-def run_runtime(arch_name: str, num_tasks: int, config: BenchConfig, device: torch.device) -> dict[str, Any]:
+def run_runtime(arch: Architecture | str, num_tasks: int, config: BenchConfig, device: torch.device) -> dict[str, Any]:
     """Latency (ms) and throughput (images/s) of the routed ESM++ encoder and of the plain merged tower
     (open_clip, the same backbone) at each batch size; ``ratio`` = routed / plain latency."""
-    arch = Architecture.from_name(arch_name)
+    arch = _architecture(arch)
     torch.manual_seed(config.seed)
     plain = build_visual(arch).eval()
     heads = [torch.randn(10, arch.embed_dim) for _ in range(num_tasks)]
