@@ -161,7 +161,7 @@ def build_artifact(
             finetuned = task.load()
             check_compatible(pretrained, finetuned)
         with stage("capture"):
-            stats = capture_statistics(finetuned.to_module(), batches(task.proxy, options.batch_size), routed)
+            stats = capture_statistics(finetuned.to_module(share=True), batches(task.proxy, options.batch_size), routed)
         with stage("experts"):
             for key in routed:
                 residual = finetuned.state[key].float() - backbone[key].float()

@@ -45,7 +45,7 @@ def task_statistics(
     encoder: Encoder, proxy: torch.Tensor, keys: Sequence[str], batch_size: int = 64
 ) -> dict[str, LayerStats]:
     """Gram statistics of ``encoder``'s linear layers ``keys`` on ``proxy`` images."""
-    stats = capture_statistics(encoder.to_module(), batches(proxy, batch_size), keys)
+    stats = capture_statistics(encoder.to_module(share=True), batches(proxy, batch_size), keys)
     return {key: LayerStats(gram=s.gram, mean=s.mean, num_tokens=s.num_tokens) for key, s in stats.items()}
 
 
