@@ -22,6 +22,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -226,19 +227,23 @@ def build_visual_shapes(arch: Architecture) -> dict[str, torch.Size]:
         return {key: value.shape for key, value in build_visual(arch).state_dict().items()}
 
 
-def median_seconds(call: Callable[[], object], repeats: int, warmup: int, synchronize: bool) -> float:
-    """Median wall time of ``call()`` over ``repeats`` runs after ``warmup`` untimed ones."""
-    times = []
+def interleaved_medians(
+    calls: dict[str, Callable[[], object]], repeats: int, warmup: int, synchronize: bool
+) -> dict[str, float]:
+    """Median wall time of each of ``calls`` over ``repeats`` rounds after ``warmup`` untimed ones. A round
+    runs every call once, so that load from other processes hits all of them alike."""
+    times: dict[str, list[float]] = {name: [] for name in calls}
     for index in range(warmup + repeats):
-        if synchronize:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        call()
-        if synchronize:
-            torch.cuda.synchronize()
-        if index >= warmup:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, call in calls.items():
+            if synchronize:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            call()
+            if synchronize:
+                torch.cuda.synchronize()
+            if index >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def random_experts(arch: Architecture, num_tasks: int, rank: int, kinds: Sequence[str], seed: int = 0) -> dict:
@@ -270,16 +275,14 @@ def run_runtime(arch: Architecture | str, num_tasks: int, config: BenchConfig, d
     results = {}
     for batch in config.batch_sizes:
         pixels = torch.randn(batch, 3, size, size, device=device)
-        figures = {}
-        for name, model in (("plain", plain), ("routed", routed)):
-            with torch.inference_mode():
-                seconds = median_seconds(
-                    lambda model=model, pixels=pixels: model(pixels),
-                    config.runtime_repeats,
-                    config.warmup,
-                    device.type == "cuda",
-                )
-            figures[name] = {"latency_ms": 1000 * seconds, "images_per_s": batch / seconds}
+        with torch.inference_mode():
+            seconds = interleaved_medians(
+                {"plain": partial(plain, pixels), "routed": partial(routed, pixels)},
+                config.runtime_repeats,
+                config.warmup,
+                device.type == "cuda",
+            )
+        figures = {name: {"latency_ms": 1000 * value, "images_per_s": batch / value} for name, value in seconds.items()}
         figures["ratio"] = figures["routed"]["latency_ms"] / figures["plain"]["latency_ms"]
         results[f"batch{batch}"] = figures
     return results
