@@ -57,6 +57,7 @@ class BenchConfig:
     warmup: int = 1
     batch_sizes: tuple[int, ...] = (1, 32)
     runtime: bool = True
+    threads: int | None = None  # torch intra-op threads (None: torch's default); 1 is steadier on a busy machine
     seed: int = 0
 
 
@@ -158,6 +159,8 @@ def task_sources(workload: Workload, arch: Architecture, num_tasks: int, num_pro
 def run_build(workload: Workload, method: str, num_tasks: int, config: BenchConfig, out: Path) -> BuildRun:
     """Build with ``method`` (``esm++`` or a static method) over the first ``num_tasks`` tasks of
     ``workload`` and save the result under ``out``, profiling each stage. Meant for a fresh process."""
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
     baseline = resident_bytes()
     start = time.perf_counter()
     with recording() as profile:
@@ -320,6 +323,8 @@ def onnx_note() -> str:
 def run_bench(config: BenchConfig, workdir: Path, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run every workload of ``config`` (checkpoints under ``workdir``) and return the JSON-able report."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
     report: dict[str, Any] = {"config": asdict(config), "environment": _environment(), "device": str(device)}
     report["build"], report["runtime"], report["targets"] = {}, {}, {}
     for arch_name in config.archs:
@@ -331,7 +336,8 @@ def run_bench(config: BenchConfig, workdir: Path, log: Callable[[str], None] = p
             for method in config.methods:
                 log(f"{arch_name} T={num_tasks} {method}: {config.build_repeats} build(s)")
                 runs = [run_build_isolated(workload, method, num_tasks, config) for _ in range(config.build_repeats)]
-                builds.setdefault(str(num_tasks), {})[method] = median_build(runs)
+                figures = builds.setdefault(str(num_tasks), {})[method] = median_build(runs)
+                log(f"  {figures['seconds']:.1f} s, peak {figures['peak_mib']:.0f} MiB, {figures['stage_seconds']}")
         report["build"][arch_name] = builds
         if config.runtime:
             num_tasks = max(config.task_counts)

@@ -316,6 +316,7 @@ def bench(
     runtime_repeats: Annotated[int, typer.Option(help="Timed forwards per runtime figure (median).")] = 5,
     batch_sizes: Annotated[str, typer.Option(help="Runtime batch sizes, comma-separated.")] = "1,32",
     runtime: Annotated[bool, typer.Option(help="Measure the routed vs plain runtime.")] = True,
+    threads: Annotated[int | None, typer.Option(help="Torch threads (default: torch's choice).")] = None,
     workdir: Annotated[Path, typer.Option(help="Where the synthetic checkpoints are written (reused).")] = Path(
         "esmpp-bench-work"
     ),
@@ -335,6 +336,7 @@ def bench(
             runtime_repeats=runtime_repeats,
             batch_sizes=tuple(int(b) for b in _csv(batch_sizes)),
             runtime=runtime,
+            threads=threads,
         )
     except ValueError as exc:
         raise EsmppError(f"--tasks and --batch-sizes take comma-separated integers ({exc}).") from exc
