@@ -172,10 +172,27 @@ def polar_factor(matrix: Tensor) -> Tensor:
     return u @ vh
 
 
+# Condition number up to which the polar factor comes from the Gram of the small side: its rounding error
+# is about eps·κ², 1e-8 at this bound in float64, far below the float32 the merged weights are stored in.
+_GRAM_POLAR_MAX_CONDITION = 1e4
+
+
 def isotropic_factor(matrix: Tensor) -> Tensor:
-    """``matrix`` (``m × n``) with every singular value replaced by their mean: mean(σ) · U Vᵀ."""
-    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
-    return s.mean() * (u @ vh)
+    """``matrix`` (``m × n``) with every singular value replaced by their mean: mean(σ) · U Vᵀ.
+
+    Computed from the eigen-decomposition of the small side's Gram (AᵀA = V Σ² Vᵀ, U Vᵀ = A V Σ⁻¹ Vᵀ),
+    about twice as fast as the SVD on the square-ish matrices ESM orthogonalises, whenever the matrix is
+    well enough conditioned for that to match the SVD to float tolerance; otherwise the SVD itself.
+    """
+    tall = matrix.shape[0] >= matrix.shape[1]
+    gram = matrix.T @ matrix if tall else matrix @ matrix.T
+    eigenvalues, vectors = torch.linalg.eigh(gram)
+    singular_values = eigenvalues.clamp(min=0).sqrt()
+    if singular_values[0] <= singular_values[-1] / _GRAM_POLAR_MAX_CONDITION:
+        u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+        return s.mean() * (u @ vh)
+    inverse_root = (vectors / singular_values) @ vectors.T
+    return singular_values.mean() * (matrix @ inverse_root if tall else inverse_root @ matrix)
 
 
 def _check_num_tokens(num_tokens: int) -> None:

@@ -1,6 +1,6 @@
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from esmpp.decompose import (
@@ -198,3 +198,16 @@ def test_float64_is_needed_for_the_weak_components():
     core32 = (delta @ (inputs.T @ inputs) @ delta.T).float()
     single = torch.linalg.eigvalsh(core32).flip(0).double() / 199
     assert ((single - reference).abs()[weak] > 1e-2 * reference[weak]).any()
+
+
+@given(st.integers(1, 10), st.integers(1, 10), st.sampled_from([0.0, 1e-6, 1.0]), st.integers(0, 2**31 - 1))
+@SETTINGS
+def test_isotropic_factor_equals_its_svd_definition(rows, cols, weak_scale, seed):
+    """The Gram route of isotropic_factor matches mean(σ)·U Vᵀ from the SVD, also for ill-conditioned or
+    rank-deficient inputs (where it falls back to the SVD)."""
+    generator = torch.Generator().manual_seed(seed)
+    matrix = torch.randn(rows, cols, generator=generator, dtype=torch.float64)
+    matrix[:, 0] *= weak_scale  # a weak or missing direction
+    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    assume(s.numel() == 1 or s[-1] == 0 or (s[-2] - s[-1]) > 1e-9 * s[0])  # else U Vᵀ is not unique
+    torch.testing.assert_close(isotropic_factor(matrix), s.mean() * (u @ vh), rtol=0, atol=1e-8 * (1 + s[0]))
