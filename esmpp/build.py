@@ -30,6 +30,7 @@ from esmpp.errors import ConfigError
 from esmpp.experts import residual_expert, task_prototypes
 from esmpp.merge import TaskSource, apply_task_vector, batches, golden_section_search, merge_streaming
 from esmpp.merging import get_method
+from esmpp.profiling import stage
 from esmpp.runtime.model import Experts, RoutedEncoder
 
 
@@ -139,13 +140,14 @@ def build_artifact(
 
     start = time.perf_counter()
     history: list[tuple[float, float]] = []
-    if options.alpha is not None:
-        alpha = options.alpha
-    elif all(task.validation is not None for task in tasks):
-        alpha, history = choose_alpha(pretrained, task_vector, tasks, options.alpha_evaluations, progress)
-    else:
-        alpha = 1.0
-    backbone = apply_task_vector(pretrained.state, task_vector, alpha)
+    with stage("alpha"):
+        if options.alpha is not None:
+            alpha = options.alpha
+        elif all(task.validation is not None for task in tasks):
+            alpha, history = choose_alpha(pretrained, task_vector, tasks, options.alpha_evaluations, progress)
+        else:
+            alpha = 1.0
+        backbone = apply_task_vector(pretrained.state, task_vector, alpha)
     del task_vector
     timings["alpha"] = time.perf_counter() - start
 
@@ -155,15 +157,20 @@ def build_artifact(
     downs: dict[str, list[torch.Tensor]] = {key: [] for key in routed}
     prototypes: dict[str, list[torch.Tensor]] = {key: [] for key in routed}
     for task in tqdm(tasks, desc="experts", unit="task", disable=not progress):
-        finetuned = task.load()
-        check_compatible(pretrained, finetuned)
-        stats = capture_statistics(finetuned.to_module(), batches(task.proxy, options.batch_size), routed)
-        for key in routed:
-            residual = finetuned.state[key].float() - backbone[key].float()
-            up, down = residual_expert(residual, stats[key].gram, stats[key].num_tokens, options.rank)
-            ups[key].append(up)
-            downs[key].append(down)
-            prototypes[key].append(task_prototypes(stats[key].image_means, options.prototypes_per_task))
+        with stage("load"):
+            finetuned = task.load()
+            check_compatible(pretrained, finetuned)
+        with stage("capture"):
+            stats = capture_statistics(finetuned.to_module(share=True), batches(task.proxy, options.batch_size), routed)
+        with stage("experts"):
+            for key in routed:
+                residual = finetuned.state[key].float() - backbone[key].float()
+                up, down = residual_expert(residual, stats[key].gram, stats[key].num_tokens, options.rank)
+                ups[key].append(up)
+                downs[key].append(down)
+        with stage("prototypes"):
+            for key in routed:
+                prototypes[key].append(task_prototypes(stats[key].image_means, options.prototypes_per_task))
         del finetuned, stats
     experts = {
         key: Experts(torch.stack(ups[key]), torch.stack(downs[key]), torch.stack(prototypes[key])) for key in routed
@@ -173,7 +180,8 @@ def build_artifact(
     heads = [task.head.float() for task in tasks]
     if options.prototype_source == "runtime":
         start = time.perf_counter()
-        experts = _runtime_prototypes(pretrained.arch, backbone, experts, heads, tasks, options)
+        with stage("prototypes"):
+            experts = _runtime_prototypes(pretrained.arch, backbone, experts, heads, tasks, options)
         timings["prototypes"] = time.perf_counter() - start
 
     build_record = {

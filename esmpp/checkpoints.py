@@ -70,11 +70,14 @@ class Encoder:
     state: dict[str, Tensor]
     source: str
 
-    def to_module(self) -> nn.Module:
-        """The open_clip vision tower with these weights (its own copies; eval mode)."""
+    def to_module(self, share: bool = False) -> nn.Module:
+        """The open_clip vision tower with these weights (eval mode): its own copies, or with ``share`` this
+        encoder's tensors themselves, which saves a model's worth of memory for read-only uses such as
+        capturing activations (writes to the module's weights would then change the encoder)."""
         with torch.device("meta"):  # skip the random initialisation the weights replace anyway
             module = build_visual(self.arch)
-        module.load_state_dict({key: value.clone() for key, value in self.state.items()}, assign=True)
+        state = self.state if share else {key: value.clone() for key, value in self.state.items()}
+        module.load_state_dict(state, assign=True)
         return module.eval()
 
 

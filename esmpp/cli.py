@@ -359,6 +359,55 @@ def export_model(
     )
 
 
+def _csv(text: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in text.split(",") if item.strip())
+
+
+@app.command()
+def bench(
+    arch: Annotated[
+        str, typer.Option(help="open_clip architectures, comma-separated (ViT-B-32,ViT-B-16,ViT-L-14).")
+    ] = "ViT-B-32",
+    tasks: Annotated[str, typer.Option(help="Task counts T, comma-separated (e.g. 2,8,20).")] = "2,8",
+    methods: Annotated[
+        str, typer.Option(help="'esm++' (full build) and static methods, comma-separated.")
+    ] = "esm++,esm,tsv,task_arithmetic",
+    proxy_images: Annotated[int, typer.Option(help="Proxy images per task.")] = 32,
+    rank: RankOpt = 32,
+    build_repeats: Annotated[int, typer.Option(help="Builds per workload (median; each in a fresh process).")] = 1,
+    runtime_repeats: Annotated[int, typer.Option(help="Timed forwards per runtime figure (median).")] = 5,
+    batch_sizes: Annotated[str, typer.Option(help="Runtime batch sizes, comma-separated.")] = "1,32",
+    runtime: Annotated[bool, typer.Option(help="Measure the routed vs plain runtime.")] = True,
+    threads: Annotated[int | None, typer.Option(help="Torch threads (default: torch's choice).")] = None,
+    workdir: Annotated[Path, typer.Option(help="Where the synthetic checkpoints are written (reused).")] = Path(
+        "esmpp-bench-work"
+    ),
+    out: Annotated[Path, typer.Option(help="JSON report to write.")] = Path("esmpp-bench.json"),
+) -> None:
+    """Measure build time and peak memory per stage, and routed runtime cost, on synthetic tasks."""
+    from esmpp.bench import BenchConfig, format_report, run_bench
+
+    try:
+        config = BenchConfig(
+            archs=_csv(arch),
+            task_counts=tuple(int(t) for t in _csv(tasks)),
+            methods=_csv(methods),
+            proxy_images=proxy_images,
+            rank=rank,
+            build_repeats=build_repeats,
+            runtime_repeats=runtime_repeats,
+            batch_sizes=tuple(int(b) for b in _csv(batch_sizes)),
+            runtime=runtime,
+            threads=threads,
+        )
+    except ValueError as exc:
+        raise EsmppError(f"--tasks and --batch-sizes take comma-separated integers ({exc}).") from exc
+    report = run_bench(config, workdir, log=lambda line: typer.echo(line, err=True))
+    out.write_text(json.dumps(report, indent=2))
+    typer.echo(format_report(report))
+    typer.echo(f"\nreport written to {out}")
+
+
 def run() -> None:
     """Entry point: EsmppError becomes a one-line message and exit code 1 (tracebacks with --debug)."""
     try:

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from esmpp.decompose import essential_basis
+from esmpp.decompose import essential_top
 
 
 def residual_expert(
@@ -21,9 +21,8 @@ def residual_expert(
     """Rank-``rank`` ESD expert of ``residual`` [d_out, d_in] under the task's activations (Gram ``gram``
     [d_in, d_in] of ``num_tokens`` proxy tokens) → (``up`` A = P_r [d_out, r], ``down`` B = P_rᵀ R [r, d_in]),
     float32. ``rank`` is clipped to d_out."""
-    basis = essential_basis(residual.double(), gram.double(), num_tokens).basis
-    kept = basis[:, : min(rank, residual.shape[0])]
-    return kept.float().contiguous(), (kept.T @ residual.double()).float().contiguous()
+    esd = essential_top(residual, gram, num_tokens, min(rank, residual.shape[0]))
+    return esd.basis.float().contiguous(), esd.coordinates.float().contiguous()
 
 
 def task_prototypes(image_means: torch.Tensor, count: int = 1, seed: int = 0) -> torch.Tensor:

@@ -20,6 +20,7 @@ from esmpp.architecture import linear_keys
 from esmpp.capture import capture_statistics
 from esmpp.checkpoints import Encoder, check_compatible
 from esmpp.merging import LayerStats, MergeMethod
+from esmpp.profiling import stage
 
 
 @dataclass
@@ -44,7 +45,7 @@ def task_statistics(
     encoder: Encoder, proxy: torch.Tensor, keys: Sequence[str], batch_size: int = 64
 ) -> dict[str, LayerStats]:
     """Gram statistics of ``encoder``'s linear layers ``keys`` on ``proxy`` images."""
-    stats = capture_statistics(encoder.to_module(), batches(proxy, batch_size), keys)
+    stats = capture_statistics(encoder.to_module(share=True), batches(proxy, batch_size), keys)
     return {key: LayerStats(gram=s.gram, mean=s.mean, num_tokens=s.num_tokens) for key, s in stats.items()}
 
 
@@ -58,15 +59,19 @@ def merge_streaming(
     summaries: dict[str, Any] = {}
     stat_keys = linear_keys(pretrained.arch)
     for task in tqdm(tasks, desc=f"merge {method.name}", unit="task", disable=not progress):
-        finetuned = task.load()
-        check_compatible(pretrained, finetuned)
-        stats = task_statistics(finetuned, task.proxy, stat_keys) if method.needs_grams else {}
-        for key, weight in pretrained.state.items():
-            delta = finetuned.state[key].float() - weight.float()
-            summaries[key] = method.summarize(key, delta, stats.get(key), summaries.get(key))
+        with stage("load"):
+            finetuned = task.load()
+            check_compatible(pretrained, finetuned)
+        with stage("capture"):
+            stats = task_statistics(finetuned, task.proxy, stat_keys) if method.needs_grams else {}
+        with stage("decompose"):
+            for key, weight in pretrained.state.items():
+                delta = finetuned.state[key].float() - weight.float()
+                summaries[key] = method.summarize(key, delta, stats.get(key), summaries.get(key))
         del finetuned, stats
-    merged = {key: method.combine(key, summary) for key, summary in summaries.items()}
-    return method.finalize(merged)
+    with stage("merge"):
+        merged = {key: method.combine(key, summary) for key, summary in summaries.items()}
+        return method.finalize(merged)
 
 
 def apply_task_vector(

@@ -147,6 +147,16 @@ def test_saved_encoder_reloads_with_its_architecture_and_same_outputs(tmp_path, 
     assert [p.name for p in tmp_path.iterdir()] == ["saved.safetensors"]
 
 
+def test_shared_module_uses_the_encoder_tensors_and_a_copy_does_not(tiny_arch, tiny_visual, tiny_images):
+    encoder = Encoder(tiny_arch, {k: v.detach().clone() for k, v in tiny_visual.state_dict().items()}, "memory")
+    shared, copied = encoder.to_module(share=True), encoder.to_module()
+    key = "conv1.weight"
+    assert shared.state_dict()[key].data_ptr() == encoder.state[key].data_ptr()
+    assert copied.state_dict()[key].data_ptr() != encoder.state[key].data_ptr()
+    with torch.no_grad():
+        torch.testing.assert_close(shared(tiny_images), copied(tiny_images))
+
+
 def test_open_clip_hub_directory_takes_the_architecture_from_its_config(tmp_path, tiny_arch):
     clip = tiny_clip(tiny_arch, quick_gelu=True)
     save_file(clip.state_dict(), tmp_path / "open_clip_model.safetensors")

@@ -1,12 +1,13 @@
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from esmpp.decompose import (
     complete_orthonormal,
     essential_basis,
     essential_basis_direct,
+    essential_top,
     functional_error,
     gram_factor,
     isotropic_factor,
@@ -169,3 +170,67 @@ def test_gram_factor_reproduces_the_gram(num_tokens):
     gram = inputs.T @ inputs
     factor = gram_factor(gram)
     torch.testing.assert_close(factor @ factor.T, gram)
+
+
+@given(layers(), st.integers(0, 14), st.booleans())
+@SETTINGS
+def test_top_components_equal_the_truncated_full_decomposition(layer, rank, centered):
+    """The optimised top-k ESD equals its straightforward definition (full ESD, then truncation): same
+    eigenvalues and, wherever the spectrum has a gap after k, the same subspace and approximation."""
+    delta, inputs = layer
+    rank = min(rank, delta.shape[0])
+    num_tokens = inputs.shape[0]
+    gram, mean = inputs.T @ inputs, inputs.mean(0)
+    full = essential_basis(delta, gram, num_tokens, centered, mean)
+    top = essential_top(delta, gram, num_tokens, rank, centered, mean)
+    assert top.basis.shape == (delta.shape[0], rank) and top.coordinates.shape == (rank, delta.shape[1])
+    torch.testing.assert_close(top.basis.T @ top.basis, torch.eye(rank, dtype=torch.float64))
+    scale = full.eigenvalues[0].item() + 1e-300
+    torch.testing.assert_close(top.eigenvalues, full.eigenvalues[:rank], rtol=0, atol=1e-9 * scale)
+    gap = full.eigenvalues[rank - 1] - full.eigenvalues[rank] if 0 < rank < delta.shape[0] else scale
+    if gap > 1e-3 * scale:
+        basis_k, coords_k = truncate(full, rank)
+        torch.testing.assert_close(_projector(top.basis, rank), _projector(full.basis, rank), rtol=0, atol=1e-6)
+        torch.testing.assert_close(top.basis @ top.coordinates, basis_k @ coords_k, rtol=0, atol=1e-6)
+
+
+def test_top_components_of_a_tall_matrix_with_a_wide_rank_use_the_full_route():
+    generator = torch.Generator().manual_seed(1)
+    delta = torch.randn(9, 4, generator=generator, dtype=torch.float64)
+    inputs = torch.randn(20, 4, generator=generator, dtype=torch.float64)
+    top = essential_top(delta, inputs.T @ inputs, 20, rank=6)  # rank 6 > d_in 4: completion needed
+    full = essential_basis(delta, inputs.T @ inputs, 20)
+    torch.testing.assert_close(top.basis, full.basis[:, :6])
+    torch.testing.assert_close(top.eigenvalues, full.eigenvalues[:6])
+
+
+def test_float64_is_needed_for_the_weak_components():
+    """ESD's eigenvalues are squared singular values of ΔY: with activations spanning 1e-4..1 (as real
+    layer inputs do) the weak components sit ~1e-8 below the top, under float32's resolution. The float64
+    route recovers them to 1e-6 relative; the same eigen-problem in float32 does not."""
+    generator = torch.Generator().manual_seed(0)
+    d = 24
+    scales = torch.logspace(-4, 0, d, dtype=torch.float64)
+    inputs = torch.randn(200, d, generator=generator, dtype=torch.float64) * scales
+    delta, _ = torch.linalg.qr(torch.randn(d, d, generator=generator, dtype=torch.float64))
+    reference = essential_basis_direct(delta, inputs).eigenvalues
+    top = essential_top(delta, inputs.T @ inputs, 200, rank=d).eigenvalues
+    weak = reference < 1e-6 * reference[0]
+    assert weak.any()
+    assert ((top - reference).abs()[weak] <= 1e-6 * reference[weak]).all()
+    core32 = (delta @ (inputs.T @ inputs) @ delta.T).float()
+    single = torch.linalg.eigvalsh(core32).flip(0).double() / 199
+    assert ((single - reference).abs()[weak] > 1e-2 * reference[weak]).any()
+
+
+@given(st.integers(1, 10), st.integers(1, 10), st.sampled_from([0.0, 1e-6, 1.0]), st.integers(0, 2**31 - 1))
+@SETTINGS
+def test_isotropic_factor_equals_its_svd_definition(rows, cols, weak_scale, seed):
+    """The Gram route of isotropic_factor matches mean(σ)·U Vᵀ from the SVD, also for ill-conditioned or
+    rank-deficient inputs (where it falls back to the SVD)."""
+    generator = torch.Generator().manual_seed(seed)
+    matrix = torch.randn(rows, cols, generator=generator, dtype=torch.float64)
+    matrix[:, 0] *= weak_scale  # a weak or missing direction
+    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    assume(s.numel() == 1 or s[-1] == 0 or (s[-2] - s[-1]) > 1e-9 * s[0])  # else U Vᵀ is not unique
+    torch.testing.assert_close(isotropic_factor(matrix), s.mean() * (u @ vh), rtol=0, atol=1e-8 * (1 + s[0]))

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from esmpp.architecture import linear_kind
-from esmpp.decompose import essential_basis, isotropic_factor, polar_factor
+from esmpp.decompose import essential_top, isotropic_factor, polar_factor
 from esmpp.errors import ConfigError
 from esmpp.merging.base import LayerStats, MergeMethod, append_summary
 from esmpp.merging.registry import register_method
@@ -71,7 +71,7 @@ class EssentialSummary:
 
 def essential_summary(delta: Tensor, stats: LayerStats, rank: int, centered: bool) -> EssentialSummary:
     """Step 1 for one task: top-``rank`` ESD of ``delta`` (``d_out × d_in``), stored in at least float32."""
-    esd = essential_basis(delta, stats.gram, stats.num_tokens, centered, stats.mean, rank=rank)
+    esd = essential_top(delta, stats.gram, stats.num_tokens, rank, centered, stats.mean)
     dtype = torch.promote_types(delta.dtype, torch.float32)
     return EssentialSummary(
         basis=esd.basis.to(dtype),
@@ -96,40 +96,27 @@ def eigenvalue_weights(eigenvalues: Tensor, exponent: float) -> Tensor:
 
 
 def esm_merge(summaries: list[EssentialSummary], options: EsmOptions) -> Tensor:
-    """Steps 2–6 on the tasks' summaries of one layer → ΔM (``d_out × d_in``).
-
-    Computed in the summaries' dtype and device: the SVDs of P (``d_out × Tk``) and C (``Tk × d_in``)
-    dominate the cost of ESM and do not need float64.
-    """
+    """Steps 2–6 on the tasks' summaries of one layer → ΔM (``d_out × d_in``, float64)."""
     exponent = options.polarization_exponent
-    like = summaries[0].basis
-    norms = torch.tensor([s.delta_norm for s in summaries], dtype=like.dtype, device=like.device)
+    norms = torch.tensor([s.delta_norm for s in summaries], dtype=torch.float64)
     task_scales = polarized_weights(norms, exponent) if options.polarized_task_scaling else torch.ones_like(norms)
     bases, coordinates = [], []
     for summary, task_scale in zip(summaries, task_scales, strict=True):
-        weights = eigenvalue_weights(summary.eigenvalues, options.eigenvalue_exponent)
-        bases.append(summary.basis * weights)
-        coordinates.append(task_scale * weights[:, None] * summary.coordinates)
+        weights = eigenvalue_weights(summary.eigenvalues.to(torch.float64), options.eigenvalue_exponent)
+        bases.append(summary.basis.to(torch.float64) * weights)
+        coordinates.append(task_scale * weights[:, None] * summary.coordinates.to(torch.float64))
     basis, coords = torch.cat(bases, dim=1), torch.cat(coordinates, dim=0)
     if options.dimension_scaling:
         coords = coords * polarized_weights(coords.norm(dim=0), exponent)
     if options.orthogonalization == "isotropic":
         merged = isotropic_factor(basis) @ isotropic_factor(coords)
     elif options.orthogonalization == "keep_row_norms":
-        row_norms = _row_norms_without_rounding_noise(coords)
-        unit_rows = torch.where(row_norms[:, None] > 0, coords / row_norms[:, None], 0.0)
+        row_norms = coords.norm(dim=1)
+        unit_rows = coords / row_norms.clamp(min=torch.finfo(coords.dtype).tiny)[:, None]
         merged = polar_factor(basis) @ (row_norms[:, None] * polar_factor(unit_rows))
     else:
         merged = basis @ coords
     return options.scale_factor * merged
-
-
-def _row_norms_without_rounding_noise(matrix: Tensor) -> Tensor:
-    """Row norms of ``matrix`` (``r × n``), zero for rows at rounding level (coordinates on directions
-    outside the range of ΔW): normalising those would turn noise into unit rows."""
-    norms = matrix.norm(dim=1)
-    tolerance = norms.max() * max(matrix.shape) * torch.finfo(matrix.dtype).eps
-    return torch.where(norms > tolerance, norms, torch.zeros_like(norms))
 
 
 def inter_layer_scaling(merged: dict[str, Tensor], exponent: float) -> dict[str, Tensor]:
@@ -176,7 +163,7 @@ class EssentialSubspaceMerging(MergeMethod):
     def combine(self, key: str, summary: Any) -> Tensor:
         if not self._uses_esd(key):
             return self._tsv.combine(key, summary)
-        return esm_merge(summary, self.options)
+        return esm_merge(summary, self.options).to(summary[0].basis.dtype)
 
     def finalize(self, merged: dict[str, Tensor]) -> dict[str, Tensor]:
         if not self.options.layer_scaling:

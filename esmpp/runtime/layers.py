@@ -45,9 +45,19 @@ def apply_experts(
     """Σ_j w_bj · A_{ids_bj} (B_{ids_bj} x_b), batched by gathering each image's experts.
 
     ``x`` [B, N, d_in], ``up`` [T, d_out, r], ``down`` [T, r, d_in], ``ids``/``weights`` [B, k] → [B, N, d_out].
+
+    The k chosen experts of an image act as one expert of rank k·r, [A_1 … A_k] diag(w) [B_1; …; B_k], so
+    the whole call is two batched matmuls (Gather, MatMul, Transpose, Reshape in ONNX); the weights scale
+    the small [B, N, k·r] hidden tensor. A three-operand einsum here fell back to broadcast
+    multiply-and-sum and cost several times the experts' FLOPs.
     """
-    hidden = torch.einsum("bni,bkri->bknr", x, down[ids])  # [B, k, N, r]
-    return torch.einsum("bknr,bkor,bk->bno", hidden, up[ids], weights)
+    batch, k = ids.shape
+    rank = down.shape[1]
+    down_stacked = down[ids].reshape(batch, k * rank, down.shape[2])  # [B, k·r, d_in]
+    up_stacked = up[ids].permute(0, 2, 1, 3).reshape(batch, up.shape[1], k * rank)  # [B, d_out, k·r]
+    hidden = torch.matmul(x, down_stacked.transpose(1, 2))  # [B, N, k·r]
+    hidden = hidden * weights.repeat_interleave(rank, dim=1).unsqueeze(1)
+    return torch.matmul(hidden, up_stacked.transpose(1, 2))
 
 
 class RoutedLinear(nn.Linear):

@@ -1,6 +1,8 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from esmpp.architecture import build_visual, linear_keys
 from esmpp.runtime.layers import apply_experts, explicit_attention
@@ -65,3 +67,18 @@ def test_apply_experts_weights_mix_experts():
         ]
     )
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+@given(st.integers(1, 3), st.integers(1, 4), st.integers(1, 3), st.integers(1, 3), st.integers(0, 2**31 - 1))
+@settings(deadline=None, max_examples=30)
+def test_apply_experts_equals_the_per_image_sum_of_dense_experts(batch, num_tasks, k, rank, seed):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 3, 5, generator=generator, dtype=torch.float64)
+    up = torch.randn(num_tasks, 4, rank, generator=generator, dtype=torch.float64)
+    down = torch.randn(num_tasks, rank, 5, generator=generator, dtype=torch.float64)
+    ids = torch.randint(num_tasks, (batch, k), generator=generator)
+    weights = torch.rand(batch, k, generator=generator, dtype=torch.float64)
+    expected = torch.stack(
+        [sum(weights[b, j] * x[b] @ (up[ids[b, j]] @ down[ids[b, j]]).T for j in range(k)) for b in range(batch)]
+    )
+    torch.testing.assert_close(apply_experts(x, up, down, ids, weights), expected)

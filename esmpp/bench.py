@@ -1,0 +1,407 @@
+"""`esmpp bench`: build and runtime performance on real open_clip architectures with synthetic tasks.
+
+Workloads: a randomly initialised pretrained tower of a real architecture (ViT-B-32, ViT-B-16, ViT-L-14)
+and T synthetic fine-tunes whose task vectors look like fine-tuning deltas (low rank plus small noise),
+written to disk as safetensors so that loading is part of what is measured.
+
+- build: each method's build (ESM++ artifact, or a static merge through ``merge_streaming``) runs in a
+  fresh process, with per-stage wall time and peak resident memory (:mod:`esmpp.profiling`);
+- runtime: latency and throughput of the routed ESM++ encoder against the plain merged open_clip tower.
+
+Every figure is the median of several repetitions after a warm-up; ratios are taken within one run.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import multiprocessing
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from esmpp.architecture import Architecture, build_visual, linear_keys
+from esmpp.artifact import save_artifact
+from esmpp.build import BuildOptions, build_artifact
+from esmpp.checkpoints import Encoder, load_encoder, save_encoder
+from esmpp.merge import TaskSource, apply_task_vector, merge_streaming
+from esmpp.merging import get_method
+from esmpp.profiling import StageProfile, recording, resident_bytes, stage
+from esmpp.runtime.model import Experts, RoutedEncoder
+
+ROUTED_METHOD = "esm++"  # the full ESM++ build; every other name is a static merge method
+DEFAULT_METHODS = (ROUTED_METHOD, "esm", "tsv", "task_arithmetic")
+BUILD_STAGES = ("load", "capture", "decompose", "merge", "alpha", "experts", "prototypes", "save", "other")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """What `esmpp bench` measures. Defaults fit a laptop: ViT-B-32 with 2 and 8 tasks."""
+
+    archs: tuple[str, ...] = ("ViT-B-32",)
+    task_counts: tuple[int, ...] = (2, 8)
+    methods: tuple[str, ...] = DEFAULT_METHODS
+    proxy_images: int = 32
+    rank: int = 32
+    routed_kinds: tuple[str, ...] = ("qkv", "fc")
+    build_repeats: int = 1
+    runtime_repeats: int = 5
+    warmup: int = 1
+    batch_sizes: tuple[int, ...] = (1, 32)
+    runtime: bool = True
+    threads: int | None = None  # torch intra-op threads (None: torch's default); 1 is steadier on a busy machine
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Workload:
+    """Checkpoints on disk: ``pretrained`` and one fine-tune per task (the first T are used)."""
+
+    arch: str
+    pretrained: Path
+    finetuned: tuple[Path, ...]
+    seed: int
+
+
+@dataclass
+class BuildRun:
+    """One build in one process: totals and per-stage figures (seconds, bytes)."""
+
+    seconds: float
+    stage_seconds: dict[str, float]
+    stage_peak_bytes: dict[str, int]
+    peak_bytes: int
+    baseline_bytes: int
+    exact_peaks: bool
+
+
+def synthetic_finetune(
+    pretrained: dict[str, torch.Tensor], generator: torch.Generator, delta_rank: int = 16, scale: float = 0.02
+) -> dict[str, torch.Tensor]:
+    """A fine-tune-like copy of ``pretrained``: each matrix moves by a rank-``delta_rank`` update plus 10 %
+    noise, everything else by small noise, both relative to the parameter's RMS (as fine-tuning deltas
+    are small next to the weights and concentrated in few directions)."""
+    state = {}
+    for key, weight in pretrained.items():
+        rms = float(weight.float().square().mean().sqrt()) or 1.0
+        noise = torch.randn(weight.shape, generator=generator)
+        if weight.ndim == 2 and min(weight.shape) > delta_rank:
+            left = torch.randn(weight.shape[0], delta_rank, generator=generator)
+            right = torch.randn(delta_rank, weight.shape[1], generator=generator)
+            delta = (left @ right) / delta_rank**0.5 + 0.1 * noise
+        else:
+            delta = 0.1 * noise
+        state[key] = weight + scale * rms * delta
+    return state
+
+
+def _architecture(arch: Architecture | str) -> Architecture:
+    return arch if isinstance(arch, Architecture) else Architecture.from_name(arch)
+
+
+def write_workload(arch: Architecture | str, num_tasks: int, directory: Path, seed: int = 0) -> Workload:
+    """Write a random pretrained ``arch`` tower (an open_clip name such as ``ViT-B-32``) and ``num_tasks``
+    synthetic fine-tunes to ``directory`` (files already there from an earlier call with the same seed
+    are reused)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    arch = _architecture(arch)
+
+    pretrained_path = directory / f"pretrained-{seed}.safetensors"
+    paths = [directory / f"task{t}-{seed}.safetensors" for t in range(num_tasks)]
+    if all(path.exists() for path in (pretrained_path, *paths)):
+        return Workload(arch.name, pretrained_path, tuple(paths), seed)
+    torch.manual_seed(seed)
+    pretrained = {key: value.detach() for key, value in build_visual(arch).state_dict().items()}
+    if not pretrained_path.exists():
+        save_encoder(Encoder(arch, pretrained, "random pretrained"), pretrained_path)
+    for t, path in enumerate(paths):
+        if not path.exists():
+            generator = torch.Generator().manual_seed(seed * 1000 + t + 1)
+            save_encoder(Encoder(arch, synthetic_finetune(pretrained, generator), f"task{t}"), path)
+    return Workload(arch.name, pretrained_path, tuple(paths), seed)
+
+
+def proxy_images(arch: Architecture, count: int, task: int, seed: int = 0) -> torch.Tensor:
+    """``count`` normalised images [count, 3, H, W] for ``task``: its own random template plus noise."""
+    size = arch.vision["image_size"]
+    generator = torch.Generator().manual_seed(seed * 1000 + 500 + task)
+    template = torch.randn(1, 3, size, size, generator=generator)
+    return template + 0.5 * torch.randn(count, 3, size, size, generator=generator)
+
+
+def task_sources(workload: Workload, arch: Architecture, num_tasks: int, num_proxy: int) -> list[TaskSource]:
+    """The first ``num_tasks`` tasks of ``workload``, loaded lazily from disk, with proxy images and heads."""
+    sources = []
+    for t, path in enumerate(workload.finetuned[:num_tasks]):
+        head = torch.nn.functional.normalize(
+            torch.randn(10, arch.embed_dim, generator=torch.Generator().manual_seed(t))
+        )
+        sources.append(
+            TaskSource(
+                name=f"task{t}",
+                load=lambda path=path: load_encoder(path),
+                proxy=proxy_images(arch, num_proxy, t, workload.seed),
+                head=head,
+                classes=[f"class{c}" for c in range(10)],
+            )
+        )
+    return sources
+
+
+def run_build(workload: Workload, method: str, num_tasks: int, config: BenchConfig, out: Path) -> BuildRun:
+    """Build with ``method`` (``esm++`` or a static method) over the first ``num_tasks`` tasks of
+    ``workload`` and save the result under ``out``, profiling each stage. Meant for a fresh process."""
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    baseline = resident_bytes()
+    start = time.perf_counter()
+    with recording() as profile:
+        with stage("load"):
+            pretrained = load_encoder(workload.pretrained)
+        tasks = task_sources(workload, pretrained.arch, num_tasks, config.proxy_images)
+        if method == ROUTED_METHOD:
+            options = BuildOptions(alpha=1.0, rank=config.rank, routed_kinds=config.routed_kinds)
+            artifact = build_artifact(pretrained, tasks, options, progress=False)
+            with stage("save"):
+                save_artifact(artifact, out / "artifact", overwrite=True)
+        else:
+            task_vector = merge_streaming(pretrained, tasks, get_method(method)(None, len(tasks)), progress=False)
+            with stage("alpha"):
+                merged = apply_task_vector(pretrained.state, task_vector, 1.0)
+            with stage("save"):
+                save_encoder(Encoder(pretrained.arch, merged, method), out / "merged.safetensors")
+    return _build_run(profile, time.perf_counter() - start, baseline)
+
+
+def _build_run(profile: StageProfile, seconds: float, baseline: int) -> BuildRun:
+    return BuildRun(
+        seconds=seconds,
+        stage_seconds=dict(profile.seconds),
+        stage_peak_bytes=dict(profile.peak_bytes),
+        peak_bytes=max(profile.peak_bytes.values(), default=0),
+        baseline_bytes=baseline,
+        exact_peaks=profile.exact_peaks,
+    )
+
+
+def run_build_isolated(workload: Workload, method: str, num_tasks: int, config: BenchConfig) -> BuildRun:
+    """:func:`run_build` in a fresh spawned process, so that its peak memory is its own."""
+    context = multiprocessing.get_context("spawn")
+    with (
+        tempfile.TemporaryDirectory(prefix="esmpp-bench-") as out,
+        concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool,
+    ):
+        return pool.submit(run_build, workload, method, num_tasks, config, Path(out)).result()
+
+
+def median_build(runs: Sequence[BuildRun]) -> dict[str, Any]:
+    """Medians over repeated builds of the total and of each stage (seconds; peak memory in MiB)."""
+    stages = sorted({name for run in runs for name in run.stage_seconds})
+    return {
+        "seconds": statistics.median(run.seconds for run in runs),
+        "peak_mib": statistics.median(run.peak_bytes for run in runs) / 2**20,
+        "baseline_mib": statistics.median(run.baseline_bytes for run in runs) / 2**20,
+        "stage_seconds": {s: statistics.median(run.stage_seconds.get(s, 0.0) for run in runs) for s in stages},
+        "stage_peak_mib": {
+            s: statistics.median(run.stage_peak_bytes.get(s, 0) for run in runs) / 2**20 for s in stages
+        },
+        "exact_peaks": all(run.exact_peaks for run in runs),
+        "repeats": len(runs),
+    }
+
+
+def expert_bytes(arch: Architecture, kinds: Sequence[str], rank: int) -> int:
+    """Bytes of one task's float32 experts (A_t and B_t of every routed layer) at ``rank``."""
+    visual = build_visual_shapes(arch)
+    return sum(4 * rank * (visual[key][0] + visual[key][1]) for key in linear_keys(arch, kinds))
+
+
+def build_visual_shapes(arch: Architecture) -> dict[str, torch.Size]:
+    """Parameter shapes of ``arch``'s tower without allocating its weights."""
+    with torch.device("meta"):
+        return {key: value.shape for key, value in build_visual(arch).state_dict().items()}
+
+
+def interleaved_medians(
+    calls: dict[str, Callable[[], object]], repeats: int, warmup: int, synchronize: bool
+) -> dict[str, float]:
+    """Median wall time of each of ``calls`` over ``repeats`` rounds after ``warmup`` untimed ones. A round
+    runs every call once, so that load from other processes hits all of them alike."""
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for index in range(warmup + repeats):
+        for name, call in calls.items():
+            if synchronize:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            call()
+            if synchronize:
+                torch.cuda.synchronize()
+            if index >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def random_experts(arch: Architecture, num_tasks: int, rank: int, kinds: Sequence[str], seed: int = 0) -> dict:
+    """Experts of the right shapes with small random factors and random unit prototypes."""
+    generator = torch.Generator().manual_seed(seed)
+    shapes = build_visual_shapes(arch)
+    experts = {}
+    for key in linear_keys(arch, kinds):
+        d_out, d_in = shapes[key]
+        experts[key] = Experts(
+            up=torch.randn(num_tasks, d_out, rank, generator=generator) / d_out**0.5,
+            down=0.01 * torch.randn(num_tasks, rank, d_in, generator=generator),
+            prototypes=torch.randn(num_tasks, 1, d_in, generator=generator),
+        )
+    return experts
+
+
+def run_runtime(arch: Architecture | str, num_tasks: int, config: BenchConfig, device: torch.device) -> dict[str, Any]:
+    """Latency (ms) and throughput (images/s) of the routed ESM++ encoder and of the plain merged tower
+    (open_clip, the same backbone) at each batch size; ``ratio`` = routed / plain latency."""
+    arch = _architecture(arch)
+    torch.manual_seed(config.seed)
+    plain = build_visual(arch).eval()
+    heads = [torch.randn(10, arch.embed_dim) for _ in range(num_tasks)]
+    experts = random_experts(arch, num_tasks, config.rank, config.routed_kinds, config.seed)
+    routed = RoutedEncoder(arch, plain.state_dict(), experts, heads).to(device)
+    plain = plain.to(device)
+    size = arch.vision["image_size"]
+    results = {}
+    for batch in config.batch_sizes:
+        pixels = torch.randn(batch, 3, size, size, device=device)
+        with torch.inference_mode():
+            seconds = interleaved_medians(
+                {"plain": partial(plain, pixels), "routed": partial(routed, pixels)},
+                config.runtime_repeats,
+                config.warmup,
+                device.type == "cuda",
+            )
+        figures = {name: {"latency_ms": 1000 * value, "images_per_s": batch / value} for name, value in seconds.items()}
+        figures["ratio"] = figures["routed"]["latency_ms"] / figures["plain"]["latency_ms"]
+        results[f"batch{batch}"] = figures
+    return results
+
+
+def runtime_flops_ratio(arch: Architecture, kinds: Sequence[str], rank: int) -> float:
+    """The experts' extra multiply-adds per token over the tower's linear layers (qkv, out, fc, proj)."""
+    shapes = build_visual_shapes(arch)
+    dense = sum(shapes[key].numel() for key in linear_keys(arch, ("qkv", "out", "fc", "proj")))
+    extra = sum(rank * (shapes[key][0] + shapes[key][1]) for key in linear_keys(arch, kinds))
+    return extra / dense
+
+
+def _environment() -> dict[str, Any]:
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "load_average": load,
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    }
+
+
+def onnx_note() -> str:
+    """ONNX Runtime latency needs the exporter (esmpp.onnx); said plainly when it is not there."""
+    import importlib.util
+
+    if importlib.util.find_spec("esmpp.onnx") is None:
+        return "skipped: esmpp.onnx is not in this checkout"
+    return "skipped: ONNX Runtime latency is not wired into the bench yet"
+
+
+def run_bench(config: BenchConfig, workdir: Path, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run every workload of ``config`` (checkpoints under ``workdir``) and return the JSON-able report."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    report: dict[str, Any] = {"config": asdict(config), "environment": _environment(), "device": str(device)}
+    report["build"], report["runtime"], report["targets"] = {}, {}, {}
+    for arch_name in config.archs:
+        arch = Architecture.from_name(arch_name)
+        log(f"{arch_name}: writing {max(config.task_counts)} synthetic fine-tunes under {workdir}")
+        workload = write_workload(arch_name, max(config.task_counts), workdir / arch_name, config.seed)
+        builds: dict[str, dict[str, Any]] = {}
+        for num_tasks in config.task_counts:
+            for method in config.methods:
+                log(f"{arch_name} T={num_tasks} {method}: {config.build_repeats} build(s)")
+                runs = [run_build_isolated(workload, method, num_tasks, config) for _ in range(config.build_repeats)]
+                figures = builds.setdefault(str(num_tasks), {})[method] = median_build(runs)
+                log(f"  {figures['seconds']:.1f} s, peak {figures['peak_mib']:.0f} MiB, {figures['stage_seconds']}")
+        report["build"][arch_name] = builds
+        if config.runtime:
+            num_tasks = max(config.task_counts)
+            log(f"{arch_name} runtime T={num_tasks} on {device}")
+            report["runtime"][arch_name] = run_runtime(arch_name, num_tasks, config, device)
+            report["runtime"][arch_name]["expert_flops_ratio"] = runtime_flops_ratio(
+                arch, config.routed_kinds, config.rank
+            )
+        report["targets"][arch_name] = targets(builds, report["runtime"].get(arch_name), arch, config)
+    report["onnx"] = onnx_note()
+    report["environment"]["load_average_after"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+    return report
+
+
+def targets(
+    builds: dict[str, dict[str, Any]], runtime: dict[str, Any] | None, arch: Architecture, config: BenchConfig
+) -> dict[str, Any]:
+    """The issue's acceptance figures that this run can compute (ratios within this run)."""
+    result: dict[str, Any] = {}
+    for num_tasks, by_method in builds.items():
+        tsv = by_method.get("tsv")
+        if tsv is None:
+            continue
+        for method in (ROUTED_METHOD, "esm"):
+            if method in by_method:
+                result[f"T{num_tasks}_{method}_over_tsv_build"] = by_method[method]["seconds"] / tsv["seconds"]
+    counts = sorted(int(t) for t in builds)
+    if len(counts) > 1 and all(ROUTED_METHOD in builds[str(t)] for t in counts):
+        low, high = counts[0], counts[-1]
+        growth = builds[str(high)][ROUTED_METHOD]["peak_mib"] - builds[str(low)][ROUTED_METHOD]["peak_mib"]
+        budget = (high - low) * expert_bytes(arch, config.routed_kinds, config.rank) / 2**20
+        result[f"peak_growth_T{low}_to_T{high}_mib"] = growth
+        result[f"experts_of_{high - low}_tasks_mib"] = budget
+        result["peak_growth_over_experts"] = growth / budget
+    if runtime is not None:
+        for batch, figures in runtime.items():
+            if isinstance(figures, dict):
+                result[f"routed_over_plain_{batch}"] = figures["ratio"]
+    return result
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The report as plain-text tables: build stages per workload, runtime, targets."""
+    lines = [f"device {report['device']}, load average {report['environment']['load_average']}"]
+    for arch_name, builds in report["build"].items():
+        lines.append(f"\n{arch_name} build (s; peak MiB)")
+        header = f"{'T':>3} {'method':<16}{'total':>8}{'peak':>8}" + "".join(f"{s[:8]:>9}" for s in BUILD_STAGES)
+        lines.append(header)
+        for num_tasks, by_method in builds.items():
+            for method, figures in by_method.items():
+                cells = "".join(f"{figures['stage_seconds'].get(s, 0.0):>9.2f}" for s in BUILD_STAGES)
+                lines.append(f"{num_tasks:>3} {method:<16}{figures['seconds']:>8.1f}{figures['peak_mib']:>8.0f}{cells}")
+    for arch_name, runtime in report["runtime"].items():
+        lines.append(f"\n{arch_name} runtime (ms per batch; images/s)")
+        for batch, figures in runtime.items():
+            if isinstance(figures, dict):
+                lines.append(
+                    f"  {batch:<8} plain {figures['plain']['latency_ms']:8.1f} ms "
+                    f"{figures['plain']['images_per_s']:7.1f}/s   routed {figures['routed']['latency_ms']:8.1f} ms "
+                    f"{figures['routed']['images_per_s']:7.1f}/s   ratio {figures['ratio']:.3f}"
+                )
+        lines.append(f"  experts' extra FLOPs over the linear layers: {runtime['expert_flops_ratio']:.1%}")
+    for arch_name, figures in report["targets"].items():
+        lines.append(f"\n{arch_name} targets")
+        lines.extend(f"  {name:<36} {value:.3f}" for name, value in figures.items())
+    lines.append(f"\nonnx: {report['onnx']}")
+    return "\n".join(lines)

@@ -1,0 +1,63 @@
+"""The bench's building blocks on the tiny architecture (the real-scale runs are `esmpp bench`)."""
+
+import torch
+
+from esmpp.bench import (
+    BenchConfig,
+    format_report,
+    median_build,
+    run_build,
+    run_runtime,
+    synthetic_finetune,
+    targets,
+    write_workload,
+)
+from esmpp.checkpoints import load_encoder
+from tests.conftest import TINY_ARCH
+
+
+def test_synthetic_task_vectors_are_low_rank_plus_small_noise(tiny_visual):
+    pretrained = tiny_visual.state_dict()
+    finetuned = synthetic_finetune(pretrained, torch.Generator().manual_seed(0), delta_rank=4)
+    delta = finetuned["transformer.resblocks.0.mlp.c_fc.weight"] - pretrained["transformer.resblocks.0.mlp.c_fc.weight"]
+    singular_values = torch.linalg.svdvals(delta)
+    assert singular_values[4] < 0.2 * singular_values[3]  # the energy sits in the first 4 directions
+    for key, weight in pretrained.items():
+        change = (finetuned[key] - weight).norm()
+        assert 0 < change < 0.1 * (weight.norm() if weight.any() else weight.numel() ** 0.5), key
+
+
+def test_build_runs_report_every_stage(tmp_path):
+    workload = write_workload(TINY_ARCH, 2, tmp_path / "workload")
+    assert load_encoder(workload.finetuned[1]).arch == TINY_ARCH
+    config = BenchConfig(proxy_images=4, rank=4)
+    routed = run_build(workload, "esm++", 2, config, tmp_path)
+    static = run_build(workload, "tsv", 2, config, tmp_path)
+    assert (tmp_path / "artifact" / "manifest.json").is_file() and (tmp_path / "merged.safetensors").is_file()
+    assert {"load", "capture", "decompose", "merge", "alpha", "experts", "prototypes", "save"} <= set(
+        routed.stage_seconds
+    )
+    assert "experts" not in static.stage_seconds
+    for run in (routed, static):
+        assert run.peak_bytes >= run.baseline_bytes > 0
+        assert abs(sum(run.stage_seconds.values()) - run.seconds) < 0.1 * run.seconds + 0.05
+    builds = {"2": {"esm++": median_build([routed]), "tsv": median_build([static])}}
+    figures = targets(builds, None, TINY_ARCH, config)
+    assert figures["T2_esm++_over_tsv_build"] == builds["2"]["esm++"]["seconds"] / builds["2"]["tsv"]["seconds"]
+
+
+def test_runtime_compares_routed_and_plain(tmp_path):
+    config = BenchConfig(batch_sizes=(1, 3), runtime_repeats=1, warmup=0, rank=4)
+    runtime = run_runtime(TINY_ARCH, 2, config, torch.device("cpu"))
+    assert set(runtime) == {"batch1", "batch3"}
+    for figures in runtime.values():
+        assert figures["ratio"] == figures["routed"]["latency_ms"] / figures["plain"]["latency_ms"]
+    report = {
+        "device": "cpu",
+        "environment": {"load_average": None},
+        "build": {},
+        "runtime": {"tiny": {**runtime, "expert_flops_ratio": 0.04}},
+        "targets": {},
+        "onnx": "skipped",
+    }
+    assert "ratio" in format_report(report)
