@@ -111,12 +111,20 @@ def esm_merge(summaries: list[EssentialSummary], options: EsmOptions) -> Tensor:
     if options.orthogonalization == "isotropic":
         merged = isotropic_factor(basis) @ isotropic_factor(coords)
     elif options.orthogonalization == "keep_row_norms":
-        row_norms = coords.norm(dim=1)
-        unit_rows = coords / row_norms.clamp(min=torch.finfo(coords.dtype).tiny)[:, None]
+        row_norms = _row_norms_without_rounding_noise(coords)
+        unit_rows = torch.where(row_norms[:, None] > 0, coords / row_norms[:, None], 0.0)
         merged = polar_factor(basis) @ (row_norms[:, None] * polar_factor(unit_rows))
     else:
         merged = basis @ coords
     return options.scale_factor * merged
+
+
+def _row_norms_without_rounding_noise(matrix: Tensor) -> Tensor:
+    """Row norms of ``matrix`` (``r × n``), zero for rows at rounding level (coordinates on directions
+    outside the range of ΔW): normalising those would turn noise into unit rows."""
+    norms = matrix.norm(dim=1)
+    tolerance = norms.max() * max(matrix.shape) * torch.finfo(matrix.dtype).eps
+    return torch.where(norms > tolerance, norms, torch.zeros_like(norms))
 
 
 def inter_layer_scaling(merged: dict[str, Tensor], exponent: float) -> dict[str, Tensor]:
