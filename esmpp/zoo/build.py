@@ -1,4 +1,4 @@
-"""Build a zoo: pretrain one encoder on procedural glyphs, then fine-tune one expert per task.
+"""Build a zoo: pretrain one encoder by distilling an ImageNet CNN on photo crops, then fine-tune one expert per task.
 
 Deterministic (fixed seeds, deterministic torch algorithms: same preset, same machine → identical
 checkpoint bytes), cached (a directory with a manifest is reused unless ``force``), and atomic (built in a
@@ -26,7 +26,7 @@ from esmpp.architecture import Architecture, build_visual
 from esmpp.checkpoints import Encoder, save_encoder
 from esmpp.evaluation import accuracy
 from esmpp.images import preprocess_uint8
-from esmpp.zoo import procedural
+from esmpp.zoo import distill
 from esmpp.zoo.datasets import SPLITS, TaskData, load_task, task_seed
 from esmpp.zoo.presets import ZooPreset, get_preset
 from esmpp.zoo.store import (
@@ -72,18 +72,23 @@ def save_checkpoint(state: dict[str, torch.Tensor], arch: Architecture, path: Pa
     save_encoder(Encoder(arch, {key: value.detach() for key, value in state.items()}, str(path)), path)
 
 
-def _glyph_batches(recipe: ZooPreset, arch: Architecture) -> tuple[torch.Tensor, Iterator[Batch]]:
-    """Template-class head (random init) and an endless stream of fresh, seeded glyph batches."""
-    rng = np.random.default_rng(recipe.seed)
-    templates = procedural.glyph_templates(recipe.pretrain.classes, recipe.pretrain.strokes, rng)
+def _distillation_batches(recipe: ZooPreset, arch: Architecture) -> tuple[torch.Tensor, Iterator[Batch]]:
+    """The trainable projection [embed_dim, 1280] (random init) and an endless stream of seeded batches of
+    (student-size photo crops, standardised teacher features)."""
+    pretrain = recipe.pretrain
+    student_images, teacher_images = distill.photo_crops(
+        pretrain.crops, (arch.image_size, pretrain.teacher_size), np.random.default_rng(recipe.seed)
+    )
+    pixels, targets = preprocess_uint8(student_images, arch), distill.teacher_features(teacher_images)
+    generator = torch.Generator().manual_seed(recipe.seed)
 
     def stream() -> Iterator[Batch]:
         while True:
-            images, labels = procedural.glyphs(templates, recipe.pretrain.batch_size, arch.image_size, rng)
-            yield preprocess_uint8(images, arch), torch.from_numpy(labels)
+            index = torch.randint(0, len(pixels), (pretrain.batch_size,), generator=generator)
+            yield pixels[index], targets[index]
 
-    head = torch.randn(recipe.pretrain.classes, arch.embed_dim) * recipe.head_scale / arch.embed_dim**0.5
-    return head.requires_grad_(True), stream()
+    projection = torch.randn(arch.embed_dim, distill.TEACHER_FEATURES) / arch.embed_dim**0.5
+    return projection.requires_grad_(True), stream()
 
 
 def _task_batches(recipe: ZooPreset, task: TaskData, arch: Architecture) -> Iterator[Batch]:
@@ -120,14 +125,15 @@ def _build_into(recipe: ZooPreset, root: Path, progress: bool) -> dict[str, Any]
         for name in tqdm(recipe.tasks, desc="datasets", disable=not progress, leave=False)
     }
     encoder = build_visual(arch)
-    glyph_head, glyph_stream = _glyph_batches(recipe, arch)
+    projection, crops = _distillation_batches(recipe, arch)
     train(
         encoder,
-        glyph_head,
-        lambda: next(glyph_stream),
+        projection,
+        lambda: next(crops),
         recipe.pretrain,
-        description="pretrain",
+        description="pretrain (distillation)",
         progress=progress,
+        loss=distill.distillation_loss,
     )
     pretrained = {key: value.clone() for key, value in encoder.state_dict().items()}
     save_checkpoint(pretrained, arch, root / PRETRAINED)

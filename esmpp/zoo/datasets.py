@@ -139,6 +139,7 @@ PROCEDURAL_TASKS: dict[str, Callable[[int, np.random.Generator, int], Pool]] = {
     "shapes": _procedural(procedural.shapes, procedural.SHAPE_NAMES),
     "stripes": _procedural(procedural.stripes, tuple(f"{a} deg" for a in procedural.STRIPE_ANGLES)),
     "positions": _procedural(procedural.positions, procedural.POSITION_NAMES),
+    "colours": _procedural(procedural.colours, procedural.COLOUR_NAMES),
 }
 TASKS = (*REAL_TASKS, *PROCEDURAL_TASKS)
 SOURCES = {
@@ -150,6 +151,7 @@ SOURCES = {
     "shapes": "procedural: six filled shapes",
     "stripes": "procedural: gratings at six orientations",
     "positions": "procedural: square in a 3x3 grid cell",
+    "colours": "procedural: a blob of one of six hues on grey",
 }
 
 

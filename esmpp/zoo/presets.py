@@ -37,11 +37,11 @@ class TrainRecipe(BaseModel):
 
 
 class PretrainRecipe(TrainRecipe):
-    """Pretraining on procedural glyphs: ``classes`` random templates of ``strokes`` strokes each, with a
-    trainable cosine head that is thrown away afterwards."""
+    """Pretraining by distillation (``esmpp.zoo.distill``): ``crops`` photo crops, embedded once by the
+    ImageNet teacher at ``teacher_size`` pixels; the student learns to predict the teacher's features."""
 
-    classes: int = Field(gt=1)
-    strokes: int = Field(gt=0)
+    crops: int = Field(gt=0)
+    teacher_size: int = Field(default=64, gt=0)
 
 
 class ZooPreset(BaseModel):
@@ -81,9 +81,9 @@ PRESETS: dict[str, ZooPreset] = {
     "tiny": ZooPreset(
         name="tiny",
         architecture=_vit("zoo-tiny", image_size=16, width=32, layers=2, patch_size=4, head_width=16),
-        tasks=("digits", "faces", "stripes", "shapes"),
+        tasks=("digits", "faces", "stripes", "colours"),
         sizes=SplitSizes(train=256, val=64, test=64, proxy=32),
-        pretrain=PretrainRecipe(steps=300, batch_size=64, lr=2e-3, weight_decay=0.05, classes=32, strokes=2),
+        pretrain=PretrainRecipe(steps=200, batch_size=64, lr=2e-3, weight_decay=0.05, crops=1024, teacher_size=32),
         finetune=TrainRecipe(steps=200, batch_size=32, lr=2e-3, weight_decay=0.1),
         head_scale=16.0,
         max_shift=1,
@@ -91,10 +91,10 @@ PRESETS: dict[str, ZooPreset] = {
     "mini": ZooPreset(
         name="mini",
         architecture=_vit("zoo-mini", image_size=32, width=128, layers=6, patch_size=8, head_width=32),
-        tasks=("mnist", "digits", "faces", "textures", "textile", "shapes", "stripes", "positions"),
+        tasks=("mnist", "digits", "faces", "textures", "textile", "shapes", "stripes", "colours"),
         sizes=SplitSizes(train=3000, val=500, test=500, proxy=32),
-        pretrain=PretrainRecipe(steps=1500, batch_size=128, lr=1e-3, weight_decay=0.05, classes=512, strokes=3),
-        finetune=TrainRecipe(steps=600, batch_size=64, lr=3e-4, weight_decay=0.1),
+        pretrain=PretrainRecipe(steps=1200, batch_size=128, lr=1e-3, weight_decay=0.05, crops=12000, teacher_size=64),
+        finetune=TrainRecipe(steps=500, batch_size=64, lr=1e-3, weight_decay=0.1),
         head_scale=16.0,
     ),
 }

@@ -1,9 +1,7 @@
-"""Seeded numpy image generators: three evaluation tasks and the pretraining distribution.
+"""Seeded numpy image generators of the zoo's procedural evaluation tasks.
 
 Everything renders on a pixel grid with signed-distance style masks, vectorised over the batch, so
 thousands of images take well under a second. Images are uint8 [N, S, S, 3]; labels int64 [N].
-The pretraining glyphs (random stroke templates on random textures) are none of the evaluation tasks:
-they only have to teach general stroke, colour, texture and layout features.
 """
 
 from __future__ import annotations
@@ -12,6 +10,7 @@ import numpy as np
 
 SHAPE_NAMES = ("circle", "square", "triangle", "cross", "ring", "diamond")
 STRIPE_ANGLES = (0, 30, 60, 90, 120, 150)
+COLOUR_NAMES = ("red", "yellow", "green", "cyan", "blue", "magenta")
 POSITION_NAMES = tuple(f"{row}-{col}" for row in ("top", "middle", "bottom") for col in ("left", "centre", "right"))
 
 
@@ -101,35 +100,19 @@ def positions(n: int, size: int, rng: np.random.Generator) -> tuple[np.ndarray, 
     return _compose(image_mask, foreground, background, _noise(rng, n, size, 0.06)), labels.astype(np.int64)
 
 
-def glyph_templates(num_classes: int, strokes: int, rng: np.random.Generator) -> np.ndarray:
-    """Random stroke templates: [C, strokes, 4] segment end points (y0, x0, y1, x1) in [-0.8, 0.8]."""
-    return rng.uniform(-0.8, 0.8, (num_classes, strokes, 4)).astype(np.float32)
-
-
-def glyphs(templates: np.ndarray, n: int, size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Pretraining images: a random template class drawn with random thickness, affine jitter,
-    colours, and a random oriented-noise texture background. ``templates`` [C, K, 4]."""
-    labels = rng.integers(0, templates.shape[0], n)
+def colours(n: int, size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """The hue of a soft blob (``COLOUR_NAMES``, six hues 60° apart, jittered in hue, saturation and value)
+    on a grey, noisy background."""
+    labels = rng.integers(0, len(COLOUR_NAMES), n)
+    hue = (labels / len(COLOUR_NAMES) + rng.uniform(-0.04, 0.04, n)) % 1.0
+    saturation, value = rng.uniform(0.6, 1.0, n), rng.uniform(0.6, 1.0, n)
+    # HSV → RGB, vectorised: each channel is value · (1 − saturation · clip(...)) of a hue ramp.
+    channel = (np.array([0.0, 2.0, 4.0]) / 6.0)[None, :]
+    ramp = np.clip(np.abs(((hue[:, None] + 1.0 - channel) % 1.0) * 6.0 - 3.0) - 1.0, 0.0, 1.0)
+    foreground = (value[:, None] * (1.0 - saturation[:, None] * (1.0 - ramp))).astype(np.float32)
+    background = np.repeat(rng.uniform(0.2, 0.8, (n, 1)), 3, axis=1).astype(np.float32)
     y, x = _grid(size)
-    angle = rng.uniform(-0.4, 0.4, (n, 1, 1)).astype(np.float32)
-    scale = rng.uniform(0.75, 1.15, (n, 1, 1)).astype(np.float32)
-    shift = rng.uniform(-0.2, 0.2, (n, 2, 1, 1)).astype(np.float32)
-    # Glyph coordinates of every pixel: undo the per-image similarity transform.
-    dy, dx = (y - shift[:, 0]) / scale, (x - shift[:, 1]) / scale
-    gy = np.cos(angle) * dy - np.sin(angle) * dx
-    gx = np.sin(angle) * dy + np.cos(angle) * dx
-    distance = np.full((n, size, size), np.inf, dtype=np.float32)
-    for segment in np.moveaxis(templates[labels], 1, 0):  # [N, 4] per stroke
-        y0, x0, y1, x1 = (segment[:, i, None, None] for i in range(4))
-        vy, vx = y1 - y0, x1 - x0
-        t = np.clip(((gy - y0) * vy + (gx - x0) * vx) / (vy**2 + vx**2 + 1e-6), 0.0, 1.0)
-        distance = np.minimum(distance, np.hypot(gy - y0 - t * vy, gx - x0 - t * vx))
-    thickness = rng.uniform(0.06, 0.16, (n, 1, 1)).astype(np.float32)
-    mask = np.clip((thickness - distance) * size / 2.0 + 0.5, 0.0, 1.0)
-    texture_angle = rng.uniform(0.0, np.pi, (n, 1, 1)).astype(np.float32)
-    texture_frequency = rng.uniform(1.0, 8.0, (n, 1, 1)).astype(np.float32)
-    texture = np.sin(np.pi * texture_frequency * (np.cos(texture_angle) * x + np.sin(texture_angle) * y))
-    texture_strength = rng.uniform(0.0, 0.2, (n, 1, 1, 1)).astype(np.float32)
-    foreground, background = _contrasting_colours(rng, n)
-    noise = _noise(rng, n, size, 0.05) + texture_strength * texture[..., None]
-    return _compose(mask, foreground, background, noise), labels.astype(np.int64)
+    centre = rng.uniform(-0.4, 0.4, (2, n, 1, 1))
+    radius = rng.uniform(0.3, 0.6, (n, 1, 1))
+    mask = np.clip((radius - np.hypot(y - centre[0], x - centre[1])) * size / 4.0, 0.0, 1.0).astype(np.float32)
+    return _compose(mask, foreground, background, _noise(rng, n, size, 0.05)), labels.astype(np.int64)

@@ -1,7 +1,7 @@
-"""Training loops of the zoo: pretraining with a trainable cosine head, fine-tuning with a frozen one.
+"""Training loop of the zoo: distillation pretraining with a trainable projection, fine-tuning with a frozen head.
 
-Both minimise cross-entropy of ``head_logits(encoder(x), head)``; all randomness comes from the
-generators passed in, so a build is reproducible to the byte (see ``build.deterministic``).
+All randomness comes from the generators passed in, so a build is reproducible to the byte (see
+``build.deterministic``).
 """
 
 from __future__ import annotations
@@ -29,6 +29,11 @@ def warmup_cosine(step: int, steps: int, warmup_fraction: float) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
 
 
+def classification_loss(embeddings: torch.Tensor, head: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of ``head_logits(embeddings, head)`` against ``labels`` (fine-tuning with a frozen head)."""
+    return F.cross_entropy(head_logits(embeddings, head), labels)
+
+
 def train(
     encoder: torch.nn.Module,
     head: torch.Tensor,
@@ -37,12 +42,12 @@ def train(
     *,
     description: str,
     progress: bool,
+    loss: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] = classification_loss,
 ) -> None:
-    """Run ``recipe.steps`` AdamW steps on batches from ``next_batch`` (normalised images [B, 3, H, W],
-    labels [B]). ``head`` [C, D] is trained along (and L2-normalised per class, times its initial
-    scale) when it requires grad, and frozen otherwise. Biases and norms get no weight decay."""
+    """Run ``recipe.steps`` AdamW steps minimising ``loss(encoder(images), head, targets)`` on batches from
+    ``next_batch`` (normalised images [B, 3, H, W], targets). ``head`` is trained along when it requires
+    grad (the distillation projection), frozen otherwise (task heads). Biases and norms get no weight decay."""
     trainable_head = head.requires_grad
-    scale = head.detach().norm(dim=1).mean().item()
     decay = [p for p in encoder.parameters() if p.ndim >= 2]
     no_decay = [p for p in encoder.parameters() if p.ndim < 2]
     groups = [
@@ -58,14 +63,13 @@ def train(
     encoder.train()
     bar = tqdm(range(recipe.steps), desc=description, disable=not progress, leave=False)
     for _ in bar:
-        images, labels = next_batch()
-        weights = scale * F.normalize(head, dim=1) if trainable_head else head
-        loss = F.cross_entropy(head_logits(encoder(images), weights), labels)
+        images, targets = next_batch()
+        value = loss(encoder(images), head, targets)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        value.backward()
         optimizer.step()
         schedule.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+        bar.set_postfix(loss=f"{value.item():.3f}", refresh=False)
     encoder.eval()
 
 
