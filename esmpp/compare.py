@@ -49,14 +49,21 @@ def evaluate_routed(
     return results
 
 
+def esmpp_label(options: BuildOptions) -> str:
+    """A table label that names the ESM++ options which differ between variants."""
+    kinds = "+".join(options.routed_kinds)
+    return f"ESM++ r={options.rank} {kinds} {options.prototype_source}×{options.prototypes_per_task}"
+
+
 def compare_on_zoo(
     zoo,
     methods: Sequence[str],
-    esmpp_options: BuildOptions | None = None,
+    esmpp_options: Sequence[BuildOptions] = (BuildOptions(),),
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Run the comparison; returns ``{"rows": [...], "finetuned": {...}, "esmpp": {...}}`` where each row is
-    ``{"method", "accuracy": {task: %}, "seconds", "alpha"}``."""
+    """Run the comparison; returns ``{"rows": [...], "finetuned": {...}, "esmpp": {label: {...}},
+    "artifacts": {label: Artifact}}`` where each row is ``{"method", "accuracy": {task: %}, "seconds",
+    "alpha"}``; each ESM++ variant gives a task-given and a task-agnostic row."""
     pretrained, sources = zoo_sources(zoo)
     rows: list[dict[str, Any]] = [
         {
@@ -85,36 +92,29 @@ def compare_on_zoo(
         visual.load_state_dict(apply_task_vector(pretrained.state, task_vector, alpha))
         rows.append({"method": name, "accuracy": evaluate(visual, zoo), "seconds": seconds, "alpha": alpha})
 
-    options = esmpp_options or BuildOptions()
-    start = time.perf_counter()
-    artifact = build_artifact(pretrained, sources, options, progress)
-    seconds = time.perf_counter() - start
-    routed = evaluate_routed(artifact.to_model(), zoo)
-    label = f"ESM++ (r={options.rank})"
-    rows.append(
-        {
-            "method": label,
-            "accuracy": routed["task_given"],
-            "seconds": seconds,
-            "alpha": artifact.build["alpha"],
-        }
-    )
-    rows.append(
-        {
-            "method": f"{label} task-agnostic",
-            "accuracy": routed["task_agnostic"],
-            "seconds": seconds,
-            "alpha": artifact.build["alpha"],
-        }
-    )
-    return {
-        "rows": rows,
-        "finetuned": finetuned,
-        "esmpp": {
+    summaries: dict[str, Any] = {}
+    artifacts = {}
+    for options in esmpp_options:
+        label = esmpp_label(options)
+        start = time.perf_counter()
+        artifact = build_artifact(pretrained, sources, options, progress)
+        seconds = time.perf_counter() - start
+        routed = evaluate_routed(artifact.to_model(), zoo)
+        alpha = artifact.build["alpha"]
+        rows.append({"method": label, "accuracy": routed["task_given"], "seconds": seconds, "alpha": alpha})
+        rows.append(
+            {
+                "method": f"{label} task-agnostic",
+                "accuracy": routed["task_agnostic"],
+                "seconds": seconds,
+                "alpha": alpha,
+            }
+        )
+        summaries[label] = {
             "routing_accuracy": routed["routing"],
             "routing_average": float(np.mean(list(routed["routing"].values()))),
             "build": artifact.build,
             "options": method_options(options).model_dump(),
-        },
-        "artifact": artifact,
-    }
+        }
+        artifacts[label] = artifact
+    return {"rows": rows, "finetuned": finetuned, "esmpp": summaries, "artifacts": artifacts}

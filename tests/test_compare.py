@@ -5,16 +5,10 @@ from esmpp.compare import compare_on_zoo
 
 
 def test_compare_on_tiny_zoo(tiny_zoo):
-    report = compare_on_zoo(tiny_zoo, ["task_arithmetic", "esm"], BuildOptions(rank=8), progress=False)
+    report = compare_on_zoo(tiny_zoo, ["task_arithmetic", "esm"], [BuildOptions(rank=8)], progress=False)
     rows = {row["method"]: row for row in report["rows"]}
-    assert list(rows) == [
-        "pretrained",
-        "fine-tuned",
-        "task_arithmetic",
-        "esm",
-        "ESM++ (r=8)",
-        "ESM++ (r=8) task-agnostic",
-    ]
+    label = "ESM++ r=8 qkv+fc finetuned×1"
+    assert list(rows) == ["pretrained", "fine-tuned", "task_arithmetic", "esm", label, f"{label} task-agnostic"]
     for row in rows.values():
         assert set(row["accuracy"]) == set(tiny_zoo.tasks)
         assert all(0.0 <= value <= 100.0 for value in row["accuracy"].values())
@@ -23,7 +17,8 @@ def test_compare_on_tiny_zoo(tiny_zoo):
         return sum(rows[name]["accuracy"].values()) / len(tiny_zoo.tasks)
 
     # The experts add back what the static merge lost, with the task given.
-    assert average("ESM++ (r=8)") > average("esm")
+    assert average(label) > average("esm")
     assert average("fine-tuned") > average("pretrained")
-    assert 0.0 <= report["esmpp"]["routing_average"] <= 100.0
+    assert 0.0 <= report["esmpp"][label]["routing_average"] <= 100.0
+    assert set(report["artifacts"]) == {label}
     assert 0.0 <= rows["esm"]["alpha"] <= 2.0
