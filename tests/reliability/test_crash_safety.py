@@ -112,3 +112,33 @@ def test_sigkilled_builds_leave_nothing_or_a_complete_artifact(tmp_path):
         assert rerun.returncode == 0, rerun.stderr
         assert directory_digest(destination) == complete["new"]
         assert [p.name for p in destination.parent.iterdir()] == ["artifact"]
+
+
+@pytest.mark.crash
+def test_sigkilled_exports_leave_nothing_or_a_complete_model(tmp_path):
+    import onnxruntime
+
+    from esmpp.artifact import save_artifact
+    from tests.conftest import random_artifact
+
+    artifact = save_artifact(random_artifact(), tmp_path / "artifact")
+    rng = random.Random(1)
+    points = [KillPoint(tmp_path / f"onnx{i}", False, rng.uniform(0.0, 0.3), True) for i in range(2)]
+    points += [KillPoint(tmp_path / f"onnx{i + 2}", False, rng.uniform(2.0, 8.0), False) for i in range(2)]
+    killed = 0
+    for point in points:
+        code = kill_during(
+            esmpp_command("export", artifact, "--out", point.destination),
+            point.destination,
+            point.delay,
+            point.after_staging,
+        )
+        killed += code is None
+        if point.destination.exists():  # the export finished before the kill: it must be whole
+            onnxruntime.InferenceSession(str(point.destination / "model.onnx"))
+            assert (point.destination / "export.json").is_file()
+        rerun = run_esmpp("export", artifact, "--out", point.destination, "--overwrite")
+        assert rerun.returncode == 0, rerun.stderr
+        onnxruntime.InferenceSession(str(point.destination / "model.onnx"))
+        assert not list(tmp_path.glob(f".{point.destination.name}.tmp-*"))
+    assert killed >= 2, "no export was killed mid-run: the kill points are too late"
