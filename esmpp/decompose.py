@@ -52,14 +52,21 @@ def essential_basis(
     """
     _check_num_tokens(num_tokens)
     delta64 = delta.to(torch.float64)
-    gram64 = gram.to(torch.float64)
-    if centered:
-        if mean is None:
-            raise ValueError("essential_basis(centered=True) needs the token mean of X (shape (d_in,)).")
-        mean64 = mean.to(torch.float64)
-        gram64 = gram64 - num_tokens * torch.outer(mean64, mean64)
+    gram64 = second_moment(gram, num_tokens, centered, mean)
     left, singular_values, _ = torch.linalg.svd(delta64 @ gram_factor(gram64), full_matrices=False)
     return _from_left_singular(delta64, left, singular_values, num_tokens, rank)
+
+
+def second_moment(gram: Tensor, num_tokens: int, centered: bool, mean: Tensor | None) -> Tensor:
+    """XᵀX (``d_in × d_in``) in float64, or with ``centered`` the scatter Σ(x−μ)(x−μ)ᵀ = XᵀX − N μμᵀ of
+    the tokens around their mean ``mean`` (``d_in``)."""
+    gram64 = gram.to(torch.float64)
+    if not centered:
+        return gram64
+    if mean is None:
+        raise ValueError("centered ESD needs the token mean of X (shape (d_in,)).")
+    mean64 = mean.to(torch.float64)
+    return gram64 - num_tokens * torch.outer(mean64, mean64)
 
 
 def gram_factor(gram: Tensor) -> Tensor:
@@ -100,12 +107,7 @@ def essential_top(
         full = essential_basis(delta, gram, num_tokens, centered, mean)
         return EssentialBasis(full.basis[:, :rank], full.eigenvalues[:rank], full.coordinates[:rank])
     delta64 = delta.to(torch.float64)
-    gram64 = gram.to(torch.float64)
-    if centered:
-        if mean is None:
-            raise ValueError("essential_top(centered=True) needs the token mean of X (shape (d_in,)).")
-        mean64 = mean.to(torch.float64)
-        gram64 = gram64 - num_tokens * torch.outer(mean64, mean64)
+    gram64 = second_moment(gram, num_tokens, centered, mean)
     if d_out <= d_in:
         orthonormal, factor = None, delta64
     else:
