@@ -96,15 +96,20 @@ def eigenvalue_weights(eigenvalues: Tensor, exponent: float) -> Tensor:
 
 
 def esm_merge(summaries: list[EssentialSummary], options: EsmOptions) -> Tensor:
-    """Steps 2–6 on the tasks' summaries of one layer → ΔM (``d_out × d_in``, float64)."""
+    """Steps 2–6 on the tasks' summaries of one layer → ΔM (``d_out × d_in``).
+
+    Computed in the summaries' dtype and device: the SVDs of P (``d_out × Tk``) and C (``Tk × d_in``)
+    dominate the cost of ESM and do not need float64 (the ESD that produced the summaries does).
+    """
     exponent = options.polarization_exponent
-    norms = torch.tensor([s.delta_norm for s in summaries], dtype=torch.float64)
+    like = summaries[0].basis
+    norms = torch.tensor([s.delta_norm for s in summaries], dtype=like.dtype, device=like.device)
     task_scales = polarized_weights(norms, exponent) if options.polarized_task_scaling else torch.ones_like(norms)
     bases, coordinates = [], []
     for summary, task_scale in zip(summaries, task_scales, strict=True):
-        weights = eigenvalue_weights(summary.eigenvalues.to(torch.float64), options.eigenvalue_exponent)
-        bases.append(summary.basis.to(torch.float64) * weights)
-        coordinates.append(task_scale * weights[:, None] * summary.coordinates.to(torch.float64))
+        weights = eigenvalue_weights(summary.eigenvalues, options.eigenvalue_exponent)
+        bases.append(summary.basis * weights)
+        coordinates.append(task_scale * weights[:, None] * summary.coordinates)
     basis, coords = torch.cat(bases, dim=1), torch.cat(coordinates, dim=0)
     if options.dimension_scaling:
         coords = coords * polarized_weights(coords.norm(dim=0), exponent)
@@ -171,7 +176,7 @@ class EssentialSubspaceMerging(MergeMethod):
     def combine(self, key: str, summary: Any) -> Tensor:
         if not self._uses_esd(key):
             return self._tsv.combine(key, summary)
-        return esm_merge(summary, self.options).to(summary[0].basis.dtype)
+        return esm_merge(summary, self.options)
 
     def finalize(self, merged: dict[str, Tensor]) -> dict[str, Tensor]:
         if not self.options.layer_scaling:
