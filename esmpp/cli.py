@@ -379,7 +379,7 @@ def bench(
         str, typer.Option(help="'esm++' (full build) and static methods, comma-separated.")
     ] = "esm++,esm,tsv,task_arithmetic",
     proxy_images: Annotated[int, typer.Option(help="Proxy images per task.")] = 32,
-    rank: RankOpt = 32,
+    rank: Annotated[int, typer.Option(help="Rank r of each task's low-rank expert.")] = 32,
     build_repeats: Annotated[int, typer.Option(help="Builds per workload (median; each in a fresh process).")] = 1,
     runtime_repeats: Annotated[int, typer.Option(help="Timed forwards per runtime figure (median).")] = 5,
     batch_sizes: Annotated[str, typer.Option(help="Runtime batch sizes, comma-separated.")] = "1,32",
