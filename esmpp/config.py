@@ -46,15 +46,21 @@ class TaskConfig(BaseModel):
         return self
 
 
+# The defaults live in BuildOptions (the build's own description); the config only validates them.
+_DEFAULTS = BuildOptions()
+
+
 class OptionsConfig(BaseModel):
+    """The `options:` section of a build config: BuildOptions' fields, validated, with its defaults."""
+
     model_config = ConfigDict(extra="forbid")
-    method: str = "esm"
+    method: str = _DEFAULTS.method
     method_options: dict[str, Any] = Field(default_factory=dict)
-    alpha: float | None = None
-    rank: int = 32
-    routed_kinds: list[Literal["qkv", "out", "fc", "proj"]] = ["qkv", "fc"]
-    prototype_source: Literal["finetuned", "runtime"] = "finetuned"
-    prototypes_per_task: int = 1
+    alpha: float | None = _DEFAULTS.alpha
+    rank: int = _DEFAULTS.rank
+    routed_kinds: list[Literal["qkv", "out", "fc", "proj"]] = list(_DEFAULTS.routed_kinds)
+    prototype_source: Literal["finetuned", "runtime"] = _DEFAULTS.prototype_source
+    prototypes_per_task: int = _DEFAULTS.prototypes_per_task
 
     def to_build_options(self) -> BuildOptions:
         data = self.model_dump()
