@@ -153,10 +153,17 @@ def build_artifact(
 
     start = time.perf_counter()
     routed = linear_keys(pretrained.arch, options.routed_kinds)
-    ups: dict[str, list[torch.Tensor]] = {key: [] for key in routed}
-    downs: dict[str, list[torch.Tensor]] = {key: [] for key in routed}
-    prototypes: dict[str, list[torch.Tensor]] = {key: [] for key in routed}
-    for task in tqdm(tasks, desc="experts", unit="task", disable=not progress):
+    # Filled in place, task by task: list-then-stack would hold every expert twice at the end.
+    experts = {}
+    for key in routed:
+        d_out, d_in = backbone[key].shape
+        rank = min(options.rank, d_out)
+        experts[key] = Experts(
+            up=torch.empty(len(tasks), d_out, rank),
+            down=torch.empty(len(tasks), rank, d_in),
+            prototypes=torch.empty(len(tasks), options.prototypes_per_task, d_in),
+        )
+    for t, task in enumerate(tqdm(tasks, desc="experts", unit="task", disable=not progress)):
         with stage("load"):
             finetuned = task.load()
             check_compatible(pretrained, finetuned)
@@ -166,15 +173,11 @@ def build_artifact(
             for key in routed:
                 residual = finetuned.state[key].float() - backbone[key].float()
                 up, down = residual_expert(residual, stats[key].gram, stats[key].num_tokens, options.rank)
-                ups[key].append(up)
-                downs[key].append(down)
+                experts[key].up[t], experts[key].down[t] = up, down
         with stage("prototypes"):
             for key in routed:
-                prototypes[key].append(task_prototypes(stats[key].image_means, options.prototypes_per_task))
+                experts[key].prototypes[t] = task_prototypes(stats[key].image_means, options.prototypes_per_task)
         del finetuned, stats
-    experts = {
-        key: Experts(torch.stack(ups[key]), torch.stack(downs[key]), torch.stack(prototypes[key])) for key in routed
-    }
     timings["experts"] = time.perf_counter() - start
 
     heads = [task.head.float() for task in tasks]
