@@ -10,7 +10,7 @@ import torch
 from hypothesis import HealthCheck, settings
 
 from esmpp.architecture import Architecture, build_visual, linear_keys
-from esmpp.artifact import Artifact, TaskInfo
+from esmpp.artifact import Artifact, TaskInfo, save_artifact
 from esmpp.runtime.model import Experts
 from esmpp.zoo import Zoo, build_zoo
 
@@ -76,3 +76,18 @@ def artifact() -> Artifact:
 def tiny_zoo(tmp_path_factory: pytest.TempPathFactory) -> Zoo:
     """Built under ``<cache>/zoo/tiny`` so that CLI tests find it with ``ESMPP_CACHE=<cache>``."""
     return build_zoo("tiny", root=tmp_path_factory.mktemp("cache") / "zoo" / "tiny", progress=False)
+
+
+@pytest.fixture(scope="session")
+def saved_artifact(tmp_path_factory: pytest.TempPathFactory):
+    """A random 3-task artifact on disk, shared by the ONNX and deployment-kit tests."""
+    return save_artifact(random_artifact(num_tasks=3), tmp_path_factory.mktemp("artifact") / "art")
+
+
+@pytest.fixture(scope="session", params=[False, True], ids=["routed", "task_input"])
+def exported(request, saved_artifact, tmp_path_factory: pytest.TempPathFactory):
+    """(ExportReport, output directory) of ``saved_artifact`` in each mode, exported once per session."""
+    from esmpp.onnx import export_onnx
+
+    out = tmp_path_factory.mktemp("onnx") / "model"
+    return export_onnx(saved_artifact, out, task_input=request.param), out

@@ -9,23 +9,12 @@ from onnx import numpy_helper
 from typer.testing import CliRunner
 
 import esmpp.onnx as esmpp_onnx
-from esmpp.artifact import load_artifact, read_manifest, save_artifact
+from esmpp.artifact import load_artifact, read_manifest
 from esmpp.cli import app
 from esmpp.errors import ArtifactError, EsmppError
 from esmpp.onnx import FP32_TOLERANCE, REPORT_FILE, export_onnx, verify_parity
 from esmpp.runtime.model import PADDED_LOGIT, Experts
 from tests.conftest import random_artifact
-
-
-@pytest.fixture(scope="module")
-def saved_artifact(tmp_path_factory):
-    return save_artifact(random_artifact(num_tasks=3), tmp_path_factory.mktemp("artifact") / "art")
-
-
-@pytest.fixture(scope="module", params=[False, True], ids=["routed", "task_input"])
-def exported(request, saved_artifact, tmp_path_factory):
-    out = tmp_path_factory.mktemp("onnx") / "model"
-    return export_onnx(saved_artifact, out, task_input=request.param), out
 
 
 def _run(path, pixels, task_ids=None):

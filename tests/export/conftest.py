@@ -1,19 +1,15 @@
-"""Exported random models shared by the deployment-kit tests (one export per mode per session)."""
+"""The deployment-kit tests' view of the shared export fixtures (tests/conftest.py)."""
 
 import pytest
 
-from esmpp.artifact import save_artifact
-from esmpp.onnx import export_onnx
-from tests.conftest import random_artifact
+
+@pytest.fixture(scope="session")
+def artifact_path(saved_artifact):
+    return saved_artifact
 
 
 @pytest.fixture(scope="session")
-def artifact_path(tmp_path_factory):
-    return save_artifact(random_artifact(num_tasks=3), tmp_path_factory.mktemp("artifact") / "art")
-
-
-@pytest.fixture(scope="session", params=[False, True], ids=["routed", "task_input"])
-def exported_model(request, artifact_path, tmp_path_factory):
+def exported_model(exported):
     """(path of model.onnx, task_input)"""
-    out = tmp_path_factory.mktemp("onnx") / "model"
-    return export_onnx(artifact_path, out, task_input=request.param).path, request.param
+    report, _ = exported
+    return report.path, report.mode == "task_input"
