@@ -20,44 +20,56 @@ from esmpp.runtime.routing import RoutingControl
 class ExpertBank(nn.Module):
     """The experts and prototypes of one routed linear layer (buffers, saved with the model).
 
-    ``up`` [T, d_out, r] (A_t), ``down`` [T, r, d_in] (B_t), ``prototypes`` [T, m, d_in] unit-norm.
+    Takes the artifact's layout ``up`` [T, d_out, r] (A_t), ``down`` [T, r, d_in] (B_t), ``prototypes``
+    [T, m, d_in]; keeps ``up_rows`` = A_tᵀ [T, r, d_out] (so that a gathered expert is the right operand of a
+    batched matmul as it is, with no transposing copy per call) and unit-norm prototypes.
     """
 
     def __init__(self, up: torch.Tensor, down: torch.Tensor, prototypes: torch.Tensor) -> None:
         super().__init__()
-        self.register_buffer("up", up)
+        self.register_buffer("up_rows", up.transpose(1, 2).contiguous())
         self.register_buffer("down", down)
         self.register_buffer("prototypes", F.normalize(prototypes, dim=-1))
 
     @property
     def num_tasks(self) -> int:
-        return int(self.up.shape[0])
+        return int(self.down.shape[0])
 
-    def forward(self, x: torch.Tensor, control: RoutingControl) -> torch.Tensor:
-        """The experts' contribution for ``x`` [B, N, d_in] → [B, N, d_out]."""
+    def forward(self, x: torch.Tensor, dense: torch.Tensor, control: RoutingControl) -> torch.Tensor:
+        """``dense`` [B, N, d_out] (the layer's ``W x + b``, overwritten) plus the experts' contribution for
+        ``x`` [B, N, d_in]."""
         ids, weights = control.route(x, self.prototypes)
-        return apply_experts(x, self.up, self.down, ids, weights)
+        return add_experts(dense, x, self.up_rows, self.down, ids, weights)
 
 
-def apply_experts(
-    x: torch.Tensor, up: torch.Tensor, down: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
+def add_experts(
+    dense: torch.Tensor,
+    x: torch.Tensor,
+    up_rows: torch.Tensor,
+    down: torch.Tensor,
+    ids: torch.Tensor,
+    weights: torch.Tensor | None,
 ) -> torch.Tensor:
-    """Σ_j w_bj · A_{ids_bj} (B_{ids_bj} x_b), batched by gathering each image's experts.
+    """``dense`` + Σ_j w_bj · A_{ids_bj} (B_{ids_bj} x_b), batched by gathering each image's experts.
 
-    ``x`` [B, N, d_in], ``up`` [T, d_out, r], ``down`` [T, r, d_in], ``ids``/``weights`` [B, k] → [B, N, d_out].
+    ``dense`` [B, N, d_out] (accumulated into, in place: callers pass the fresh output of their dense layer),
+    ``x`` [B, N, d_in], ``up_rows`` [T, r, d_out] (A_tᵀ), ``down`` [T, r, d_in], ``ids`` [B, k], ``weights``
+    [B, k] or None (k = 1 at weight 1: hard or forced routing) → [B, N, d_out].
 
     The k chosen experts of an image act as one expert of rank k·r, [A_1 … A_k] diag(w) [B_1; …; B_k], so
-    the whole call is two batched matmuls (Gather, MatMul, Transpose, Reshape in ONNX); the weights scale
-    the small [B, N, k·r] hidden tensor. A three-operand einsum here fell back to broadcast
-    multiply-and-sum and cost several times the experts' FLOPs.
+    the whole call is two batched matmuls (Gather, MatMul in ONNX); the weights scale the small [B, N, k·r]
+    hidden tensor. The second matmul accumulates into ``dense`` (baddbmm): a separate ``dense + experts``
+    cost a full extra pass over the [B, N, d_out] output, as much as the expert matmul itself. A
+    three-operand einsum here fell back to broadcast multiply-and-sum and cost several times the experts' FLOPs.
     """
     batch, k = ids.shape
     rank = down.shape[1]
     down_stacked = down[ids].reshape(batch, k * rank, down.shape[2])  # [B, k·r, d_in]
-    up_stacked = up[ids].permute(0, 2, 1, 3).reshape(batch, up.shape[1], k * rank)  # [B, d_out, k·r]
-    hidden = torch.matmul(x, down_stacked.transpose(1, 2))  # [B, N, k·r]
-    hidden = hidden * weights.repeat_interleave(rank, dim=1).unsqueeze(1)
-    return torch.matmul(hidden, up_stacked.transpose(1, 2))
+    up_stacked = up_rows[ids].reshape(batch, k * rank, up_rows.shape[2])  # [B, k·r, d_out]
+    hidden = torch.bmm(x, down_stacked.transpose(1, 2))  # [B, N, k·r]
+    if weights is not None:
+        hidden = (hidden.unflatten(2, (k, rank)) * weights[:, None, :, None]).flatten(2)
+    return dense.baddbmm_(hidden, up_stacked)
 
 
 class RoutedLinear(nn.Linear):
@@ -72,7 +84,7 @@ class RoutedLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)
         if self.experts is not None:
-            y = y + self.experts(x, self.control)
+            y = self.experts(x, y, self.control)
         return y
 
 
@@ -107,7 +119,7 @@ class Attention(nn.Module):
         x = query if self.batch_first else query.transpose(0, 1)  # [B, N, d]
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
         if self.qkv_experts is not None:
-            qkv = qkv + self.qkv_experts(x, self.control)
+            qkv = self.qkv_experts(x, qkv, self.control)
         batch, tokens, width = x.shape
         heads = qkv.reshape(batch, tokens, 3, self.num_heads, width // self.num_heads).permute(2, 0, 3, 1, 4)
         context = F.scaled_dot_product_attention(heads[0], heads[1], heads[2], attn_mask=attn_mask)
