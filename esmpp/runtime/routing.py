@@ -63,9 +63,7 @@ class RoutingControl:
         self.forced_tasks = forced_tasks
         self.decisions = []
 
-    def route(
-        self, tokens: torch.Tensor, prototypes: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def route(self, tokens: torch.Tensor, prototypes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Decide the experts of one routed layer: ``tokens`` [B, N, d_in], ``prototypes`` [T, m, d_in]
         → (task ids [B, k], weights [B, k]; None for one expert at weight 1, which the experts then need not
         multiply by); the top task per image is appended to ``decisions``."""
