@@ -91,8 +91,8 @@ def test_parity_check_catches_a_tampered_initializer(exported, saved_artifact, t
 
 
 def test_failed_parity_leaves_nothing_written(saved_artifact, tmp_path, monkeypatch):
-    write = esmpp_onnx._write_model
-    monkeypatch.setattr(esmpp_onnx, "_write_model", lambda proto, path: write(_tamper(proto), path))
+    write = esmpp_onnx.write_model
+    monkeypatch.setattr(esmpp_onnx, "write_model", lambda proto, path: write(_tamper(proto), path))
     with pytest.raises(EsmppError, match="Nothing was written"):
         export_onnx(saved_artifact, tmp_path / "model")
     assert list(tmp_path.iterdir()) == []
