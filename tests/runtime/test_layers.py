@@ -4,9 +4,10 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from esmpp.architecture import build_visual, linear_keys
-from esmpp.runtime.layers import add_experts, explicit_attention
+from esmpp.architecture import block_index, build_visual, linear_keys, linear_kind
+from esmpp.runtime.layers import add_experts, explicit_attention, routed_slot
 from esmpp.runtime.model import RoutedEncoder
+from esmpp.runtime.routing import RoutingControl
 from tests.conftest import TINY_ARCH, random_artifact
 
 
@@ -20,39 +21,57 @@ def test_explicit_attention_keeps_keys_and_outputs():
     torch.testing.assert_close(visual(images), expected, atol=1e-5, rtol=1e-5)
 
 
+def _reference_routes(x, prototypes, control, forced):
+    """Each image's (tasks, weights) from the definition: cosine of the mean token to the nearest
+    prototype of each task; the top task (hard), or the top k with a softmax over similarity / temperature."""
+    if forced is not None:
+        return [([t], [1.0]) for t in forced.tolist()]
+    routes = []
+    for tokens in x:
+        mean = tokens.mean(dim=0)
+        similarity = torch.stack([max(F.cosine_similarity(mean, p, dim=0) for p in task) for task in prototypes])
+        if control.mode == "hard":
+            routes.append(([int(similarity.argmax())], [1.0]))
+        else:
+            top = similarity.topk(control.top_k)
+            routes.append((top.indices.tolist(), torch.softmax(top.values / control.temperature, dim=0).tolist()))
+    return routes
+
+
+@pytest.mark.parametrize("mode", ["forced", "hard", "soft"])
 @pytest.mark.parametrize("kinds", [("qkv", "fc"), ("qkv", "out", "fc", "proj")])
-def test_forced_routed_layers_equal_the_dense_formula(kinds):
-    """Each routed layer computes W x + b + A_t B_t x for the forced task t (checked by hooks)."""
+def test_routed_layers_equal_the_dense_formula(kinds, mode):
+    """Each routed layer computes W x + b + Σ_j w_j A_{t_j} B_{t_j} x per image, for the forced task, the
+    nearest task (hard) or the soft top-2 mix, in float64 (checked by hooks on every expert bank)."""
     artifact = random_artifact(num_tasks=3, kinds=kinds)
-    model = RoutedEncoder(artifact.arch, artifact.backbone, artifact.experts, artifact.heads)
-    images = torch.randn(4, 3, 16, 16)
-    task_ids = torch.tensor([2, 0, 1, 2])
+    control = RoutingControl(mode="soft" if mode == "soft" else "hard", top_k=2, temperature=0.1)
+    model = RoutedEncoder(artifact.arch, artifact.backbone, artifact.experts, artifact.heads, control).double()
+    images = torch.randn(4, 3, 16, 16, dtype=torch.float64)
+    forced = torch.tensor([2, 0, 1, 2]) if mode == "forced" else None
+    backbone = {key: value.double() for key, value in artifact.backbone.items()}
     checked = []
     for key in linear_keys(artifact.arch, kinds):
-        block = model.visual.transformer.resblocks[int(key.split(".")[2])]
-        kind = {"attn.in_proj_weight": "qkv", "attn.out_proj.weight": "out"}.get(".".join(key.split(".")[3:]))
-        module = {"qkv": block.attn, "out": block.attn.out_proj}.get(kind) or (
-            block.mlp.c_fc if "c_fc" in key else block.mlp.c_proj
-        )
-        weight, bias = artifact.backbone[key], artifact.backbone[key.replace("weight", "bias")]
+        module, slot = routed_slot(model.visual, block_index(key), linear_kind(key))
+        weight, bias = backbone[key], backbone[key.replace("weight", "bias")]
         layer = artifact.experts[key]
+        up, down, prototypes = layer.up.double(), layer.down.double(), layer.prototypes.double()
 
-        def check(mod, args, output, weight=weight, bias=bias, layer=layer, kind=kind):
+        def check(bank, args, output, key=key, weight=weight, bias=bias, up=up, down=down, prototypes=prototypes):
             x = args[0]
-            dense = torch.stack(
-                [F.linear(x[b], weight + layer.up[t] @ layer.down[t], bias) for b, t in enumerate(task_ids.tolist())]
+            routes = _reference_routes(x, prototypes, control, forced)
+            expected = torch.stack(
+                [
+                    F.linear(x[b], weight + sum(w * up[t] @ down[t] for t, w in zip(tasks, weights)), bias)
+                    for b, (tasks, weights) in enumerate(routes)
+                ]
             )
-            if kind == "qkv":  # the attention's output is after the softmax: recompute its in-projection
-                got = mod.qkv_experts(x, F.linear(x, mod.in_proj_weight, mod.in_proj_bias), mod.control)
-            else:
-                got = output
-            torch.testing.assert_close(got, dense, atol=1e-5, rtol=1e-5)
-            checked.append(kind)
+            torch.testing.assert_close(output, expected)
+            checked.append(key)
 
-        module.register_forward_hook(check)
+        getattr(module, slot).register_forward_hook(check)
     with torch.no_grad():
-        model(images, task_ids)
-    assert len(checked) == len(linear_keys(artifact.arch, kinds))
+        model(images, forced)
+    assert checked == linear_keys(artifact.arch, kinds)
 
 
 def _rows(up):
