@@ -413,9 +413,10 @@ def run_bench(config: BenchConfig, workdir: Path, log: Callable[[str], None] = p
     report["build"], report["runtime"], report["targets"] = {}, {}, {}
     for arch_name in config.archs:
         arch = Architecture.from_name(arch_name)
-        log(f"{arch_name}: writing {max(config.task_counts)} synthetic fine-tunes under {workdir}")
-        workload = write_workload(arch_name, max(config.task_counts), workdir / arch_name, config.seed)
         builds: dict[str, dict[str, Any]] = {}
+        if config.methods:  # the runtime alone needs no checkpoints on disk
+            log(f"{arch_name}: writing {max(config.task_counts)} synthetic fine-tunes under {workdir}")
+            workload = write_workload(arch_name, max(config.task_counts), workdir / arch_name, config.seed)
         for num_tasks in config.task_counts:
             for method in config.methods:
                 log(f"{arch_name} T={num_tasks} {method}: {config.build_repeats} build(s)")
@@ -425,7 +426,7 @@ def run_bench(config: BenchConfig, workdir: Path, log: Callable[[str], None] = p
         report["build"][arch_name] = builds
         if config.runtime:
             num_tasks = max(config.task_counts)
-            log(f"{arch_name} runtime T={num_tasks} on {device}")
+            log(f"{arch_name} runtime T={num_tasks} on {device}" + (" (+ onnxruntime)" if config.onnx else ""))
             report["runtime"][arch_name] = run_runtime(arch_name, num_tasks, config, device)
         report["targets"][arch_name] = targets(builds, report["runtime"].get(arch_name), arch, config)
     report["environment"]["load_average_after"] = os.getloadavg() if hasattr(os, "getloadavg") else None
@@ -462,6 +463,8 @@ def format_report(report: dict[str, Any]) -> str:
     """The report as plain-text tables: build stages per workload, runtime, targets."""
     lines = [f"device {report['device']}, load average {report['environment']['load_average']}"]
     for arch_name, builds in report["build"].items():
+        if not builds:
+            continue
         lines.append(f"\n{arch_name} build (s; peak MiB)")
         header = f"{'T':>3} {'method':<16}{'total':>8}{'peak':>8}" + "".join(f"{s[:8]:>9}" for s in BUILD_STAGES)
         lines.append(header)

@@ -376,7 +376,7 @@ def bench(
     ] = "ViT-B-32",
     tasks: Annotated[str, typer.Option(help="Task counts T, comma-separated (e.g. 2,8,20).")] = "2,8",
     methods: Annotated[
-        str, typer.Option(help="'esm++' (full build) and static methods, comma-separated.")
+        str, typer.Option(help="'esm++' (full build) and static methods, comma-separated; '' for the runtime only.")
     ] = "esm++,esm,tsv,task_arithmetic",
     proxy_images: Annotated[int, typer.Option(help="Proxy images per task.")] = 32,
     rank: Annotated[int, typer.Option(help="Rank r of each task's low-rank expert.")] = 32,
