@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from esmpp.architecture import block_index, build_visual, linear_keys, linear_kind
-from esmpp.runtime.layers import add_experts, explicit_attention, routed_slot
+from esmpp.runtime.layers import add_experts, add_shared_expert, explicit_attention, routed_slot, shared_task
 from esmpp.runtime.model import RoutedEncoder
 from esmpp.runtime.routing import RoutingControl
 from tests.conftest import TINY_ARCH, random_artifact
@@ -38,16 +38,17 @@ def _reference_routes(x, prototypes, control, forced):
     return routes
 
 
-@pytest.mark.parametrize("mode", ["forced", "hard", "soft"])
+@pytest.mark.parametrize("mode", ["forced", "forced_one_task", "hard", "soft"])
 @pytest.mark.parametrize("kinds", [("qkv", "fc"), ("qkv", "out", "fc", "proj")])
 def test_routed_layers_equal_the_dense_formula(kinds, mode):
-    """Each routed layer computes W x + b + Σ_j w_j A_{t_j} B_{t_j} x per image, for the forced task, the
-    nearest task (hard) or the soft top-2 mix, in float64 (checked by hooks on every expert bank)."""
+    """Each routed layer computes W x + b + Σ_j w_j A_{t_j} B_{t_j} x per image, for the forced task (one
+    task for the whole batch takes the shared-expert path), the nearest task (hard) or the soft top-2 mix,
+    in float64 (checked by hooks on every expert bank)."""
     artifact = random_artifact(num_tasks=3, kinds=kinds)
     control = RoutingControl(mode="soft" if mode == "soft" else "hard", top_k=2, temperature=0.1)
     model = RoutedEncoder(artifact.arch, artifact.backbone, artifact.experts, artifact.heads, control).double()
     images = torch.randn(4, 3, 16, 16, dtype=torch.float64)
-    forced = torch.tensor([2, 0, 1, 2]) if mode == "forced" else None
+    forced = {"forced": torch.tensor([2, 0, 1, 2]), "forced_one_task": torch.tensor([1, 1, 1, 1])}.get(mode)
     backbone = {key: value.double() for key, value in artifact.backbone.items()}
     checked = []
     for key in linear_keys(artifact.arch, kinds):
@@ -119,3 +120,21 @@ def test_add_experts_equals_the_per_image_dense_formula(batch, num_tasks, k, ran
         ]
     )
     torch.testing.assert_close(add_experts(F.linear(x, weight, bias), x, _rows(up), down, ids, weights), expected)
+
+
+def test_shared_expert_path_equals_the_gathered_one():
+    generator = torch.Generator().manual_seed(0)
+    x, dense = torch.randn(3, 5, 6, generator=generator, dtype=torch.float64), torch.randn(3, 5, 4, dtype=torch.float64)
+    up_rows = torch.randn(2, 3, 4, generator=generator, dtype=torch.float64)
+    down = torch.randn(2, 3, 6, generator=generator, dtype=torch.float64)
+    gathered = add_experts(dense.clone(), x, up_rows, down, torch.ones(3, 1, dtype=torch.long), None)
+    torch.testing.assert_close(add_shared_expert(dense.clone(), x, up_rows[1], down[1]), gathered)
+
+
+def test_shared_task_only_in_eager_cpu_runs_of_one_expert_at_weight_one(monkeypatch):
+    same, mixed = torch.tensor([[2], [2], [2]]), torch.tensor([[2], [0], [2]])
+    assert shared_task(same, None) == 2 and shared_task(torch.tensor([[1]]), None) == 1
+    assert shared_task(mixed, None) is None
+    assert shared_task(torch.tensor([[2, 0], [2, 0]]), torch.tensor([[0.5, 0.5], [0.5, 0.5]])) is None  # soft
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # ONNX export, torch.compile
+    assert shared_task(same, None) is None
