@@ -36,6 +36,11 @@ class PrototypeSource(str, Enum):
     runtime = "runtime"
 
 
+class Router(str, Enum):
+    cosine = "cosine"
+    discriminant = "discriminant"
+
+
 @app.callback()
 def main(
     debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks instead of one-line errors.")] = False,
@@ -58,8 +63,9 @@ def _build_options(base=None, **overrides):
     given = {key: value for key, value in overrides.items() if value is not None}
     if "routed_kinds" in given:
         given["routed_kinds"] = [kind.strip() for kind in given["routed_kinds"].split(",") if kind.strip()]
-    if "prototype_source" in given:
-        given["prototype_source"] = given["prototype_source"].value
+    for key in ("prototype_source", "router"):
+        if key in given:
+            given[key] = given[key].value
     merged = (base or OptionsConfig()).model_dump() | given
     try:
         return OptionsConfig.model_validate(merged).to_build_options()
@@ -87,6 +93,21 @@ ProtoOpt = Annotated[
 ]
 ProtoCountOpt = Annotated[
     int | None, typer.Option(help="Prototypes per task (>1: spherical k-means with faiss). (default: 1)")
+]
+RouterOpt = Annotated[
+    Router | None,
+    typer.Option(
+        help="How a routed layer scores tasks: cosine similarity to the prototypes (the paper's), or a linear "
+        "discriminant fitted on the same proxy features (weighs the directions that separate tasks; much "
+        "better routing on the zoo). (default: cosine)"
+    ),
+]
+ShrinkageOpt = Annotated[
+    float | None,
+    typer.Option(
+        help="Discriminant router: shrinkage of the within-task covariance towards the identity, in [0, 1]. "
+        "(default: 0.1)"
+    ),
 ]
 AlphaOpt = Annotated[
     float | None,
@@ -131,6 +152,8 @@ def build(
     routed_kinds: KindsOpt = None,
     prototypes: ProtoOpt = None,
     prototypes_per_task: ProtoCountOpt = None,
+    router: RouterOpt = None,
+    router_shrinkage: ShrinkageOpt = None,
     alpha: AlphaOpt = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing artifact at --out.")] = False,
 ) -> None:
@@ -150,6 +173,8 @@ def build(
         "routed_kinds": routed_kinds,
         "prototype_source": prototypes,
         "prototypes_per_task": prototypes_per_task,
+        "router": router,
+        "router_shrinkage": router_shrinkage,
         "alpha": alpha,
     }
     start = time.perf_counter()
@@ -270,10 +295,17 @@ def compare(
     routed_kinds: KindsOpt = None,
     prototypes: ProtoOpt = None,
     prototypes_per_task: ProtoCountOpt = None,
+    router: RouterOpt = None,
+    router_shrinkage: ShrinkageOpt = None,
 ) -> None:
     """The benchmark table: pretrained, fine-tuned, every merge method and ESM++ on the zoo's test splits."""
     options = _build_options(
-        rank=rank, routed_kinds=routed_kinds, prototype_source=prototypes, prototypes_per_task=prototypes_per_task
+        rank=rank,
+        routed_kinds=routed_kinds,
+        prototype_source=prototypes,
+        prototypes_per_task=prototypes_per_task,
+        router=router,
+        router_shrinkage=router_shrinkage,
     )
     _compare(zoo, methods_, out, artifact_out, [options])
 

@@ -52,7 +52,7 @@ def evaluate_routed(
 def esmpp_label(options: BuildOptions) -> str:
     """A table label that names the ESM++ options which differ between variants."""
     kinds = "+".join(options.routed_kinds)
-    return f"ESM++ r={options.rank} {kinds} {options.prototype_source}×{options.prototypes_per_task}"
+    return f"ESM++ r={options.rank} {kinds} {options.prototype_source}×{options.prototypes_per_task} {options.router}"
 
 
 def compare_on_zoo(

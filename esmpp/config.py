@@ -61,6 +61,8 @@ class OptionsConfig(BaseModel):
     routed_kinds: list[Literal["qkv", "out", "fc", "proj"]] = list(_DEFAULTS.routed_kinds)
     prototype_source: Literal["finetuned", "runtime"] = _DEFAULTS.prototype_source
     prototypes_per_task: int = _DEFAULTS.prototypes_per_task
+    router: Literal["cosine", "discriminant"] = _DEFAULTS.router
+    router_shrinkage: float = Field(_DEFAULTS.router_shrinkage, ge=0.0, le=1.0)
 
     def to_build_options(self) -> BuildOptions:
         data = self.model_dump()

@@ -47,9 +47,14 @@ def tiny_images() -> torch.Tensor:
 
 
 def random_artifact(
-    num_tasks: int = 3, rank: int = 4, kinds: tuple[str, ...] = ("qkv", "fc"), seed: int = 0
+    num_tasks: int = 3,
+    rank: int = 4,
+    kinds: tuple[str, ...] = ("qkv", "fc"),
+    seed: int = 0,
+    discriminant: bool = False,
 ) -> Artifact:
-    """A consistent artifact with random backbone, experts, prototypes and heads."""
+    """A consistent artifact with random backbone, experts, prototypes and heads; ``discriminant`` gives
+    its routers biases (the discriminant router's form) instead of the cosine router's unit prototypes."""
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     backbone = build_visual(TINY_ARCH).state_dict()
@@ -60,6 +65,7 @@ def random_artifact(
             up=torch.randn(num_tasks, d_out, rank, generator=generator) * 0.1,
             down=torch.randn(num_tasks, rank, d_in, generator=generator) * 0.1,
             prototypes=torch.randn(num_tasks, 1, d_in, generator=generator),
+            prototype_bias=-torch.rand(num_tasks, 1, generator=generator) if discriminant else None,
         )
     classes = [[f"c{t}_{i}" for i in range(2 + t)] for t in range(num_tasks)]
     heads = [torch.randn(len(names), TINY_ARCH.embed_dim, generator=generator) for names in classes]
@@ -80,8 +86,9 @@ def tiny_zoo(tmp_path_factory: pytest.TempPathFactory) -> Zoo:
 
 @pytest.fixture(scope="session")
 def saved_artifact(tmp_path_factory: pytest.TempPathFactory):
-    """A random 3-task artifact on disk, shared by the ONNX and deployment-kit tests."""
-    return save_artifact(random_artifact(num_tasks=3), tmp_path_factory.mktemp("artifact") / "art")
+    """A random 3-task artifact on disk, shared by the ONNX and deployment-kit tests (with router biases:
+    the cosine router is the same graph with zero biases)."""
+    return save_artifact(random_artifact(num_tasks=3, discriminant=True), tmp_path_factory.mktemp("artifact") / "art")
 
 
 @pytest.fixture(scope="session", params=[False, True], ids=["routed", "task_input"])

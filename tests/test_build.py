@@ -76,7 +76,8 @@ def test_build_is_deterministic_and_records_its_choices(pretrained):
         assert layer.up.shape == (3, first.backbone[key].shape[0], 4)
         assert layer.prototypes.shape == (3, 1, first.backbone[key].shape[1])
     assert first.build["alpha"] == 0.8 and first.build["method"] == "esm" and first.build["rank"] == 4
-    assert set(first.timings) == {"merge", "alpha", "experts"} and "seconds" not in first.build
+    assert set(first.timings) == {"merge", "alpha", "experts", "prototypes"} and "seconds" not in first.build
+    assert first.build["router"] == "cosine" and all(layer.prototype_bias is None for layer in first.experts.values())
 
 
 def test_runtime_prototypes_and_several_prototypes_per_task(pretrained):
@@ -87,14 +88,28 @@ def test_runtime_prototypes_and_several_prototypes_per_task(pretrained):
         torch.testing.assert_close(layer.prototypes.norm(dim=-1), torch.ones(2, 2))
 
 
-def test_routing_follows_distinct_proxy_distributions(pretrained):
+@pytest.mark.parametrize("router", ["cosine", "discriminant"])
+def test_routing_follows_distinct_proxy_distributions(pretrained, router):
     """Tasks whose images differ strongly are routed to their own experts."""
-    artifact = build_artifact(pretrained, _tasks(3, pretrained), BuildOptions(alpha=0.5, rank=4), progress=False)
+    options = BuildOptions(alpha=0.5, rank=4, router=router)
+    artifact = build_artifact(pretrained, _tasks(3, pretrained), options, progress=False)
     model = artifact.to_model()
     with torch.no_grad():
         for t in range(3):
             images = _task_images(t, count=5, seed=1)
             assert model(images).task.tolist() == [t] * 5
+
+
+@pytest.mark.parametrize("source", ["finetuned", "runtime"])
+def test_discriminant_router_is_fitted_on_every_tasks_proxy_features(pretrained, source):
+    options = BuildOptions(alpha=1.0, rank=2, router="discriminant", prototype_source=source, prototypes_per_task=2)
+    artifact = build_artifact(pretrained, _tasks(3, pretrained), options, progress=False)
+    assert artifact.build["router"] == "discriminant"
+    for layer in artifact.experts.values():
+        assert layer.prototypes.shape[:2] == layer.prototype_bias.shape == (3, 2)
+        # LDA weights Σ⁻¹μ are not unit prototypes, and every bias −½ μᵀΣ⁻¹μ is negative
+        assert not torch.allclose(layer.prototypes.norm(dim=-1), torch.ones(3, 2))
+        assert (layer.prototype_bias < 0).all()
 
 
 def test_alpha_search_uses_validation_data(pretrained):
@@ -121,9 +136,17 @@ def test_bad_build_inputs_are_named(pretrained, change, message):
         build_artifact(pretrained, tasks, BuildOptions(alpha=1.0), progress=False)
 
 
-def test_bad_options_are_named(pretrained):
-    with pytest.raises(ConfigError, match="routed kinds"):
-        build_artifact(pretrained, _tasks(1, pretrained), BuildOptions(routed_kinds=("mlp",)), progress=False)
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (BuildOptions(routed_kinds=("mlp",)), "routed kinds"),
+        (BuildOptions(router="knn"), "router must be"),
+        (BuildOptions(router="discriminant", router_shrinkage=1.5), "router_shrinkage"),
+    ],
+)
+def test_bad_options_are_named(pretrained, options, message):
+    with pytest.raises(ConfigError, match=message):
+        build_artifact(pretrained, _tasks(1, pretrained), options, progress=False)
 
 
 def test_golden_section_finds_the_peak():

@@ -20,14 +20,21 @@ from esmpp.runtime.routing import RoutingControl
 class ExpertBank(nn.Module):
     """The experts and prototypes of one routed linear layer (buffers, saved with the model).
 
-    ``up`` [T, d_out, r] (A_t), ``down`` [T, r, d_in] (B_t), ``prototypes`` [T, m, d_in] unit-norm.
+    ``up`` [T, d_out, r] (A_t), ``down`` [T, r, d_in] (B_t), ``prototypes`` [T, m, d_in] and
+    ``prototype_bias`` [T, m]: the router's scores are ``f · prototype + bias`` (see ``task_scores``).
+    Without a bias the router is the paper's cosine router: prototypes are normalised and the bias is zero.
     """
 
-    def __init__(self, up: torch.Tensor, down: torch.Tensor, prototypes: torch.Tensor) -> None:
+    def __init__(
+        self, up: torch.Tensor, down: torch.Tensor, prototypes: torch.Tensor, prototype_bias: torch.Tensor | None
+    ) -> None:
         super().__init__()
         self.register_buffer("up", up)
         self.register_buffer("down", down)
-        self.register_buffer("prototypes", F.normalize(prototypes, dim=-1))
+        if prototype_bias is None:
+            prototypes, prototype_bias = F.normalize(prototypes, dim=-1), prototypes.new_zeros(prototypes.shape[:2])
+        self.register_buffer("prototypes", prototypes)
+        self.register_buffer("prototype_bias", prototype_bias)
 
     @property
     def num_tasks(self) -> int:
@@ -35,7 +42,7 @@ class ExpertBank(nn.Module):
 
     def forward(self, x: torch.Tensor, control: RoutingControl) -> torch.Tensor:
         """The experts' contribution for ``x`` [B, N, d_in] → [B, N, d_out]."""
-        ids, weights = control.route(x, self.prototypes)
+        ids, weights = control.route(x, self.prototypes, self.prototype_bias)
         return apply_experts(x, self.up, self.down, ids, weights)
 
 

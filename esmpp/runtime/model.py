@@ -18,11 +18,14 @@ PADDED_LOGIT = -1.0e4
 
 @dataclass
 class Experts:
-    """One routed layer's experts: ``up`` [T, d_out, r], ``down`` [T, r, d_in], ``prototypes`` [T, m, d_in]."""
+    """One routed layer's experts: ``up`` [T, d_out, r], ``down`` [T, r, d_in], ``prototypes`` [T, m, d_in]
+    (unit-norm prototypes of the cosine router, or the discriminant router's weights) and ``prototype_bias``
+    [T, m] (the discriminant router's biases; None for the cosine router)."""
 
     up: torch.Tensor
     down: torch.Tensor
     prototypes: torch.Tensor
+    prototype_bias: torch.Tensor | None = None
 
 
 @dataclass
@@ -69,7 +72,7 @@ class RoutedEncoder(nn.Module):
         self.routed_keys = sorted(experts, key=lambda k: (block_index(k), list(LINEAR_KINDS).index(linear_kind(k))))
         for key, layer in experts.items():
             module, slot = routed_slot(self.visual, block_index(key), linear_kind(key))
-            setattr(module, slot, ExpertBank(layer.up, layer.down, layer.prototypes))
+            setattr(module, slot, ExpertBank(layer.up, layer.down, layer.prototypes, layer.prototype_bias))
         stacked, mask = stack_heads(heads)
         self.register_buffer("heads", stacked)
         self.register_buffer("head_mask", mask)
