@@ -26,7 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 import esmpp
-from esmpp.architecture import Architecture, block_index, build_visual, linear_kind
+from esmpp.architecture import PATCH_KEY, Architecture, block_index, build_visual, routed_kind
 from esmpp.atomic import atomic_directory
 from esmpp.errors import ArchitectureError, ArtifactError
 from esmpp.runtime.model import Experts, RoutedEncoder
@@ -112,9 +112,9 @@ class Artifact:
         if not self.experts:
             raise ArtifactError(f"{source}: no routed layers. Rebuild it with `esmpp build`.")
         for key, layer in self.experts.items():
-            if linear_kind(key) is None or key not in reference:
+            if routed_kind(key) is None or key not in reference:
                 raise ArtifactError(f"{source}: routed layer {key!r} is not a linear layer of this architecture.")
-            d_out, d_in = reference[key]
+            d_out, d_in = reference[key][0], reference[key].numel() // reference[key][0]
             up, down, protos = layer.up, layer.down, layer.prototypes
             ok = (
                 up.ndim == 3
@@ -295,7 +295,7 @@ def load_artifact(path: Path) -> Artifact:
     experts = {}
     for key in manifest["routed_layers"]:
         names = [f"{key}.{part}" for part in _EXPERT_PARTS]
-        if any(name not in experts_file for name in names) or block_index(key) is None:
+        if any(name not in experts_file for name in names) or (block_index(key) is None and key != PATCH_KEY):
             raise ArtifactError(f"{path / 'experts.safetensors'}: no experts for routed layer {key!r}. Rebuild it.")
         experts[key] = Experts(*(experts_file[name] for name in names), experts_file.get(f"{key}.prototype_bias"))
     heads_file = tensors["heads.safetensors"]

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from esmpp.architecture import LINEAR_KINDS, linear_keys
+from esmpp.architecture import ROUTED_KINDS, as_matrix, routed_keys
 from esmpp.artifact import Artifact, TaskInfo
 from esmpp.capture import capture_statistics
 from esmpp.checkpoints import Encoder, check_compatible
@@ -53,9 +53,9 @@ class BuildOptions:
     alpha_evaluations: int = 10
 
     def check(self) -> None:
-        unknown = [kind for kind in self.routed_kinds if kind not in LINEAR_KINDS]
+        unknown = [kind for kind in self.routed_kinds if kind not in ROUTED_KINDS]
         if unknown or not self.routed_kinds:
-            raise ConfigError(f"routed kinds {list(self.routed_kinds)}: choose from {list(LINEAR_KINDS)}.")
+            raise ConfigError(f"routed kinds {list(self.routed_kinds)}: choose from {list(ROUTED_KINDS)}.")
         if self.rank < 1:
             raise ConfigError(f"rank must be ≥ 1, got {self.rank}.")
         if self.prototypes_per_task < 1:
@@ -194,11 +194,11 @@ def build_artifact(
     timings["alpha"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    routed = linear_keys(pretrained.arch, options.routed_kinds)
+    routed = routed_keys(pretrained.arch, options.routed_kinds)
     # Filled in place, task by task: list-then-stack would hold every expert twice at the end.
     experts = {}
     for key in routed:
-        d_out, d_in = backbone[key].shape
+        d_out, d_in = as_matrix(backbone[key]).shape
         rank = min(options.rank, d_out)
         experts[key] = Experts(
             up=torch.empty(len(tasks), d_out, rank),
@@ -214,7 +214,7 @@ def build_artifact(
             stats = capture_statistics(finetuned.to_module(share=True), batches(task.proxy, options.batch_size), routed)
         with stage("experts"):
             for key in routed:
-                residual = finetuned.state[key].float() - backbone[key].float()
+                residual = as_matrix(finetuned.state[key]).float() - as_matrix(backbone[key]).float()
                 up, down = residual_expert(residual, stats[key].gram, stats[key].num_tokens, options.rank)
                 experts[key].up[t], experts[key].down[t] = up, down
         with stage("prototypes"):

@@ -83,7 +83,11 @@ RankOpt = Annotated[
     int | None, typer.Option(help="Rank r of each task's low-rank expert (8 is already strong). (default: 32)")
 ]
 KindsOpt = Annotated[
-    str | None, typer.Option(help="Routed linear kinds, comma-separated: qkv, out, fc, proj. (default: qkv,fc)")
+    str | None,
+    typer.Option(
+        help="Routed kinds, comma-separated: qkv, out, fc, proj (the blocks' linear layers) and patch (the patch "
+        "embedding, which fine-tuning moves most on the zoo). (default: qkv,fc)"
+    ),
 ]
 ProtoOpt = Annotated[
     PrototypeSource | None,

@@ -9,7 +9,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
-from esmpp.architecture import Architecture, build_visual, linear_keys
+from esmpp.architecture import Architecture, as_matrix, build_visual, routed_keys
 from esmpp.artifact import Artifact, TaskInfo, save_artifact
 from esmpp.runtime.model import Experts
 from esmpp.zoo import Zoo, build_zoo
@@ -59,8 +59,8 @@ def random_artifact(
     torch.manual_seed(seed)
     backbone = build_visual(TINY_ARCH).state_dict()
     experts = {}
-    for key in linear_keys(TINY_ARCH, kinds):
-        d_out, d_in = backbone[key].shape
+    for key in routed_keys(TINY_ARCH, kinds):
+        d_out, d_in = as_matrix(backbone[key]).shape
         experts[key] = Experts(
             up=torch.randn(num_tasks, d_out, rank, generator=generator) * 0.1,
             down=torch.randn(num_tasks, rank, d_in, generator=generator) * 0.1,
@@ -86,9 +86,10 @@ def tiny_zoo(tmp_path_factory: pytest.TempPathFactory) -> Zoo:
 
 @pytest.fixture(scope="session")
 def saved_artifact(tmp_path_factory: pytest.TempPathFactory):
-    """A random 3-task artifact on disk, shared by the ONNX and deployment-kit tests (with router biases:
-    the cosine router is the same graph with zero biases)."""
-    return save_artifact(random_artifact(num_tasks=3, discriminant=True), tmp_path_factory.mktemp("artifact") / "art")
+    """A random 3-task artifact on disk, shared by the ONNX and deployment-kit tests: the patch embedding
+    routed too, and router biases (the cosine router is the same graph with zero biases)."""
+    artifact = random_artifact(num_tasks=3, kinds=("patch", "qkv", "fc"), discriminant=True)
+    return save_artifact(artifact, tmp_path_factory.mktemp("artifact") / "art")
 
 
 @pytest.fixture(scope="session", params=[False, True], ids=["routed", "task_input"])

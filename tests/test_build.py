@@ -55,9 +55,10 @@ def pretrained() -> Encoder:
     return Encoder(TINY_ARCH, build_visual(TINY_ARCH).state_dict(), "pretrained")
 
 
-def test_one_task_with_full_rank_experts_reproduces_the_fine_tuned_model(pretrained):
+@pytest.mark.parametrize("kinds", [("qkv", "out", "fc", "proj"), ("patch", "qkv", "out", "fc", "proj")])
+def test_one_task_with_full_rank_experts_reproduces_the_fine_tuned_model(pretrained, kinds):
     tasks = _tasks(1, pretrained)
-    options = BuildOptions(alpha=1.0, rank=10_000, routed_kinds=("qkv", "out", "fc", "proj"))
+    options = BuildOptions(alpha=1.0, rank=10_000, routed_kinds=kinds)
     artifact = build_artifact(pretrained, tasks, options, progress=False)
     finetuned = tasks[0].load().to_module()
     images = torch.randn(4, 3, 16, 16)
@@ -110,6 +111,22 @@ def test_discriminant_router_is_fitted_on_every_tasks_proxy_features(pretrained,
         # LDA weights Σ⁻¹μ are not unit prototypes, and every bias −½ μᵀΣ⁻¹μ is negative
         assert not torch.allclose(layer.prototypes.norm(dim=-1), torch.ones(3, 2))
         assert (layer.prototype_bias < 0).all()
+
+
+def test_patch_experts_restore_the_fine_tuned_patch_embedding_with_the_task_forced(pretrained):
+    """At α = 0 the backbone is the pretrained model; a full-rank patch expert puts back the fine-tuned
+    patch embedding exactly (up to the float32 ESD) when the task is forced."""
+    tasks = _tasks(2, pretrained)
+    options = BuildOptions(alpha=0.0, rank=10_000, routed_kinds=("patch",))
+    model = build_artifact(pretrained, tasks, options, progress=False).to_model()
+    images = torch.randn(3, 3, 16, 16)
+    outputs = []
+    model.visual.conv1.register_forward_hook(lambda module, args, output: outputs.append(output))
+    for t, task in enumerate(tasks):
+        expected = torch.nn.functional.conv2d(images, task.load().state["conv1.weight"], stride=8)
+        with torch.no_grad():
+            model(images, torch.full((3,), t))
+        torch.testing.assert_close(outputs[-1], expected, atol=1e-4, rtol=1e-4)
 
 
 def test_alpha_search_uses_validation_data(pretrained):

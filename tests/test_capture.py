@@ -3,6 +3,7 @@ import torch
 
 from esmpp.architecture import build_visual, linear_keys
 from esmpp.capture import capture_statistics
+from esmpp.runtime.layers import image_patches
 from tests.conftest import TINY_ARCH
 
 
@@ -40,6 +41,17 @@ def test_streamed_statistics_equal_the_direct_ones():
         torch.testing.assert_close(s.mean, flat.mean(0))
         assert s.num_tokens == 7 * 5
         torch.testing.assert_close(s.image_means, tokens.mean(1).float())
+
+
+def test_patch_statistics_are_those_of_the_flattened_patches():
+    visual = build_visual(TINY_ARCH)
+    images = torch.randn(5, 3, 16, 16)
+    stats = capture_statistics(visual, images.split(2), ["conv1.weight"])["conv1.weight"]
+    patch = TINY_ARCH.vision["patch_size"]
+    flat = image_patches(images, patch).double().reshape(-1, 3 * patch * patch)
+    torch.testing.assert_close(stats.gram, flat.T @ flat)
+    assert stats.num_tokens == 5 * (16 // patch) ** 2
+    torch.testing.assert_close(stats.image_means, image_patches(images, patch).mean(1))
 
 
 def test_empty_proxy_set_and_bad_keys_are_refused():
