@@ -102,8 +102,8 @@ RouterOpt = Annotated[
     Router | None,
     typer.Option(
         help="How a routed layer scores tasks: cosine similarity to the prototypes (the paper's), or a linear "
-        "discriminant fitted on the same proxy features (weighs the directions that separate tasks; much "
-        "better routing on the zoo). (default: cosine)"
+        "discriminant fitted on the proxy features of the routed model (needs --prototypes runtime; weighs the "
+        "directions that separate tasks: routing 66 → 74 % on the mini zoo). (default: cosine)"
     ),
 ]
 ShrinkageOpt = Annotated[

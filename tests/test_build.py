@@ -89,10 +89,10 @@ def test_runtime_prototypes_and_several_prototypes_per_task(pretrained):
         torch.testing.assert_close(layer.prototypes.norm(dim=-1), torch.ones(2, 2))
 
 
-@pytest.mark.parametrize("router", ["cosine", "discriminant"])
-def test_routing_follows_distinct_proxy_distributions(pretrained, router):
+@pytest.mark.parametrize(("router", "source"), [("cosine", "finetuned"), ("discriminant", "runtime")])
+def test_routing_follows_distinct_proxy_distributions(pretrained, router, source):
     """Tasks whose images differ strongly are routed to their own experts."""
-    options = BuildOptions(alpha=0.5, rank=4, router=router)
+    options = BuildOptions(alpha=0.5, rank=4, router=router, prototype_source=source)
     artifact = build_artifact(pretrained, _tasks(3, pretrained), options, progress=False)
     model = artifact.to_model()
     with torch.no_grad():
@@ -101,9 +101,8 @@ def test_routing_follows_distinct_proxy_distributions(pretrained, router):
             assert model(images).task.tolist() == [t] * 5
 
 
-@pytest.mark.parametrize("source", ["finetuned", "runtime"])
-def test_discriminant_router_is_fitted_on_every_tasks_proxy_features(pretrained, source):
-    options = BuildOptions(alpha=1.0, rank=2, router="discriminant", prototype_source=source, prototypes_per_task=2)
+def test_discriminant_router_is_fitted_on_every_tasks_proxy_features(pretrained):
+    options = BuildOptions(alpha=1.0, rank=2, router="discriminant", prototype_source="runtime", prototypes_per_task=2)
     artifact = build_artifact(pretrained, _tasks(3, pretrained), options, progress=False)
     assert artifact.build["router"] == "discriminant"
     for layer in artifact.experts.values():
@@ -158,7 +157,8 @@ def test_bad_build_inputs_are_named(pretrained, change, message):
     [
         (BuildOptions(routed_kinds=("mlp",)), "routed kinds"),
         (BuildOptions(router="knn"), "router must be"),
-        (BuildOptions(router="discriminant", router_shrinkage=1.5), "router_shrinkage"),
+        (BuildOptions(router="discriminant", prototype_source="runtime", router_shrinkage=1.5), "router_shrinkage"),
+        (BuildOptions(router="discriminant"), "prototype_source='runtime'"),
     ],
 )
 def test_bad_options_are_named(pretrained, options, message):
