@@ -352,15 +352,21 @@ def demo(
 ) -> None:
     """The whole chain offline: zoo (cached) → every method + ESM++ → table → a few task-agnostic predictions.
 
-    ESM++ runs twice: with the authors' defaults (qkv + c_fc routed, one prototype per task from the
-    fine-tuned models) and with every linear kind routed and four k-means prototypes per task measured in
-    the routed model (better on the zoo: see the README); the second serves the predictions."""
+    ESM++ runs three times: with the authors' defaults (qkv + c_fc routed, one prototype per task from the
+    fine-tuned models, cosine router); with the patch embedding and every linear kind routed (the best when
+    the task is given); and with every linear kind routed, four prototypes per task measured in the routed
+    model and the discriminant router (the best when the router must find the task: it serves the
+    predictions). See the README for what the numbers say."""
     from esmpp.build import BuildOptions
     from esmpp.runtime.predictor import Predictor
 
+    every_linear = ("qkv", "out", "fc", "proj")
     variants = [
         BuildOptions(),
-        BuildOptions(routed_kinds=("qkv", "out", "fc", "proj"), prototype_source="runtime", prototypes_per_task=4),
+        BuildOptions(routed_kinds=("patch", *every_linear)),
+        BuildOptions(
+            routed_kinds=every_linear, prototype_source="runtime", prototypes_per_task=4, router="discriminant"
+        ),
     ]
     z = _compare(zoo, "all", out / "compare.json", out / "artifact", variants)
     predictor = Predictor.load(out / "artifact")
