@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from esmpp.architecture import block_index, linear_kind
-from esmpp.runtime.layers import explicit_attention, routed_slot
+from esmpp.architecture import PATCH_KEY, block_index, linear_kind
+from esmpp.runtime.layers import explicit_attention, image_patches, routed_slot
 
 
 @dataclass
@@ -58,10 +58,18 @@ class _Accumulator:
 
 
 def _hook_layers(visual: nn.Module, keys: Iterable[str], with_gram: bool) -> tuple[dict[str, _Accumulator], list]:
-    """Forward pre-hooks feeding an accumulator per linear weight key (``visual`` has explicit attention)."""
+    """Forward pre-hooks feeding an accumulator per weight key (``visual`` has explicit attention)."""
     accumulators: dict[str, _Accumulator] = {}
     handles = []
     for key in keys:
+        if key == PATCH_KEY:  # the patch embedding's input: the images, as flattened patches
+            accumulator = accumulators[key] = _Accumulator(with_gram)
+
+            def patch_hook(mod: nn.Module, args: tuple, acc: _Accumulator = accumulator) -> None:
+                acc.add(image_patches(args[0], mod.kernel_size[0]))
+
+            handles.append(visual.conv1.register_forward_pre_hook(patch_hook))
+            continue
         kind, block = linear_kind(key), block_index(key)
         if kind is None or block is None:
             raise ValueError(f"{key!r} is not the weight of a block's linear layer")
@@ -95,7 +103,8 @@ def capture_statistics(
     linear weight key in ``keys`` (e.g. ``transformer.resblocks.0.attn.in_proj_weight``), the statistics
     of its input tokens. ``visual`` gets explicit attention modules (same keys and outputs) so that the
     attention in- and out-projections can be observed. ``run(images)`` replaces ``visual(images)`` when
-    the forward needs more (e.g. a routed model with a forced task)."""
+    the forward needs more (e.g. a routed model with a forced task). The patch embedding's key
+    (``conv1.weight``) gives the statistics of the flattened patches."""
     explicit_attention(visual)
     accumulators, handles = _hook_layers(visual, keys, with_gram)
     try:

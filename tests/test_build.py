@@ -62,9 +62,10 @@ def pretrained() -> Encoder:
     return Encoder(TINY_ARCH, build_visual(TINY_ARCH).state_dict(), "pretrained")
 
 
-def test_one_task_with_full_rank_experts_reproduces_the_fine_tuned_model(pretrained):
+@pytest.mark.parametrize("kinds", [("qkv", "out", "fc", "proj"), ("patch", "qkv", "out", "fc", "proj")])
+def test_one_task_with_full_rank_experts_reproduces_the_fine_tuned_model(pretrained, kinds):
     tasks = _tasks(1, pretrained)
-    options = BuildOptions(alpha=1.0, rank=10_000, routed_kinds=("qkv", "out", "fc", "proj"))
+    options = BuildOptions(alpha=1.0, rank=10_000, routed_kinds=kinds)
     artifact = build_artifact(pretrained, tasks, options, progress=False)
     finetuned = tasks[0].load().to_module()
     images = torch.randn(4, 3, 16, 16)
@@ -83,7 +84,8 @@ def test_build_is_deterministic_and_records_its_choices(pretrained):
         assert layer.up.shape == (3, first.backbone[key].shape[0], 4)
         assert layer.prototypes.shape == (3, 1, first.backbone[key].shape[1])
     assert first.build["alpha"] == 0.8 and first.build["method"] == "esm" and first.build["rank"] == 4
-    assert set(first.timings) == {"merge", "alpha", "experts"} and "seconds" not in first.build
+    assert set(first.timings) == {"merge", "alpha", "experts", "prototypes"} and "seconds" not in first.build
+    assert first.build["router"] == "cosine" and all(layer.prototype_bias is None for layer in first.experts.values())
 
 
 def test_runtime_prototypes_and_several_prototypes_per_task(pretrained):
@@ -94,14 +96,43 @@ def test_runtime_prototypes_and_several_prototypes_per_task(pretrained):
         torch.testing.assert_close(layer.prototypes.norm(dim=-1), torch.ones(2, 2))
 
 
-def test_routing_follows_distinct_proxy_distributions(pretrained):
+@pytest.mark.parametrize(("router", "source"), [("cosine", "finetuned"), ("discriminant", "runtime")])
+def test_routing_follows_distinct_proxy_distributions(pretrained, router, source):
     """Tasks whose images differ strongly are routed to their own experts."""
-    artifact = build_artifact(pretrained, _tasks(3, pretrained), BuildOptions(alpha=0.5, rank=4), progress=False)
+    options = BuildOptions(alpha=0.5, rank=4, router=router, prototype_source=source)
+    artifact = build_artifact(pretrained, _tasks(3, pretrained), options, progress=False)
     model = artifact.to_model()
     with torch.no_grad():
         for t in range(3):
             images = _task_images(t, count=5, seed=1)
             assert model(images).task.tolist() == [t] * 5
+
+
+def test_discriminant_router_is_fitted_on_every_tasks_proxy_features(pretrained):
+    options = BuildOptions(alpha=1.0, rank=2, router="discriminant", prototype_source="runtime", prototypes_per_task=2)
+    artifact = build_artifact(pretrained, _tasks(3, pretrained), options, progress=False)
+    assert artifact.build["router"] == "discriminant"
+    for layer in artifact.experts.values():
+        assert layer.prototypes.shape[:2] == layer.prototype_bias.shape == (3, 2)
+        # LDA weights Σ⁻¹μ are not unit prototypes, and every bias −½ μᵀΣ⁻¹μ is negative
+        assert not torch.allclose(layer.prototypes.norm(dim=-1), torch.ones(3, 2))
+        assert (layer.prototype_bias < 0).all()
+
+
+def test_patch_experts_restore_the_fine_tuned_patch_embedding_with_the_task_forced(pretrained):
+    """At α = 0 the backbone is the pretrained model; a full-rank patch expert puts back the fine-tuned
+    patch embedding exactly (up to the float32 ESD) when the task is forced."""
+    tasks = _tasks(2, pretrained)
+    options = BuildOptions(alpha=0.0, rank=10_000, routed_kinds=("patch",))
+    model = build_artifact(pretrained, tasks, options, progress=False).to_model()
+    images = torch.randn(3, 3, 16, 16)
+    outputs = []
+    model.visual.conv1.register_forward_hook(lambda module, args, output: outputs.append(output))
+    for t, task in enumerate(tasks):
+        expected = torch.nn.functional.conv2d(images, task.load().state["conv1.weight"], stride=8)
+        with torch.no_grad():
+            model(images, torch.full((3,), t))
+        torch.testing.assert_close(outputs[-1], expected, atol=1e-4, rtol=1e-4)
 
 
 def test_alpha_search_uses_validation_data(pretrained):
@@ -128,9 +159,18 @@ def test_bad_build_inputs_are_named(pretrained, change, message):
         build_artifact(pretrained, tasks, BuildOptions(alpha=1.0), progress=False)
 
 
-def test_bad_options_are_named(pretrained):
-    with pytest.raises(ConfigError, match="routed kinds"):
-        build_artifact(pretrained, _tasks(1, pretrained), BuildOptions(routed_kinds=("mlp",)), progress=False)
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (BuildOptions(routed_kinds=("mlp",)), "routed kinds"),
+        (BuildOptions(router="knn"), "router must be"),
+        (BuildOptions(router="discriminant", prototype_source="runtime", router_shrinkage=1.5), "router_shrinkage"),
+        (BuildOptions(router="discriminant"), "prototype_source='runtime'"),
+    ],
+)
+def test_bad_options_are_named(pretrained, options, message):
+    with pytest.raises(ConfigError, match=message):
+        build_artifact(pretrained, _tasks(1, pretrained), options, progress=False)
 
 
 def test_golden_section_finds_the_peak():

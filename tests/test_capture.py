@@ -3,6 +3,7 @@ import torch
 
 from esmpp.architecture import build_visual, linear_keys
 from esmpp.capture import capture_blockwise, capture_statistics
+from esmpp.runtime.layers import image_patches
 from tests.conftest import TINY_ARCH
 
 
@@ -64,6 +65,17 @@ def test_blockwise_capture_stops_after_the_last_block_asked_for():
     key = "transformer.resblocks.0.mlp.c_fc.weight"
     [block] = capture_blockwise(visual, [torch.randn(2, 3, 16, 16)], [key])
     assert list(block) == [key] and ran == []
+
+
+def test_patch_statistics_are_those_of_the_flattened_patches():
+    visual = build_visual(TINY_ARCH)
+    images = torch.randn(5, 3, 16, 16)
+    stats = capture_statistics(visual, images.split(2), ["conv1.weight"])["conv1.weight"]
+    patch = TINY_ARCH.vision["patch_size"]
+    flat = image_patches(images, patch).double().reshape(-1, 3 * patch * patch)
+    torch.testing.assert_close(stats.gram, flat.T @ flat)
+    assert stats.num_tokens == 5 * (16 // patch) ** 2
+    torch.testing.assert_close(stats.image_means, image_patches(images, patch).mean(1))
 
 
 def test_empty_proxy_set_and_bad_keys_are_refused():

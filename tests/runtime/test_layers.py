@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from esmpp.architecture import build_visual, linear_keys
-from esmpp.runtime.layers import apply_experts, explicit_attention
+from esmpp.runtime.layers import apply_experts, explicit_attention, image_patches
 from esmpp.runtime.model import RoutedEncoder
 from tests.conftest import TINY_ARCH, random_artifact
 
@@ -82,3 +82,32 @@ def test_apply_experts_equals_the_per_image_sum_of_dense_experts(batch, num_task
         [sum(weights[b, j] * x[b] @ (up[ids[b, j]] @ down[ids[b, j]]).T for j in range(k)) for b in range(batch)]
     )
     torch.testing.assert_close(apply_experts(x, up, down, ids, weights), expected)
+
+
+def test_image_patches_are_what_the_patch_convolution_multiplies():
+    images = torch.randn(2, 3, 16, 16)
+    weight = torch.randn(5, 3, 8, 8)
+    convolved = F.conv2d(images, weight, stride=8)  # [2, 5, 2, 2]
+    tokens = image_patches(images, 8) @ weight.flatten(1).T  # [2, 4, 5]
+    torch.testing.assert_close(tokens.transpose(1, 2).reshape(convolved.shape), convolved, atol=1e-5, rtol=1e-5)
+
+
+def test_routed_patch_embedding_adds_the_forced_tasks_expert_to_each_patch():
+    artifact = random_artifact(num_tasks=3, kinds=("patch", "qkv"))
+    model = RoutedEncoder(artifact.arch, artifact.backbone, artifact.experts, artifact.heads)
+    images, task_ids = torch.randn(3, 3, 16, 16), torch.tensor([2, 0, 1])
+    layer = artifact.experts["conv1.weight"]
+    patch = artifact.arch.vision["patch_size"]
+    weight = artifact.backbone["conv1.weight"]
+    expected = torch.stack(
+        [
+            F.conv2d(images[b : b + 1], weight + (layer.up[t] @ layer.down[t]).reshape(weight.shape), stride=patch)[0]
+            for b, t in enumerate(task_ids.tolist())
+        ]
+    )
+    outputs = []
+    model.visual.conv1.register_forward_hook(lambda module, args, output: outputs.append(output))
+    with torch.no_grad():
+        model(images, task_ids)
+    torch.testing.assert_close(outputs[0], expected, atol=1e-5, rtol=1e-5)
+    assert model.routed_keys[0] == "conv1.weight"
