@@ -30,7 +30,14 @@ from esmpp.capture import capture_statistics
 from esmpp.checkpoints import Encoder, check_compatible
 from esmpp.errors import ConfigError
 from esmpp.experts import discriminant_router, residual_expert, task_prototypes, within_task_scatter
-from esmpp.merge import TaskSource, apply_task_vector, batches, golden_section_search, merge_streaming
+from esmpp.merge import (
+    TaskSource,
+    apply_task_vector,
+    batches,
+    golden_section_search,
+    merge_streaming,
+    proxy_batches,
+)
 from esmpp.merging import get_method
 from esmpp.profiling import stage
 from esmpp.runtime.model import Experts, RoutedEncoder
@@ -157,7 +164,7 @@ def _runtime_prototypes(
             model(images, torch.full((images.shape[0],), t, dtype=torch.long))
 
         stats = capture_statistics(
-            model.visual, batches(task.proxy, options.batch_size), experts, with_gram=False, run=forced
+            model.visual, proxy_batches(task, options.batch_size), experts, with_gram=False, run=forced
         )
         prototypes.add(t, {key: stats[key].image_means for key in experts})
     return prototypes.finish()
@@ -175,15 +182,13 @@ def build_artifact(
     if not tasks:
         raise ConfigError("no tasks to merge: give at least one task with a fine-tuned checkpoint.")
     for task in tasks:
-        if task.proxy.shape[0] == 0:
-            raise ConfigError(f"task {task.name!r} has no proxy images: give a folder with at least one image.")
         if task.head is None:
             raise ConfigError(f"task {task.name!r} has no head: give a head file or class names.")
     timings: dict[str, float] = {}
 
     start = time.perf_counter()
     method = get_method(options.method)(options.method_options, num_tasks=len(tasks))
-    task_vector = merge_streaming(pretrained, tasks, method, progress)
+    task_vector = merge_streaming(pretrained, tasks, method, progress, options.batch_size)
     timings["merge"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -217,7 +222,7 @@ def build_artifact(
             finetuned = task.load()
             check_compatible(pretrained, finetuned)
         with stage("capture"):
-            stats = capture_statistics(finetuned.to_module(share=True), batches(task.proxy, options.batch_size), routed)
+            stats = capture_statistics(finetuned.to_module(share=True), proxy_batches(task, options.batch_size), routed)
         with stage("experts"):
             for key in routed:
                 residual = as_matrix(finetuned.state[key]).float() - as_matrix(backbone[key]).float()

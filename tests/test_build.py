@@ -1,13 +1,20 @@
 """The ESM++ build on synthetic fine-tunes of a tiny model (the zoo-based end-to-end test is in tests/zoo)."""
 
+import tempfile
+from functools import partial
+from pathlib import Path
+
 import pytest
 import torch
 
-from esmpp.architecture import build_visual
+from esmpp.architecture import build_visual, linear_keys
 from esmpp.build import BuildOptions, build_artifact
+from esmpp.capture import capture_statistics
 from esmpp.checkpoints import Encoder
 from esmpp.errors import ConfigError
-from esmpp.merge import TaskSource, golden_section_search
+from esmpp.experts import residual_expert, task_prototypes
+from esmpp.merge import TaskSource, apply_task_vector, batches, golden_section_search
+from esmpp.merging import LayerStats, merge_task_vectors
 from tests.conftest import TINY_ARCH
 
 
@@ -41,7 +48,7 @@ def _tasks(num_tasks: int, pretrained: Encoder) -> list[TaskSource]:
             TaskSource(
                 name=f"task{t}",
                 load=lambda state=state, t=t: Encoder(TINY_ARCH, state, f"finetuned-{t}"),
-                proxy=_task_images(t, count=6, seed=0),
+                proxy=partial(_task_images, t, 6, 0),
                 head=torch.randn(3, TINY_ARCH.embed_dim, generator=torch.Generator().manual_seed(50 + t)),
                 classes=["a", "b", "c"],
             )
@@ -140,7 +147,7 @@ def test_alpha_search_uses_validation_data(pretrained):
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        (lambda tasks: setattr(tasks[0], "proxy", torch.zeros(0, 3, 16, 16)), "no proxy images"),
+        (lambda tasks: setattr(tasks[0], "proxy", lambda: torch.zeros(0, 3, 16, 16)), "no proxy images"),
         (lambda tasks: setattr(tasks[0], "head", None), "no head"),
         (lambda tasks: tasks.clear(), "no tasks"),
     ],
@@ -169,3 +176,80 @@ def test_bad_options_are_named(pretrained, options, message):
 def test_golden_section_finds_the_peak():
     alpha, history = golden_section_search(lambda a: -((a - 0.7) ** 2), 0.0, 2.0, evaluations=20)
     assert abs(alpha - 0.7) < 1e-3 and len(history) == 20
+
+
+# The lean build (proxy images loaded per task, statistics captured block by block, ESM's per-task
+# subspaces parked on disk) against the straightforward one it replaces.
+
+
+def _reference_build(
+    pretrained: Encoder, tasks: list[TaskSource], options: BuildOptions
+) -> tuple[dict[str, torch.Tensor], dict[str, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]]:
+    """Backbone and, per routed key, each task's (up, down, prototypes), computed with every block's
+    statistics of a task captured at once and every ESM summary in memory."""
+    keys = linear_keys(pretrained.arch)
+    deltas: dict[str, list[torch.Tensor]] = {key: [] for key in pretrained.state}
+    stats: dict[str, list[LayerStats]] = {key: [] for key in keys}
+    captured = []
+    for task in tasks:
+        finetuned = task.load()
+        task_stats = capture_statistics(finetuned.to_module(), batches(task.proxy(), options.batch_size), keys)
+        captured.append(task_stats)
+        for key, weight in pretrained.state.items():
+            deltas[key].append(finetuned.state[key] - weight)
+        for key in keys:
+            stats[key].append(LayerStats(task_stats[key].gram, task_stats[key].mean, task_stats[key].num_tokens))
+    backbone = apply_task_vector(pretrained.state, merge_task_vectors("esm", deltas, stats), options.alpha)
+    experts: dict[str, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
+    for key in linear_keys(pretrained.arch, options.routed_kinds):
+        for task, task_stats in zip(tasks, captured, strict=True):
+            residual = task.load().state[key] - backbone[key]
+            up, down = residual_expert(residual, task_stats[key].gram, task_stats[key].num_tokens, options.rank)
+            prototypes = task_prototypes(task_stats[key].image_means)
+            experts.setdefault(key, []).append((up, down, prototypes))
+    return backbone, experts
+
+
+def test_lean_build_equals_the_in_memory_build(pretrained, tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where ESM parks its summaries
+    tasks = _tasks(3, pretrained)
+    options = BuildOptions(alpha=0.7, rank=3, batch_size=4)  # 6 proxy images: two batches
+    artifact = build_artifact(pretrained, tasks, options, progress=False)
+    backbone, experts = _reference_build(pretrained, tasks, options)
+    for key, weight in backbone.items():
+        torch.testing.assert_close(artifact.backbone[key], weight, msg=key)
+    for key, per_task in experts.items():
+        for t, (up, down, prototypes) in enumerate(per_task):
+            torch.testing.assert_close(artifact.experts[key].up[t], up)
+            torch.testing.assert_close(artifact.experts[key].down[t], down)
+            torch.testing.assert_close(artifact.experts[key].prototypes[t], prototypes)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_proxy_images_are_loaded_per_task_when_needed(pretrained):
+    events: list[tuple[str, str]] = []
+    tasks = _tasks(3, pretrained)
+
+    def logged(kind: str, name: str, load):
+        return lambda: (events.append((kind, name)), load())[1]
+
+    for task in tasks:
+        task.load, task.proxy = logged("checkpoint", task.name, task.load), logged("proxy", task.name, task.proxy)
+    build_artifact(pretrained, tasks, BuildOptions(alpha=1.0, rank=2), progress=False)
+    one_pass = [(kind, f"task{t}") for t in range(3) for kind in ("checkpoint", "proxy")]
+    assert events == one_pass * 2  # the merge, then the experts
+
+
+def test_parked_summaries_are_removed_when_the_build_fails(pretrained, tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    tasks = _tasks(3, pretrained)
+    parked: list[Path] = []
+
+    def fails_after_two_tasks() -> Encoder:
+        parked.extend(tmp_path.glob("esmpp-spill-*/*.safetensors"))
+        raise OSError("checkpoint unreadable")
+
+    tasks[2].load = fails_after_two_tasks
+    with pytest.raises(OSError, match="unreadable"):
+        build_artifact(pretrained, tasks, BuildOptions(alpha=1.0, rank=2), progress=False)
+    assert parked and list(tmp_path.iterdir()) == []
