@@ -27,6 +27,12 @@ LINEAR_KINDS: dict[str, str] = {
     "proj": "mlp.c_proj.weight",
 }
 _BLOCK_KEY = re.compile(r"^transformer\.resblocks\.(\d+)\.(.+)$")
+# The patch embedding (open_clip's ``conv1``: kernel = stride = patch size, no bias) is a linear map of each
+# flattened patch [3·p·p] → [width], so ESM++ can give it experts like the blocks' linear layers. Fine-tuning
+# moves it more than any other single weight on the zoo (see README), and no block's expert can make up
+# for it: its change reaches every later layer through the residual stream.
+PATCH_KEY = "conv1.weight"
+ROUTED_KINDS = ("patch", *LINEAR_KINDS)
 
 
 @dataclass(frozen=True)
@@ -141,3 +147,20 @@ def linear_key(block: int, kind: str) -> str:
 def linear_keys(arch: Architecture, kinds: tuple[str, ...] = tuple(LINEAR_KINDS)) -> list[str]:
     """All weight keys of the given linear kinds, block by block."""
     return [linear_key(block, kind) for block in range(arch.layers) for kind in kinds]
+
+
+def routed_kind(key: str) -> str | None:
+    """The kind ESM++ can route a weight key as: ``patch`` for the patch embedding, else its linear kind."""
+    return "patch" if key == PATCH_KEY else linear_kind(key)
+
+
+def routed_keys(arch: Architecture, kinds: tuple[str, ...]) -> list[str]:
+    """The weight keys of the routed ``kinds`` (from ``ROUTED_KINDS``) in execution order."""
+    blocks = tuple(kind for kind in LINEAR_KINDS if kind in kinds)
+    return ([PATCH_KEY] if "patch" in kinds else []) + linear_keys(arch, blocks)
+
+
+def as_matrix(weight: torch.Tensor) -> torch.Tensor:
+    """A routed weight as the matrix it applies: [d_out, d_in]; the patch embedding [width, 3, p, p] →
+    [width, 3·p·p] (channels, then rows, then columns of a patch)."""
+    return weight.reshape(weight.shape[0], -1)

@@ -6,7 +6,8 @@ Layout::
                            build options, and the sha256 of each tensor file
     backbone.safetensors   the merged visual tower (open_clip keys)
     experts.safetensors    per routed layer ``<key>.up`` [T,d_out,r], ``<key>.down`` [T,r,d_in],
-                           ``<key>.prototypes`` [T,m,d_in]
+                           ``<key>.prototypes`` [T,m,d_in], and with the discriminant router
+                           ``<key>.prototype_bias`` [T,m] (format 2; format 1 has the cosine router only)
     heads.safetensors      ``head.<t>`` [C_t, embed_dim] per task, logits = normalize(embedding) @ headᵀ
 
 Written atomically; loading validates the manifest, the checksums and every shape, and names what is wrong.
@@ -25,15 +26,28 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 import esmpp
-from esmpp.architecture import Architecture, block_index, build_visual, linear_kind
+from esmpp.architecture import PATCH_KEY, Architecture, block_index, build_visual, routed_kind
 from esmpp.atomic import atomic_directory
 from esmpp.errors import ArchitectureError, ArtifactError
 from esmpp.runtime.model import Experts, RoutedEncoder
 
-FORMAT_VERSION = 1
+# 2: the discriminant router's ``prototype_bias``. A reader of format 1 would take its weights for cosine
+# prototypes and route silently wrong, so it must refuse these artifacts; format 1 still loads here.
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 TENSOR_FILES = ("backbone.safetensors", "experts.safetensors", "heads.safetensors")
 _EXPERT_PARTS = ("up", "down", "prototypes")
+_OPTIONAL_EXPERT_PARTS = ("prototype_bias",)
+
+
+def _expert_tensors(experts: dict[str, Experts]) -> dict[str, torch.Tensor]:
+    """Every tensor of the routed layers under its file name ``<key>.<part>``."""
+    return {
+        f"{key}.{part}": getattr(layer, part)
+        for key, layer in experts.items()
+        for part in (*_EXPERT_PARTS, *_OPTIONAL_EXPERT_PARTS)
+        if getattr(layer, part) is not None
+    }
 
 
 @dataclass
@@ -64,7 +78,7 @@ class Artifact:
             raise ArtifactError(f"{source}: no tasks. Rebuild it with `esmpp build`.")
         tensors = {
             **{f"backbone {key}": value for key, value in self.backbone.items()},
-            **{f"{key}.{part}": getattr(layer, part) for key, layer in self.experts.items() for part in _EXPERT_PARTS},
+            **_expert_tensors(self.experts),
             **{f"head {t}": head for t, head in enumerate(self.heads)},
         }
         for name, tensor in tensors.items():
@@ -98,9 +112,9 @@ class Artifact:
         if not self.experts:
             raise ArtifactError(f"{source}: no routed layers. Rebuild it with `esmpp build`.")
         for key, layer in self.experts.items():
-            if linear_kind(key) is None or key not in reference:
+            if routed_kind(key) is None or key not in reference:
                 raise ArtifactError(f"{source}: routed layer {key!r} is not a linear layer of this architecture.")
-            d_out, d_in = reference[key]
+            d_out, d_in = reference[key][0], reference[key].numel() // reference[key][0]
             up, down, protos = layer.up, layer.down, layer.prototypes
             ok = (
                 up.ndim == 3
@@ -118,9 +132,15 @@ class Artifact:
                     f"{tuple(down.shape)}, prototypes {tuple(protos.shape)}; expected [T={T}, {d_out}, r], "
                     f"[T, r, {d_in}], [T, m, {d_in}]. Rebuild the artifact."
                 )
-            for part in _EXPERT_PARTS:
-                if not torch.isfinite(getattr(layer, part)).all():
-                    raise ArtifactError(f"{source}: {key}.{part} has non-finite values. Rebuild the artifact.")
+            bias = layer.prototype_bias
+            if bias is not None and bias.shape != protos.shape[:2]:
+                raise ArtifactError(
+                    f"{source}: {key}.prototype_bias has shape {tuple(bias.shape)}, expected "
+                    f"{tuple(protos.shape[:2])} (tasks × prototypes). Rebuild the artifact."
+                )
+        for name, tensor in _expert_tensors(self.experts).items():
+            if not torch.isfinite(tensor).all():
+                raise ArtifactError(f"{source}: {name} has non-finite values. Rebuild the artifact.")
 
     def to_model(self) -> RoutedEncoder:
         self.validate()
@@ -157,9 +177,7 @@ def save_artifact(artifact: Artifact, path: Path, overwrite: bool = False) -> Pa
     """Validate ``artifact`` and write it to the directory ``path`` atomically."""
     artifact.validate()
     path = Path(path)
-    expert_tensors = {
-        f"{key}.{part}": getattr(layer, part) for key, layer in artifact.experts.items() for part in _EXPERT_PARTS
-    }
+    expert_tensors = _expert_tensors(artifact.experts)
     with atomic_directory(path, overwrite=overwrite) as staging:
         save_file(_contiguous(artifact.backbone), staging / "backbone.safetensors")
         save_file(_contiguous(expert_tensors), staging / "experts.safetensors")
@@ -277,9 +295,9 @@ def load_artifact(path: Path) -> Artifact:
     experts = {}
     for key in manifest["routed_layers"]:
         names = [f"{key}.{part}" for part in _EXPERT_PARTS]
-        if any(name not in experts_file for name in names) or block_index(key) is None:
+        if any(name not in experts_file for name in names) or (block_index(key) is None and key != PATCH_KEY):
             raise ArtifactError(f"{path / 'experts.safetensors'}: no experts for routed layer {key!r}. Rebuild it.")
-        experts[key] = Experts(*(experts_file[name] for name in names))
+        experts[key] = Experts(*(experts_file[name] for name in names), experts_file.get(f"{key}.prototype_bias"))
     heads_file = tensors["heads.safetensors"]
     tasks = [TaskInfo(task["name"], list(task["classes"])) for task in manifest["tasks"]]
     try:

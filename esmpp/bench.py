@@ -142,7 +142,7 @@ def proxy_images(arch: Architecture, count: int, task: int, seed: int = 0) -> to
 
 
 def task_sources(workload: Workload, arch: Architecture, num_tasks: int, num_proxy: int) -> list[TaskSource]:
-    """The first ``num_tasks`` tasks of ``workload``, loaded lazily from disk, with proxy images and heads."""
+    """The first ``num_tasks`` tasks of ``workload``, checkpoints and proxy images made when loaded, with heads."""
     sources = []
     for t, path in enumerate(workload.finetuned[:num_tasks]):
         head = torch.nn.functional.normalize(
@@ -152,7 +152,7 @@ def task_sources(workload: Workload, arch: Architecture, num_tasks: int, num_pro
             TaskSource(
                 name=f"task{t}",
                 load=lambda path=path: load_encoder(path),
-                proxy=proxy_images(arch, num_proxy, t, workload.seed),
+                proxy=partial(proxy_images, arch, num_proxy, t, workload.seed),
                 head=head,
                 classes=[f"class{c}" for c in range(10)],
             )

@@ -7,7 +7,9 @@ Stages (each timed, each streaming over tasks with one fine-tuned checkpoint in 
    task's own activations, and the task's prototypes (mean routed-layer input on its proxy images);
 4. prototypes (option ``prototype_source="runtime"``): prototypes re-measured in the routed model itself
    with the task forced — the feature space the router actually sees;
-5. the artifact, written atomically.
+5. the router: the prototypes themselves (cosine router, the paper's), or a linear discriminant fitted on
+   the same proxy features (``router="discriminant"``, see :mod:`esmpp.experts`);
+6. the artifact, written atomically.
 """
 
 from __future__ import annotations
@@ -22,13 +24,20 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from esmpp.architecture import LINEAR_KINDS, linear_keys
+from esmpp.architecture import ROUTED_KINDS, as_matrix, routed_keys
 from esmpp.artifact import Artifact, TaskInfo
 from esmpp.capture import capture_statistics
 from esmpp.checkpoints import Encoder, check_compatible
 from esmpp.errors import ConfigError
-from esmpp.experts import residual_expert, task_prototypes
-from esmpp.merge import TaskSource, apply_task_vector, batches, golden_section_search, merge_streaming
+from esmpp.experts import discriminant_router, residual_expert, task_prototypes, within_task_scatter
+from esmpp.merge import (
+    TaskSource,
+    apply_task_vector,
+    batches,
+    golden_section_search,
+    merge_streaming,
+    proxy_batches,
+)
 from esmpp.merging import get_method
 from esmpp.profiling import stage
 from esmpp.runtime.model import Experts, RoutedEncoder
@@ -45,19 +54,31 @@ class BuildOptions:
     routed_kinds: tuple[str, ...] = ("qkv", "fc")
     prototype_source: Literal["finetuned", "runtime"] = "finetuned"
     prototypes_per_task: int = 1
+    router: Literal["cosine", "discriminant"] = "cosine"
+    router_shrinkage: float = 0.1
     batch_size: int = 64
     alpha_evaluations: int = 10
 
     def check(self) -> None:
-        unknown = [kind for kind in self.routed_kinds if kind not in LINEAR_KINDS]
+        unknown = [kind for kind in self.routed_kinds if kind not in ROUTED_KINDS]
         if unknown or not self.routed_kinds:
-            raise ConfigError(f"routed kinds {list(self.routed_kinds)}: choose from {list(LINEAR_KINDS)}.")
+            raise ConfigError(f"routed kinds {list(self.routed_kinds)}: choose from {list(ROUTED_KINDS)}.")
         if self.rank < 1:
             raise ConfigError(f"rank must be ≥ 1, got {self.rank}.")
         if self.prototypes_per_task < 1:
             raise ConfigError(f"prototypes_per_task must be ≥ 1, got {self.prototypes_per_task}.")
         if self.prototype_source not in ("finetuned", "runtime"):
             raise ConfigError(f"prototype_source must be 'finetuned' or 'runtime', got {self.prototype_source!r}.")
+        if self.router not in ("cosine", "discriminant"):
+            raise ConfigError(f"router must be 'cosine' or 'discriminant', got {self.router!r}.")
+        if self.router == "discriminant" and self.prototype_source != "runtime":
+            raise ConfigError(
+                "the discriminant router is fitted on the features the routed model itself sees: use it with "
+                "prototype_source='runtime' (--prototypes runtime). Fitted on the fine-tuned models' features it "
+                "learns to tell the models apart rather than the images (28 % routing on the mini zoo)."
+            )
+        if not 0.0 <= self.router_shrinkage <= 1.0:
+            raise ConfigError(f"router_shrinkage must be in [0, 1], got {self.router_shrinkage}.")
 
 
 def _embed(visual: torch.nn.Module, images: torch.Tensor, batch_size: int) -> torch.Tensor:
@@ -97,22 +118,56 @@ def choose_alpha(
         bar.close()
 
 
+class _Prototypes:
+    """Prototypes of every routed layer, filled task by task, and the pooled statistics the discriminant
+    router needs (a d_in × d_in scatter per layer, whatever the number of tasks)."""
+
+    def __init__(self, experts: dict[str, Experts], options: BuildOptions) -> None:
+        self.experts, self.options = experts, options
+        self.scatter: dict[str, torch.Tensor] = {}
+        self.counts = dict.fromkeys(experts, 0)
+        self.means = {key: torch.zeros_like(layer.prototypes) for key, layer in experts.items()}
+
+    def add(self, t: int, image_means: dict[str, torch.Tensor]) -> None:
+        """Task ``t``'s proxy images' mean tokens [n, d_in] at each routed layer."""
+        for key, means in image_means.items():
+            prototypes = task_prototypes(means, self.options.prototypes_per_task)
+            self.experts[key].prototypes[t] = prototypes
+            if self.options.router == "discriminant":
+                scatter, self.means[key][t] = within_task_scatter(means, prototypes)
+                self.scatter[key] = scatter + self.scatter[key] if key in self.scatter else scatter
+                self.counts[key] += means.shape[0]
+
+    def finish(self) -> dict[str, Experts]:
+        if self.options.router == "cosine":
+            return self.experts
+        return {
+            key: Experts(
+                layer.up,
+                layer.down,
+                *discriminant_router(
+                    self.scatter[key], self.counts[key], self.means[key], self.options.router_shrinkage
+                ),
+            )
+            for key, layer in self.experts.items()
+        }
+
+
 def _runtime_prototypes(
     arch, backbone, experts: dict[str, Experts], heads, tasks: Sequence[TaskSource], options: BuildOptions
 ) -> dict[str, Experts]:
     model = RoutedEncoder(arch, backbone, experts, heads)
-    per_layer: dict[str, list[torch.Tensor]] = {key: [] for key in experts}
+    prototypes = _Prototypes(experts, options)
     for t, task in enumerate(tasks):
 
         def forced(images: torch.Tensor, t: int = t) -> None:
             model(images, torch.full((images.shape[0],), t, dtype=torch.long))
 
         stats = capture_statistics(
-            model.visual, batches(task.proxy, options.batch_size), experts, with_gram=False, run=forced
+            model.visual, proxy_batches(task, options.batch_size), experts, with_gram=False, run=forced
         )
-        for key in experts:
-            per_layer[key].append(task_prototypes(stats[key].image_means, options.prototypes_per_task))
-    return {key: Experts(layer.up, layer.down, torch.stack(per_layer[key])) for key, layer in experts.items()}
+        prototypes.add(t, {key: stats[key].image_means for key in experts})
+    return prototypes.finish()
 
 
 def build_artifact(
@@ -127,15 +182,13 @@ def build_artifact(
     if not tasks:
         raise ConfigError("no tasks to merge: give at least one task with a fine-tuned checkpoint.")
     for task in tasks:
-        if task.proxy.shape[0] == 0:
-            raise ConfigError(f"task {task.name!r} has no proxy images: give a folder with at least one image.")
         if task.head is None:
             raise ConfigError(f"task {task.name!r} has no head: give a head file or class names.")
     timings: dict[str, float] = {}
 
     start = time.perf_counter()
     method = get_method(options.method)(options.method_options, num_tasks=len(tasks))
-    task_vector = merge_streaming(pretrained, tasks, method, progress)
+    task_vector = merge_streaming(pretrained, tasks, method, progress, options.batch_size)
     timings["merge"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -152,40 +205,43 @@ def build_artifact(
     timings["alpha"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    routed = linear_keys(pretrained.arch, options.routed_kinds)
+    routed = routed_keys(pretrained.arch, options.routed_kinds)
     # Filled in place, task by task: list-then-stack would hold every expert twice at the end.
     experts = {}
     for key in routed:
-        d_out, d_in = backbone[key].shape
+        d_out, d_in = as_matrix(backbone[key]).shape
         rank = min(options.rank, d_out)
         experts[key] = Experts(
             up=torch.empty(len(tasks), d_out, rank),
             down=torch.empty(len(tasks), rank, d_in),
             prototypes=torch.empty(len(tasks), options.prototypes_per_task, d_in),
         )
+    prototypes = _Prototypes(experts, options)
     for t, task in enumerate(tqdm(tasks, desc="experts", unit="task", disable=not progress)):
         with stage("load"):
             finetuned = task.load()
             check_compatible(pretrained, finetuned)
         with stage("capture"):
-            stats = capture_statistics(finetuned.to_module(share=True), batches(task.proxy, options.batch_size), routed)
+            stats = capture_statistics(finetuned.to_module(share=True), proxy_batches(task, options.batch_size), routed)
         with stage("experts"):
             for key in routed:
-                residual = finetuned.state[key].float() - backbone[key].float()
+                residual = as_matrix(finetuned.state[key]).float() - as_matrix(backbone[key]).float()
                 up, down = residual_expert(residual, stats[key].gram, stats[key].num_tokens, options.rank)
                 experts[key].up[t], experts[key].down[t] = up, down
         with stage("prototypes"):
-            for key in routed:
-                experts[key].prototypes[t] = task_prototypes(stats[key].image_means, options.prototypes_per_task)
+            prototypes.add(t, {key: stats[key].image_means for key in routed})
         del finetuned, stats
     timings["experts"] = time.perf_counter() - start
 
     heads = [task.head.float() for task in tasks]
-    if options.prototype_source == "runtime":
-        start = time.perf_counter()
-        with stage("prototypes"):
+    start = time.perf_counter()
+    with stage("prototypes"):
+        if options.prototype_source == "runtime":
+            # Routed with the cosine router's unit prototypes of pass 2; only the forced task's experts act.
             experts = _runtime_prototypes(pretrained.arch, backbone, experts, heads, tasks, options)
-        timings["prototypes"] = time.perf_counter() - start
+        else:
+            experts = prototypes.finish()
+    timings["prototypes"] = time.perf_counter() - start
 
     build_record = {
         "method": options.method,
@@ -196,6 +252,8 @@ def build_artifact(
         "routed_kinds": list(options.routed_kinds),
         "prototype_source": options.prototype_source,
         "prototypes_per_task": options.prototypes_per_task,
+        "router": options.router,
+        "router_shrinkage": options.router_shrinkage,
     }
     return Artifact(
         arch=pretrained.arch,

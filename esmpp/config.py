@@ -58,9 +58,11 @@ class OptionsConfig(BaseModel):
     method_options: dict[str, Any] = Field(default_factory=dict)
     alpha: float | None = _DEFAULTS.alpha
     rank: int = _DEFAULTS.rank
-    routed_kinds: list[Literal["qkv", "out", "fc", "proj"]] = list(_DEFAULTS.routed_kinds)
+    routed_kinds: list[Literal["patch", "qkv", "out", "fc", "proj"]] = list(_DEFAULTS.routed_kinds)
     prototype_source: Literal["finetuned", "runtime"] = _DEFAULTS.prototype_source
     prototypes_per_task: int = _DEFAULTS.prototypes_per_task
+    router: Literal["cosine", "discriminant"] = _DEFAULTS.router
+    router_shrinkage: float = Field(_DEFAULTS.router_shrinkage, ge=0.0, le=1.0)
 
     def to_build_options(self) -> BuildOptions:
         data = self.model_dump()

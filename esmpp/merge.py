@@ -1,15 +1,15 @@
 """Streaming merge driver: one fine-tuned checkpoint in memory at a time.
 
 For each task the driver loads the fine-tuned encoder, captures its activation statistics on the task's
-proxy images when the method needs them, hands every parameter's task vector to the method's
-``summarize`` and drops the checkpoint. The method's ``combine``/``finalize`` then give the merged task
-vector; ``apply_task_vector`` scales it by α onto the pretrained weights.
+proxy images when the method needs them (block by block), hands every parameter's task vector to the
+method's ``summarize`` and drops the checkpoint. The method's ``combine``/``finalize`` then give the merged
+task vector; ``apply_task_vector`` scales it by α onto the pretrained weights.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,21 +17,22 @@ import torch
 from tqdm.auto import tqdm
 
 from esmpp.architecture import linear_keys
-from esmpp.capture import capture_statistics
+from esmpp.capture import ActivationStats, capture_blockwise
 from esmpp.checkpoints import Encoder, check_compatible
+from esmpp.errors import ConfigError
 from esmpp.merging import LayerStats, MergeMethod
 from esmpp.profiling import stage
 
 
 @dataclass
 class TaskSource:
-    """One task of a merge: how to load its fine-tuned encoder (lazily), its proxy images
-    (normalised [n, 3, H, W]), its head [C, embed_dim] and class names, and optional labelled
-    validation data for choosing α."""
+    """One task of a merge: how to load its fine-tuned encoder and its proxy images (normalised
+    [n, 3, H, W]), both lazily so that a build holds one task's at a time, its head [C, embed_dim] and
+    class names, and optional labelled validation data for choosing α."""
 
     name: str
     load: Callable[[], Encoder]
-    proxy: torch.Tensor
+    proxy: Callable[[], torch.Tensor]
     head: torch.Tensor | None = None
     classes: list[str] = field(default_factory=list)
     validation: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -41,11 +42,16 @@ def batches(images: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
     return list(images.split(batch_size))
 
 
-def task_statistics(
-    encoder: Encoder, proxy: torch.Tensor, keys: Sequence[str], batch_size: int = 64
-) -> dict[str, LayerStats]:
-    """Gram statistics of ``encoder``'s linear layers ``keys`` on ``proxy`` images."""
-    stats = capture_statistics(encoder.to_module(share=True), batches(proxy, batch_size), keys)
+def proxy_batches(task: TaskSource, batch_size: int) -> list[torch.Tensor]:
+    """``task``'s proxy images, loaded now, in batches of ``batch_size`` (each [≤ batch_size, 3, H, W])."""
+    images = task.proxy()
+    if images.shape[0] == 0:
+        raise ConfigError(f"task {task.name!r} has no proxy images: give a folder with at least one image.")
+    return batches(images, batch_size)
+
+
+def layer_stats(stats: Mapping[str, ActivationStats]) -> dict[str, LayerStats]:
+    """What merge methods read of captured statistics (Gram, token mean and count), key by key."""
     return {key: LayerStats(gram=s.gram, mean=s.mean, num_tokens=s.num_tokens) for key, s in stats.items()}
 
 
@@ -54,23 +60,46 @@ def merge_streaming(
     tasks: Sequence[TaskSource],
     method: MergeMethod,
     progress: bool = True,
+    batch_size: int = 64,
 ) -> dict[str, torch.Tensor]:
-    """The merged task vector of ``method`` over ``tasks`` (parameter name → tensor), before α."""
+    """The merged task vector of ``method`` over ``tasks`` (parameter name → tensor), before α.
+
+    One fine-tuned encoder and one task's proxy images in memory at a time; with ``method.needs_grams``
+    the activation statistics are captured one transformer block at a time and that block's linear layers
+    are summarised before the next block runs; summaries that methods park go to a temporary directory.
+    """
     summaries: dict[str, Any] = {}
-    stat_keys = linear_keys(pretrained.arch)
-    for task in tqdm(tasks, desc=f"merge {method.name}", unit="task", disable=not progress):
-        with stage("load"):
-            finetuned = task.load()
-            check_compatible(pretrained, finetuned)
-        with stage("capture"):
-            stats = task_statistics(finetuned, task.proxy, stat_keys) if method.needs_grams else {}
-        with stage("decompose"):
-            for key, weight in pretrained.state.items():
-                delta = finetuned.state[key].float() - weight.float()
-                summaries[key] = method.summarize(key, delta, stats.get(key), summaries.get(key))
-        del finetuned, stats
+
+    def summarize(finetuned: Encoder, key: str, stats: LayerStats | None) -> None:
+        delta = finetuned.state[key].float() - pretrained.state[key].float()
+        summaries[key] = method.summarize(key, delta, stats, summaries.get(key))
+
+    with method.spilling():
+        for task in tqdm(tasks, desc=f"merge {method.name}", unit="task", disable=not progress):
+            with stage("load"):
+                finetuned = task.load()
+                check_compatible(pretrained, finetuned)
+            stat_keys = linear_keys(pretrained.arch) if method.needs_grams else []
+            if stat_keys:
+                blocks = capture_blockwise(finetuned.to_module(share=True), proxy_batches(task, batch_size), stat_keys)
+                while True:
+                    with stage("capture"):
+                        block_stats = next(blocks, None)
+                    if block_stats is None:
+                        break
+                    with stage("decompose"):
+                        for key, stats in layer_stats(block_stats).items():
+                            summarize(finetuned, key, stats)
+                    del block_stats
+            with stage("decompose"):
+                for key in pretrained.state.keys() - set(stat_keys):  # any order: summaries are per key
+                    summarize(finetuned, key, None)
+            del finetuned
+        with stage("merge"):
+            # In the pretrained model's key order (finalize's scalings average over keys in that order);
+            # each summary is dropped once combined.
+            merged = {key: method.combine(key, summaries.pop(key)) for key in pretrained.state}
     with stage("merge"):
-        merged = {key: method.combine(key, summary) for key, summary in summaries.items()}
         return method.finalize(merged)
 
 

@@ -27,15 +27,15 @@ def image_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 
-def load_proxy(folder: Path, arch: Architecture, count: int) -> torch.Tensor:
-    """The first ``count`` images of ``folder`` (sorted by name), preprocessed → [n, 3, H, W]."""
+def proxy_files(folder: Path, count: int) -> list[Path]:
+    """The first ``count`` images of ``folder`` (sorted by name); at least one, else a ConfigError."""
     files = image_files(folder)[:count]
     if not files:
         raise ConfigError(
             f"{folder}: the proxy folder has no images ({', '.join(sorted(IMAGE_SUFFIXES))}). "
             "Put a few unlabeled training images of the task there (32 are used)."
         )
-    return preprocess_images(files, arch)
+    return files
 
 
 def load_labelled_folder(folder: Path, classes: list[str], arch: Architecture) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,7 +75,8 @@ def load_head(path: Path, classes: list[str] | None, embed_dim: int) -> tuple[to
 
 
 def config_sources(config: BuildConfig) -> tuple[Encoder, list[TaskSource]]:
-    """The pretrained encoder and the task sources of a build config (checkpoints load lazily)."""
+    """The pretrained encoder and the task sources of a build config (checkpoints and proxy images load
+    lazily; the proxy folders are checked now)."""
     pretrained = load_encoder(config.pretrained, arch=config.architecture, allow_pickle=config.allow_pickle)
     arch = pretrained.arch
     tasks = []
@@ -88,7 +89,7 @@ def config_sources(config: BuildConfig) -> tuple[Encoder, list[TaskSource]]:
             TaskSource(
                 name=task.name,
                 load=partial(load_encoder, task.checkpoint, arch, config.allow_pickle),
-                proxy=load_proxy(task.proxy, arch, config.proxy_images),
+                proxy=partial(preprocess_images, proxy_files(task.proxy, config.proxy_images), arch),
                 head=head,
                 classes=classes,
                 validation=load_labelled_folder(task.validation, classes, arch) if task.validation else None,
@@ -98,23 +99,27 @@ def config_sources(config: BuildConfig) -> tuple[Encoder, list[TaskSource]]:
 
 
 def zoo_sources(zoo, tasks: list[str] | None = None) -> tuple[Encoder, list[TaskSource]]:
-    """The pretrained encoder and task sources of an offline zoo (proxy: its 32 training images;
-    validation: its validation split)."""
+    """The pretrained encoder and task sources of an offline zoo (proxy: its 32 training images, loaded
+    when asked for; validation: its validation split)."""
     pretrained = load_encoder(zoo.pretrained_path, arch=zoo.arch)
     sources = []
     for name in tasks or zoo.tasks:
         if name not in zoo.tasks:
             raise ConfigError(f"the zoo has no task {name!r}; it has {zoo.tasks}.")
-        proxy, _ = zoo.split(name, "proxy")
         val_images, val_labels = zoo.split(name, "val")
         sources.append(
             TaskSource(
                 name=name,
                 load=partial(load_encoder, zoo.finetuned_path(name), zoo.arch),
-                proxy=preprocess_uint8(proxy, zoo.arch),
+                proxy=partial(_zoo_proxy, zoo, name),
                 head=zoo.head(name).float(),
                 classes=list(zoo.class_names(name)),
                 validation=(preprocess_uint8(val_images, zoo.arch), torch.as_tensor(val_labels).long()),
             )
         )
     return pretrained, sources
+
+
+def _zoo_proxy(zoo, task: str) -> torch.Tensor:
+    images, _ = zoo.split(task, "proxy")
+    return preprocess_uint8(images, zoo.arch)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
-from esmpp.architecture import Architecture, build_visual, linear_keys
+from esmpp.architecture import Architecture, as_matrix, build_visual, routed_keys
 from esmpp.artifact import Artifact, TaskInfo, save_artifact
 from esmpp.runtime.model import Experts
 from esmpp.zoo import Zoo, build_zoo
@@ -47,19 +47,25 @@ def tiny_images() -> torch.Tensor:
 
 
 def random_artifact(
-    num_tasks: int = 3, rank: int = 4, kinds: tuple[str, ...] = ("qkv", "fc"), seed: int = 0
+    num_tasks: int = 3,
+    rank: int = 4,
+    kinds: tuple[str, ...] = ("qkv", "fc"),
+    seed: int = 0,
+    discriminant: bool = False,
 ) -> Artifact:
-    """A consistent artifact with random backbone, experts, prototypes and heads."""
+    """A consistent artifact with random backbone, experts, prototypes and heads; ``discriminant`` gives
+    its routers biases (the discriminant router's form) instead of the cosine router's unit prototypes."""
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     backbone = build_visual(TINY_ARCH).state_dict()
     experts = {}
-    for key in linear_keys(TINY_ARCH, kinds):
-        d_out, d_in = backbone[key].shape
+    for key in routed_keys(TINY_ARCH, kinds):
+        d_out, d_in = as_matrix(backbone[key]).shape
         experts[key] = Experts(
             up=torch.randn(num_tasks, d_out, rank, generator=generator) * 0.1,
             down=torch.randn(num_tasks, rank, d_in, generator=generator) * 0.1,
             prototypes=torch.randn(num_tasks, 1, d_in, generator=generator),
+            prototype_bias=-torch.rand(num_tasks, 1, generator=generator) if discriminant else None,
         )
     classes = [[f"c{t}_{i}" for i in range(2 + t)] for t in range(num_tasks)]
     heads = [torch.randn(len(names), TINY_ARCH.embed_dim, generator=generator) for names in classes]
@@ -80,8 +86,10 @@ def tiny_zoo(tmp_path_factory: pytest.TempPathFactory) -> Zoo:
 
 @pytest.fixture(scope="session")
 def saved_artifact(tmp_path_factory: pytest.TempPathFactory):
-    """A random 3-task artifact on disk, shared by the ONNX and deployment-kit tests."""
-    return save_artifact(random_artifact(num_tasks=3), tmp_path_factory.mktemp("artifact") / "art")
+    """A random 3-task artifact on disk, shared by the ONNX and deployment-kit tests: the patch embedding
+    routed too, and router biases (the cosine router is the same graph with zero biases)."""
+    artifact = random_artifact(num_tasks=3, kinds=("patch", "qkv", "fc"), discriminant=True)
+    return save_artifact(artifact, tmp_path_factory.mktemp("artifact") / "art")
 
 
 @pytest.fixture(scope="session", params=[False, True], ids=["routed", "task_input"])

@@ -25,6 +25,33 @@ def test_save_and_load_give_bit_identical_outputs(tmp_path, artifact):
     assert [t["name"] for t in manifest["tasks"]] == ["task0", "task1", "task2"]
 
 
+def test_discriminant_router_biases_round_trip(tmp_path):
+    artifact = random_artifact(discriminant=True)
+    loaded = load_artifact(save_artifact(artifact, tmp_path / "art"))
+    for key, layer in artifact.experts.items():
+        assert torch.equal(loaded.experts[key].prototype_bias, layer.prototype_bias)
+        assert torch.equal(loaded.experts[key].prototypes, layer.prototypes)
+    images = torch.randn(6, 3, 16, 16)
+    for before, after in zip(_outputs(artifact, images), _outputs(loaded, images)):
+        assert torch.equal(before, after)
+
+
+def test_format_1_artifacts_still_load_with_the_cosine_router(tmp_path, artifact):
+    path = save_artifact(artifact, tmp_path / "art")
+    _edit_manifest(path, lambda m: m.update(format_version=1))
+    loaded = load_artifact(path)
+    assert all(layer.prototype_bias is None for layer in loaded.experts.values())
+
+
+def test_router_biases_of_the_wrong_shape_are_refused(tmp_path):
+    artifact = random_artifact(discriminant=True)
+    key, layer = next(iter(artifact.experts.items()))
+    artifact.experts[key] = Experts(layer.up, layer.down, layer.prototypes, layer.prototype_bias[:2])
+    with pytest.raises(ArtifactError, match="prototype_bias has shape"):
+        save_artifact(artifact, tmp_path / "art")
+    assert not (tmp_path / "art").exists()
+
+
 def test_existing_artifact_needs_overwrite(tmp_path, artifact):
     path = save_artifact(artifact, tmp_path / "art")
     with pytest.raises(EsmppError, match="--overwrite"):

@@ -1,13 +1,20 @@
 """The ESM++ build on synthetic fine-tunes of a tiny model (the zoo-based end-to-end test is in tests/zoo)."""
 
+import tempfile
+from functools import partial
+from pathlib import Path
+
 import pytest
 import torch
 
-from esmpp.architecture import build_visual
+from esmpp.architecture import build_visual, linear_keys
 from esmpp.build import BuildOptions, build_artifact
+from esmpp.capture import capture_statistics
 from esmpp.checkpoints import Encoder
 from esmpp.errors import ConfigError
-from esmpp.merge import TaskSource, golden_section_search
+from esmpp.experts import residual_expert, task_prototypes
+from esmpp.merge import TaskSource, apply_task_vector, batches, golden_section_search
+from esmpp.merging import LayerStats, merge_task_vectors
 from tests.conftest import TINY_ARCH
 
 
@@ -41,7 +48,7 @@ def _tasks(num_tasks: int, pretrained: Encoder) -> list[TaskSource]:
             TaskSource(
                 name=f"task{t}",
                 load=lambda state=state, t=t: Encoder(TINY_ARCH, state, f"finetuned-{t}"),
-                proxy=_task_images(t, count=6, seed=0),
+                proxy=partial(_task_images, t, 6, 0),
                 head=torch.randn(3, TINY_ARCH.embed_dim, generator=torch.Generator().manual_seed(50 + t)),
                 classes=["a", "b", "c"],
             )
@@ -55,9 +62,10 @@ def pretrained() -> Encoder:
     return Encoder(TINY_ARCH, build_visual(TINY_ARCH).state_dict(), "pretrained")
 
 
-def test_one_task_with_full_rank_experts_reproduces_the_fine_tuned_model(pretrained):
+@pytest.mark.parametrize("kinds", [("qkv", "out", "fc", "proj"), ("patch", "qkv", "out", "fc", "proj")])
+def test_one_task_with_full_rank_experts_reproduces_the_fine_tuned_model(pretrained, kinds):
     tasks = _tasks(1, pretrained)
-    options = BuildOptions(alpha=1.0, rank=10_000, routed_kinds=("qkv", "out", "fc", "proj"))
+    options = BuildOptions(alpha=1.0, rank=10_000, routed_kinds=kinds)
     artifact = build_artifact(pretrained, tasks, options, progress=False)
     finetuned = tasks[0].load().to_module()
     images = torch.randn(4, 3, 16, 16)
@@ -76,7 +84,8 @@ def test_build_is_deterministic_and_records_its_choices(pretrained):
         assert layer.up.shape == (3, first.backbone[key].shape[0], 4)
         assert layer.prototypes.shape == (3, 1, first.backbone[key].shape[1])
     assert first.build["alpha"] == 0.8 and first.build["method"] == "esm" and first.build["rank"] == 4
-    assert set(first.timings) == {"merge", "alpha", "experts"} and "seconds" not in first.build
+    assert set(first.timings) == {"merge", "alpha", "experts", "prototypes"} and "seconds" not in first.build
+    assert first.build["router"] == "cosine" and all(layer.prototype_bias is None for layer in first.experts.values())
 
 
 def test_runtime_prototypes_and_several_prototypes_per_task(pretrained):
@@ -87,14 +96,43 @@ def test_runtime_prototypes_and_several_prototypes_per_task(pretrained):
         torch.testing.assert_close(layer.prototypes.norm(dim=-1), torch.ones(2, 2))
 
 
-def test_routing_follows_distinct_proxy_distributions(pretrained):
+@pytest.mark.parametrize(("router", "source"), [("cosine", "finetuned"), ("discriminant", "runtime")])
+def test_routing_follows_distinct_proxy_distributions(pretrained, router, source):
     """Tasks whose images differ strongly are routed to their own experts."""
-    artifact = build_artifact(pretrained, _tasks(3, pretrained), BuildOptions(alpha=0.5, rank=4), progress=False)
+    options = BuildOptions(alpha=0.5, rank=4, router=router, prototype_source=source)
+    artifact = build_artifact(pretrained, _tasks(3, pretrained), options, progress=False)
     model = artifact.to_model()
     with torch.no_grad():
         for t in range(3):
             images = _task_images(t, count=5, seed=1)
             assert model(images).task.tolist() == [t] * 5
+
+
+def test_discriminant_router_is_fitted_on_every_tasks_proxy_features(pretrained):
+    options = BuildOptions(alpha=1.0, rank=2, router="discriminant", prototype_source="runtime", prototypes_per_task=2)
+    artifact = build_artifact(pretrained, _tasks(3, pretrained), options, progress=False)
+    assert artifact.build["router"] == "discriminant"
+    for layer in artifact.experts.values():
+        assert layer.prototypes.shape[:2] == layer.prototype_bias.shape == (3, 2)
+        # LDA weights Σ⁻¹μ are not unit prototypes, and every bias −½ μᵀΣ⁻¹μ is negative
+        assert not torch.allclose(layer.prototypes.norm(dim=-1), torch.ones(3, 2))
+        assert (layer.prototype_bias < 0).all()
+
+
+def test_patch_experts_restore_the_fine_tuned_patch_embedding_with_the_task_forced(pretrained):
+    """At α = 0 the backbone is the pretrained model; a full-rank patch expert puts back the fine-tuned
+    patch embedding exactly (up to the float32 ESD) when the task is forced."""
+    tasks = _tasks(2, pretrained)
+    options = BuildOptions(alpha=0.0, rank=10_000, routed_kinds=("patch",))
+    model = build_artifact(pretrained, tasks, options, progress=False).to_model()
+    images = torch.randn(3, 3, 16, 16)
+    outputs = []
+    model.visual.conv1.register_forward_hook(lambda module, args, output: outputs.append(output))
+    for t, task in enumerate(tasks):
+        expected = torch.nn.functional.conv2d(images, task.load().state["conv1.weight"], stride=8)
+        with torch.no_grad():
+            model(images, torch.full((3,), t))
+        torch.testing.assert_close(outputs[-1], expected, atol=1e-4, rtol=1e-4)
 
 
 def test_alpha_search_uses_validation_data(pretrained):
@@ -109,7 +147,7 @@ def test_alpha_search_uses_validation_data(pretrained):
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        (lambda tasks: setattr(tasks[0], "proxy", torch.zeros(0, 3, 16, 16)), "no proxy images"),
+        (lambda tasks: setattr(tasks[0], "proxy", lambda: torch.zeros(0, 3, 16, 16)), "no proxy images"),
         (lambda tasks: setattr(tasks[0], "head", None), "no head"),
         (lambda tasks: tasks.clear(), "no tasks"),
     ],
@@ -121,11 +159,97 @@ def test_bad_build_inputs_are_named(pretrained, change, message):
         build_artifact(pretrained, tasks, BuildOptions(alpha=1.0), progress=False)
 
 
-def test_bad_options_are_named(pretrained):
-    with pytest.raises(ConfigError, match="routed kinds"):
-        build_artifact(pretrained, _tasks(1, pretrained), BuildOptions(routed_kinds=("mlp",)), progress=False)
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (BuildOptions(routed_kinds=("mlp",)), "routed kinds"),
+        (BuildOptions(router="knn"), "router must be"),
+        (BuildOptions(router="discriminant", prototype_source="runtime", router_shrinkage=1.5), "router_shrinkage"),
+        (BuildOptions(router="discriminant"), "prototype_source='runtime'"),
+    ],
+)
+def test_bad_options_are_named(pretrained, options, message):
+    with pytest.raises(ConfigError, match=message):
+        build_artifact(pretrained, _tasks(1, pretrained), options, progress=False)
 
 
 def test_golden_section_finds_the_peak():
     alpha, history = golden_section_search(lambda a: -((a - 0.7) ** 2), 0.0, 2.0, evaluations=20)
     assert abs(alpha - 0.7) < 1e-3 and len(history) == 20
+
+
+# The lean build (proxy images loaded per task, statistics captured block by block, ESM's per-task
+# subspaces parked on disk) against the straightforward one it replaces.
+
+
+def _reference_build(
+    pretrained: Encoder, tasks: list[TaskSource], options: BuildOptions
+) -> tuple[dict[str, torch.Tensor], dict[str, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]]:
+    """Backbone and, per routed key, each task's (up, down, prototypes), computed with every block's
+    statistics of a task captured at once and every ESM summary in memory."""
+    keys = linear_keys(pretrained.arch)
+    deltas: dict[str, list[torch.Tensor]] = {key: [] for key in pretrained.state}
+    stats: dict[str, list[LayerStats]] = {key: [] for key in keys}
+    captured = []
+    for task in tasks:
+        finetuned = task.load()
+        task_stats = capture_statistics(finetuned.to_module(), batches(task.proxy(), options.batch_size), keys)
+        captured.append(task_stats)
+        for key, weight in pretrained.state.items():
+            deltas[key].append(finetuned.state[key] - weight)
+        for key in keys:
+            stats[key].append(LayerStats(task_stats[key].gram, task_stats[key].mean, task_stats[key].num_tokens))
+    backbone = apply_task_vector(pretrained.state, merge_task_vectors("esm", deltas, stats), options.alpha)
+    experts: dict[str, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
+    for key in linear_keys(pretrained.arch, options.routed_kinds):
+        for task, task_stats in zip(tasks, captured, strict=True):
+            residual = task.load().state[key] - backbone[key]
+            up, down = residual_expert(residual, task_stats[key].gram, task_stats[key].num_tokens, options.rank)
+            prototypes = task_prototypes(task_stats[key].image_means)
+            experts.setdefault(key, []).append((up, down, prototypes))
+    return backbone, experts
+
+
+def test_lean_build_equals_the_in_memory_build(pretrained, tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where ESM parks its summaries
+    tasks = _tasks(3, pretrained)
+    options = BuildOptions(alpha=0.7, rank=3, batch_size=4)  # 6 proxy images: two batches
+    artifact = build_artifact(pretrained, tasks, options, progress=False)
+    backbone, experts = _reference_build(pretrained, tasks, options)
+    for key, weight in backbone.items():
+        torch.testing.assert_close(artifact.backbone[key], weight, msg=key)
+    for key, per_task in experts.items():
+        for t, (up, down, prototypes) in enumerate(per_task):
+            torch.testing.assert_close(artifact.experts[key].up[t], up)
+            torch.testing.assert_close(artifact.experts[key].down[t], down)
+            torch.testing.assert_close(artifact.experts[key].prototypes[t], prototypes)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_proxy_images_are_loaded_per_task_when_needed(pretrained):
+    events: list[tuple[str, str]] = []
+    tasks = _tasks(3, pretrained)
+
+    def logged(kind: str, name: str, load):
+        return lambda: (events.append((kind, name)), load())[1]
+
+    for task in tasks:
+        task.load, task.proxy = logged("checkpoint", task.name, task.load), logged("proxy", task.name, task.proxy)
+    build_artifact(pretrained, tasks, BuildOptions(alpha=1.0, rank=2), progress=False)
+    one_pass = [(kind, f"task{t}") for t in range(3) for kind in ("checkpoint", "proxy")]
+    assert events == one_pass * 2  # the merge, then the experts
+
+
+def test_parked_summaries_are_removed_when_the_build_fails(pretrained, tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    tasks = _tasks(3, pretrained)
+    parked: list[Path] = []
+
+    def fails_after_two_tasks() -> Encoder:
+        parked.extend(tmp_path.glob("esmpp-spill-*/*.safetensors"))
+        raise OSError("checkpoint unreadable")
+
+    tasks[2].load = fails_after_two_tasks
+    with pytest.raises(OSError, match="unreadable"):
+        build_artifact(pretrained, tasks, BuildOptions(alpha=1.0, rank=2), progress=False)
+    assert parked and list(tmp_path.iterdir()) == []

@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from esmpp.architecture import build_visual, linear_keys
-from esmpp.capture import capture_statistics
+from esmpp.capture import capture_blockwise, capture_statistics
+from esmpp.runtime.layers import image_patches
 from tests.conftest import TINY_ARCH
 
 
@@ -42,9 +43,48 @@ def test_streamed_statistics_equal_the_direct_ones():
         torch.testing.assert_close(s.image_means, tokens.mean(1).float())
 
 
+def test_blockwise_statistics_equal_the_whole_model_ones():
+    torch.manual_seed(0)
+    visual = build_visual(TINY_ARCH)
+    batches = torch.randn(7, 3, 16, 16).split(3)
+    keys = linear_keys(TINY_ARCH)
+    whole = capture_statistics(visual, batches, keys)
+    blocks = list(capture_blockwise(visual, batches, keys))
+    assert [sorted(block) for block in blocks] == [sorted(keys[:4]), sorted(keys[4:])]
+    for block in blocks:
+        for key, s in block.items():
+            for field in ("gram", "mean", "image_means"):
+                torch.testing.assert_close(getattr(s, field), getattr(whole[key], field), rtol=0, atol=0)
+            assert s.num_tokens == whole[key].num_tokens
+
+
+def test_blockwise_capture_stops_after_the_last_block_asked_for():
+    visual = build_visual(TINY_ARCH)
+    ran = []
+    visual.transformer.resblocks[1].register_forward_pre_hook(lambda module, args: ran.append(1))
+    key = "transformer.resblocks.0.mlp.c_fc.weight"
+    [block] = capture_blockwise(visual, [torch.randn(2, 3, 16, 16)], [key])
+    assert list(block) == [key] and ran == []
+
+
+def test_patch_statistics_are_those_of_the_flattened_patches():
+    visual = build_visual(TINY_ARCH)
+    images = torch.randn(5, 3, 16, 16)
+    stats = capture_statistics(visual, images.split(2), ["conv1.weight"])["conv1.weight"]
+    patch = TINY_ARCH.vision["patch_size"]
+    flat = image_patches(images, patch).double().reshape(-1, 3 * patch * patch)
+    torch.testing.assert_close(stats.gram, flat.T @ flat)
+    assert stats.num_tokens == 5 * (16 // patch) ** 2
+    torch.testing.assert_close(stats.image_means, image_patches(images, patch).mean(1))
+
+
 def test_empty_proxy_set_and_bad_keys_are_refused():
     visual = build_visual(TINY_ARCH)
     with pytest.raises(ValueError, match="proxy set is empty"):
         capture_statistics(visual, [], linear_keys(TINY_ARCH))
     with pytest.raises(ValueError, match="not the weight"):
         capture_statistics(visual, [torch.randn(1, 3, 16, 16)], ["proj"])
+    with pytest.raises(ValueError, match="proxy set is empty"):
+        list(capture_blockwise(visual, [], linear_keys(TINY_ARCH)))
+    with pytest.raises(ValueError, match="not the weight"):
+        list(capture_blockwise(visual, [torch.randn(1, 3, 16, 16)], ["proj"]))

@@ -53,7 +53,7 @@ def test_config_to_artifact(config_file):
     config = load_config(config_file)
     pretrained, tasks = config_sources(config)
     assert [t.name for t in tasks] == ["task0", "task1"]
-    assert tasks[0].classes == ["yes", "no"] and tasks[0].proxy.shape == (5, 3, 16, 16)
+    assert tasks[0].classes == ["yes", "no"] and tasks[0].proxy().shape == (5, 3, 16, 16)
     assert tasks[1].validation[0].shape == (4, 3, 16, 16) and tasks[1].validation[1].tolist() == [0, 0, 1, 1]
     artifact = build_artifact(pretrained, tasks, config.options.to_build_options(), progress=False)
     assert artifact.build["rank"] == 2 and len(artifact.build["alpha_history"]) == 10

@@ -1,6 +1,15 @@
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from esmpp.experts import residual_expert, task_prototypes
+from esmpp.experts import (
+    discriminant_router,
+    residual_expert,
+    routing_features,
+    task_prototypes,
+    within_task_scatter,
+)
+from esmpp.runtime.routing import task_scores
 
 
 def test_prototypes_mean_kmeans_and_every_image():
@@ -21,3 +30,67 @@ def test_full_rank_expert_restores_the_residual():
     inputs = torch.randn(20, 4, generator=generator, dtype=torch.float64)
     up, down = residual_expert(residual, inputs.T @ inputs, 20, rank=5)
     torch.testing.assert_close(up @ down, residual, atol=1e-5, rtol=1e-5)
+
+
+def _two_task_features(seed: int, n: int = 40) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean tokens of two tasks that share a large common direction (as real features do) and differ
+    along a direction in which both vary little."""
+    generator = torch.Generator().manual_seed(seed)
+    common = torch.tensor([5.0, 0.0, 0.0, 0.0])
+    spread = torch.tensor([1.0, 0.1, 1.0, 1.0])
+    tasks = [
+        common + torch.tensor([0.0, shift, 0.0, 0.0]) + spread * torch.randn(n, 4, generator=generator)
+        for shift in (0.3, -0.3)
+    ]
+    return tasks[0].double(), tasks[1].double()
+
+
+def test_task_scatters_add_up_to_the_pooled_within_task_scatter():
+    first, second = _two_task_features(0)
+    parts = [within_task_scatter(means, task_prototypes(means)) for means in (first, second)]
+    features = [routing_features(means).double() for means in (first, second)]
+    pooled = sum((f - f.mean(0)).T @ (f - f.mean(0)) for f in features)
+    torch.testing.assert_close(parts[0][0] + parts[1][0], pooled)
+    torch.testing.assert_close(parts[0][1][0], features[0].mean(0).float())
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), shrinkage=st.floats(0.0, 1.0))
+def test_discriminant_scores_rank_tasks_by_mahalanobis_distance(seed, shrinkage):
+    generator = torch.Generator().manual_seed(seed)
+    means = torch.randn(3, 2, 5, generator=generator, dtype=torch.float64)  # [T, m, d]
+    factor = torch.randn(5, 5, generator=generator, dtype=torch.float64)
+    scatter = factor @ factor.T * 7
+    weights, bias = discriminant_router(scatter, 19, means.float(), shrinkage)
+    # the definition, in float64: Σ = (1 − s)·S/(n − T·m) + s·(tr/d)·I; score = −½ (f − μ)ᵀ Σ⁻¹ (f − μ) + const
+    covariance = scatter / (19 - 6)
+    covariance = (1 - shrinkage) * covariance + shrinkage * covariance.trace() / 5 * torch.eye(5, dtype=torch.float64)
+    features = torch.randn(50, 5, generator=generator, dtype=torch.float64)
+    differences = features[:, None, :] - means.reshape(1, 6, 5)
+    distance = torch.einsum("bkd,de,bke->bk", differences, torch.linalg.inv(covariance), differences)
+    scores = features @ weights.double().reshape(6, 5).T + bias.double().reshape(1, 6)
+    reference = (
+        -0.5 * distance + 0.5 * torch.einsum("bd,de,be->b", features, torch.linalg.inv(covariance), features)[:, None]
+    )
+    torch.testing.assert_close(scores, reference, atol=1e-3, rtol=1e-3)
+
+
+def test_discriminant_router_separates_tasks_that_cosine_similarity_confuses():
+    first, second = _two_task_features(1, n=32)
+    test_first, test_second = _two_task_features(2, n=200)
+    prototypes = torch.stack([task_prototypes(first), task_prototypes(second)])  # [2, 1, d]
+    parts = [within_task_scatter(m, p) for m, p in zip((first, second), prototypes)]
+    weights, bias = discriminant_router(parts[0][0] + parts[1][0], 64, torch.stack([parts[0][1], parts[1][1]]), 0.1)
+    features = routing_features(torch.cat([test_first, test_second]))
+    truth = torch.cat([torch.zeros(200), torch.ones(200)]).long()
+    cosine = task_scores(features, prototypes, torch.zeros(2, 1)).argmax(1)
+    discriminant = task_scores(features, weights, bias).argmax(1)
+    assert (discriminant == truth).float().mean() > 0.95
+    assert (cosine == truth).float().mean() < 0.8
+
+
+def test_discriminant_router_without_within_task_spread_is_the_nearest_mean():
+    means = torch.tensor([[[1.0, 0.0]], [[0.0, 1.0]]])
+    weights, bias = discriminant_router(torch.zeros(2, 2, dtype=torch.float64), 2, means, 0.1)
+    torch.testing.assert_close(weights, means)
+    torch.testing.assert_close(bias, torch.full((2, 1), -0.5))

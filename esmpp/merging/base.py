@@ -12,21 +12,27 @@ summary; only summaries stay in memory, never all task vectors (where the method
     θ = θ0 + α · merged                              # α is applied by the caller, never here
 
 Summaries are folds rather than per-task lists so that task arithmetic or TIES keep one running sum
-per parameter, whatever the number of tasks.
+per parameter, whatever the number of tasks. Methods that must keep a piece of every task (ESM) ``park``
+it: inside ``with method.spilling():`` (the streaming driver opens it) the piece goes to a temporary file
+until ``combine`` needs it, elsewhere it stays in memory.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import pydantic
 import torch
 from torch import Tensor
 
 from esmpp.errors import ConfigError
+from esmpp.spill import Parked, SpillDirectory
+
+Item = TypeVar("Item")
 
 
 @dataclass(frozen=True)
@@ -62,6 +68,7 @@ class MergeMethod(ABC):
             raise ConfigError(f"Merge method {self.name!r}: num_tasks must be at least 1, got {num_tasks}.")
         self.options = self.parse_options(options)
         self.num_tasks = num_tasks
+        self._spill: SpillDirectory | None = None
 
     @classmethod
     def parse_options(cls, options: pydantic.BaseModel | Mapping[str, Any] | None) -> Any:
@@ -91,6 +98,22 @@ class MergeMethod(ABC):
     def finalize(self, merged: dict[str, Tensor]) -> dict[str, Tensor]:
         """Model-level step once every key is combined. Default: none."""
         return merged
+
+    @contextmanager
+    def spilling(self) -> Iterator[None]:
+        """Within the block, :meth:`park` writes to a temporary directory, removed when the block ends
+        (also on errors): summarize and combine inside it."""
+        with SpillDirectory() as spill:
+            self._spill = spill
+            try:
+                yield
+            finally:
+                self._spill = None
+
+    def park(self, item: Item) -> Item | Parked[Item]:
+        """A per-task piece of a summary (a dataclass of tensors) parked on disk inside :meth:`spilling`,
+        else ``item`` itself; ``esmpp.spill.unpark`` gives it back."""
+        return item if self._spill is None else self._spill.park(item)
 
 
 @dataclass(frozen=True)

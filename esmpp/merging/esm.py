@@ -31,6 +31,7 @@ from esmpp.errors import ConfigError
 from esmpp.merging.base import LayerStats, MergeMethod, append_summary
 from esmpp.merging.registry import register_method
 from esmpp.merging.tsv import TaskSingularVectorsMerging
+from esmpp.spill import unpark
 
 LinearKind = Literal["qkv", "out", "fc", "proj"]
 
@@ -171,12 +172,13 @@ class EssentialSubspaceMerging(MergeMethod):
                 f"its kind out of the 'esd_kinds' option (now {list(self.options.esd_kinds)})."
             )
         rank = max(1, int(self.options.rank_fraction * delta.shape[0] / self.num_tasks))
-        return append_summary(previous, essential_summary(delta, stats, rank, self.options.centered))
+        # Parked: T tasks' subspaces of every layer are what grows with T (≈ d_out·(d_out + d_in) per layer).
+        return append_summary(previous, self.park(essential_summary(delta, stats, rank, self.options.centered)))
 
     def combine(self, key: str, summary: Any) -> Tensor:
         if not self._uses_esd(key):
             return self._tsv.combine(key, summary)
-        return esm_merge(summary, self.options)
+        return esm_merge([unpark(item) for item in summary], self.options)
 
     def finalize(self, merged: dict[str, Tensor]) -> dict[str, Tensor]:
         if not self.options.layer_scaling:

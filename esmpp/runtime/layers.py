@@ -21,15 +21,22 @@ class ExpertBank(nn.Module):
     """The experts and prototypes of one routed linear layer (buffers, saved with the model).
 
     Takes the artifact's layout ``up`` [T, d_out, r] (A_t), ``down`` [T, r, d_in] (B_t), ``prototypes``
-    [T, m, d_in]; keeps unit-norm prototypes and ``factors`` = [B_t | A_tᵀ] [T, r, d_in + d_out]: one
+    [T, m, d_in] and ``prototype_bias`` [T, m]; keeps ``factors`` = [B_t | A_tᵀ] [T, r, d_in + d_out]: one
     gather then fetches both factors of each image's expert, as operands that batched matmuls take without a
     transposing copy (each extra op is one more parallel region, which on a busy CPU waits for a time slice).
+    The router's scores are ``f · prototype + bias`` (see ``task_scores``); without a bias the router is the
+    paper's cosine router: prototypes are normalised and the bias is zero.
     """
 
-    def __init__(self, up: torch.Tensor, down: torch.Tensor, prototypes: torch.Tensor) -> None:
+    def __init__(
+        self, up: torch.Tensor, down: torch.Tensor, prototypes: torch.Tensor, prototype_bias: torch.Tensor | None
+    ) -> None:
         super().__init__()
         self.register_buffer("factors", torch.cat([down, up.transpose(1, 2)], dim=2).contiguous())
-        self.register_buffer("prototypes", F.normalize(prototypes, dim=-1))
+        if prototype_bias is None:
+            prototypes, prototype_bias = F.normalize(prototypes, dim=-1), prototypes.new_zeros(prototypes.shape[:2])
+        self.register_buffer("prototypes", prototypes)
+        self.register_buffer("prototype_bias", prototype_bias)
 
     @property
     def num_tasks(self) -> int:
@@ -38,7 +45,7 @@ class ExpertBank(nn.Module):
     def forward(self, x: torch.Tensor, dense: torch.Tensor, control: RoutingControl) -> torch.Tensor:
         """``dense`` [B, N, d_out] (the layer's ``W x + b``, overwritten) plus the experts' contribution for
         ``x`` [B, N, d_in]."""
-        ids, weights = control.route(x, self.prototypes)
+        ids, weights = control.route(x, self.prototypes, self.prototype_bias)
         task = shared_task(ids, weights)
         if task is not None:
             return add_shared_expert(dense, x, self.factors[task])
@@ -111,6 +118,37 @@ class RoutedLinear(nn.Linear):
         return y
 
 
+def image_patches(images: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """``images`` [B, C, H, W] → flattened non-overlapping patches [B, (H/p)·(W/p), C·p·p], in the order in
+    which a stride-p convolution's output is flattened and with each patch laid out as its weight is."""
+    batch, channels, height, width = images.shape
+    grid_h, grid_w = height // patch_size, width // patch_size
+    patches = images.reshape(batch, channels, grid_h, patch_size, grid_w, patch_size)
+    return patches.permute(0, 2, 4, 1, 3, 5).reshape(batch, grid_h * grid_w, channels * patch_size * patch_size)
+
+
+class RoutedPatchEmbedding(nn.Conv2d):
+    """open_clip's patch embedding (``conv1``: kernel = stride = patch size, no bias) as a linear layer on
+    flattened patches, with optional routed experts; key ``weight`` (+ ``experts.*``). Same output layout
+    as the convolution, [B, width, grid, grid]; the router sees the patches' mean."""
+
+    def __init__(self, conv: nn.Conv2d, control: RoutingControl) -> None:
+        if conv.bias is not None or conv.kernel_size != conv.stride or conv.padding != (0, 0):
+            raise ValueError("only a bias-free patch embedding with kernel = stride and no padding is supported")
+        super().__init__(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, bias=False)
+        self.weight = conv.weight
+        self.control = control
+        self.experts: ExpertBank | None = None
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.experts is None:
+            return super().forward(images)
+        patches = image_patches(images, self.kernel_size[0])  # [B, L, C·p·p]
+        tokens = self.experts(patches, F.linear(patches, self.weight.flatten(1)), self.control)  # [B, L, width]
+        grid_h, grid_w = images.shape[2] // self.kernel_size[0], images.shape[3] // self.kernel_size[1]
+        return tokens.transpose(1, 2).reshape(images.shape[0], -1, grid_h, grid_w)
+
+
 class Attention(nn.Module):
     """Self-attention with ``nn.MultiheadAttention``'s parameter names and call signature.
 
@@ -152,8 +190,11 @@ class Attention(nn.Module):
 
 def explicit_attention(visual: nn.Module, control: RoutingControl | None = None) -> RoutingControl:
     """Swap every block's ``nn.MultiheadAttention`` for ``Attention`` and its MLP linears for
-    ``RoutedLinear`` (in place; same state-dict keys, same outputs). Returns the shared control."""
+    ``RoutedLinear``, and the patch embedding for ``RoutedPatchEmbedding`` (in place; same state-dict keys,
+    same outputs). Returns the shared control."""
     control = control or RoutingControl()
+    if not isinstance(visual.conv1, RoutedPatchEmbedding):
+        visual.conv1 = RoutedPatchEmbedding(visual.conv1, control)
     for block in visual.transformer.resblocks:
         if isinstance(block.attn, nn.MultiheadAttention):
             block.attn = Attention(block.attn, control)
@@ -164,8 +205,11 @@ def explicit_attention(visual: nn.Module, control: RoutingControl | None = None)
     return control
 
 
-def routed_slot(visual: nn.Module, block: int, kind: str) -> tuple[nn.Module, str]:
-    """The module and attribute name that hold the expert bank of linear ``kind`` in ``block``."""
+def routed_slot(visual: nn.Module, block: int | None, kind: str) -> tuple[nn.Module, str]:
+    """The module and attribute name that hold the expert bank of routed ``kind`` in ``block`` (None for
+    the patch embedding)."""
+    if kind == "patch":
+        return visual.conv1, "experts"
     layer = visual.transformer.resblocks[block]
     slots = {
         "qkv": (layer.attn, "qkv_experts"),

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from esmpp.architecture import LINEAR_KINDS, Architecture, block_index, build_visual, linear_kind
+from esmpp.architecture import Architecture, block_index, build_visual, routed_keys, routed_kind
 from esmpp.runtime.layers import ExpertBank, explicit_attention, routed_slot
 from esmpp.runtime.routing import RoutingControl
 
@@ -18,11 +18,14 @@ PADDED_LOGIT = -1.0e4
 
 @dataclass
 class Experts:
-    """One routed layer's experts: ``up`` [T, d_out, r], ``down`` [T, r, d_in], ``prototypes`` [T, m, d_in]."""
+    """One routed layer's experts: ``up`` [T, d_out, r], ``down`` [T, r, d_in], ``prototypes`` [T, m, d_in]
+    (unit-norm prototypes of the cosine router, or the discriminant router's weights) and ``prototype_bias``
+    [T, m] (the discriminant router's biases; None for the cosine router)."""
 
     up: torch.Tensor
     down: torch.Tensor
     prototypes: torch.Tensor
+    prototype_bias: torch.Tensor | None = None
 
 
 @dataclass
@@ -66,10 +69,12 @@ class RoutedEncoder(nn.Module):
         self.visual.load_state_dict(backbone, strict=True)
         self.control = explicit_attention(self.visual, control)
         # In execution order, so that routed_keys[i] made control.decisions[i].
-        self.routed_keys = sorted(experts, key=lambda k: (block_index(k), list(LINEAR_KINDS).index(linear_kind(k))))
+        self.routed_keys = [
+            key for key in routed_keys(arch, tuple({routed_kind(k) for k in experts})) if key in experts
+        ]
         for key, layer in experts.items():
-            module, slot = routed_slot(self.visual, block_index(key), linear_kind(key))
-            setattr(module, slot, ExpertBank(layer.up, layer.down, layer.prototypes))
+            module, slot = routed_slot(self.visual, block_index(key), routed_kind(key))
+            setattr(module, slot, ExpertBank(layer.up, layer.down, layer.prototypes, layer.prototype_bias))
         stacked, mask = stack_heads(heads)
         self.register_buffer("heads", stacked)
         self.register_buffer("head_mask", mask)

@@ -19,12 +19,14 @@ def routing_feature(tokens: torch.Tensor) -> torch.Tensor:
     return F.normalize(tokens.mean(dim=1), dim=-1)
 
 
-def task_similarity(features: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
-    """Cosine similarity of each image to each task: ``features`` [B, d] (unit norm), ``prototypes``
-    [T, m, d] (unit norm, m prototypes per task) → [B, T], the best of a task's m prototypes."""
+def task_scores(features: torch.Tensor, prototypes: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """How well each image matches each task: ``features`` [B, d] (unit norm), ``prototypes`` [T, m, d],
+    ``bias`` [T, m] → [B, T], the best of a task's m prototype scores ``f · p + b``. With unit prototypes
+    and zero bias this is cosine similarity (the paper's router); the discriminant router stores its
+    weights and biases in the same places (see :mod:`esmpp.experts`)."""
     T, m, d = prototypes.shape
-    sims = features @ prototypes.reshape(T * m, d).T  # [B, T*m]
-    return sims.reshape(-1, T, m).amax(dim=-1)
+    scores = features @ prototypes.reshape(T * m, d).T + bias.reshape(1, T * m)  # [B, T*m]
+    return scores.reshape(-1, T, m).amax(dim=-1)
 
 
 def hard_route(similarity: torch.Tensor) -> torch.Tensor:
@@ -34,7 +36,8 @@ def hard_route(similarity: torch.Tensor) -> torch.Tensor:
 
 def soft_route(similarity: torch.Tensor, top_k: int, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Soft top-k routing: the k most similar tasks, weighted by a softmax of similarity / temperature
-    over those k. ``similarity`` [B, T] → (task ids [B, k], weights [B, k] summing to 1)."""
+    over those k (for the discriminant router's log-likelihood scores, temperature 1 gives the posterior).
+    ``similarity`` [B, T] → (task ids [B, k], weights [B, k] summing to 1)."""
     k = min(top_k, similarity.shape[-1])
     values, ids = similarity.topk(k, dim=-1)
     return ids, torch.softmax(values / temperature, dim=-1)
@@ -63,17 +66,19 @@ class RoutingControl:
         self.forced_tasks = forced_tasks
         self.decisions = []
 
-    def route(self, tokens: torch.Tensor, prototypes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Decide the experts of one routed layer: ``tokens`` [B, N, d_in], ``prototypes`` [T, m, d_in]
-        → (task ids [B, k], weights [B, k]; None for one expert at weight 1, which the experts then need not
-        multiply by); the top task per image is appended to ``decisions``."""
+    def route(
+        self, tokens: torch.Tensor, prototypes: torch.Tensor, bias: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Decide the experts of one routed layer: ``tokens`` [B, N, d_in], ``prototypes`` [T, m, d_in],
+        ``bias`` [T, m] → (task ids [B, k], weights [B, k]; None for one expert at weight 1, which the
+        experts then need not multiply by); the top task per image is appended to ``decisions``."""
         weights = None
         if self.forced_tasks is not None:
             ids = forced_route(self.forced_tasks)
         elif self.route_once and self.decisions:
             ids, weights = self._first
         else:
-            similarity = task_similarity(routing_feature(tokens), prototypes)
+            similarity = task_scores(routing_feature(tokens), prototypes, bias)
             if self.mode == "soft":
                 ids, weights = soft_route(similarity, self.top_k, self.temperature)
             else:

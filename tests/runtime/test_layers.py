@@ -5,7 +5,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from esmpp.architecture import block_index, build_visual, linear_keys, linear_kind
-from esmpp.runtime.layers import add_experts, add_shared_expert, explicit_attention, routed_slot, shared_task
+from esmpp.runtime.layers import (
+    add_experts,
+    add_shared_expert,
+    explicit_attention,
+    image_patches,
+    routed_slot,
+    shared_task,
+)
 from esmpp.runtime.model import RoutedEncoder
 from esmpp.runtime.routing import RoutingControl
 from tests.conftest import TINY_ARCH, random_artifact
@@ -140,3 +147,32 @@ def test_shared_task_only_in_eager_cpu_runs_of_one_expert_at_weight_one(monkeypa
     assert shared_task(torch.tensor([[2, 0], [2, 0]]), torch.tensor([[0.5, 0.5], [0.5, 0.5]])) is None  # soft
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # ONNX export, torch.compile
     assert shared_task(same, None) is None
+
+
+def test_image_patches_are_what_the_patch_convolution_multiplies():
+    images = torch.randn(2, 3, 16, 16)
+    weight = torch.randn(5, 3, 8, 8)
+    convolved = F.conv2d(images, weight, stride=8)  # [2, 5, 2, 2]
+    tokens = image_patches(images, 8) @ weight.flatten(1).T  # [2, 4, 5]
+    torch.testing.assert_close(tokens.transpose(1, 2).reshape(convolved.shape), convolved, atol=1e-5, rtol=1e-5)
+
+
+def test_routed_patch_embedding_adds_the_forced_tasks_expert_to_each_patch():
+    artifact = random_artifact(num_tasks=3, kinds=("patch", "qkv"))
+    model = RoutedEncoder(artifact.arch, artifact.backbone, artifact.experts, artifact.heads)
+    images, task_ids = torch.randn(3, 3, 16, 16), torch.tensor([2, 0, 1])
+    layer = artifact.experts["conv1.weight"]
+    patch = artifact.arch.vision["patch_size"]
+    weight = artifact.backbone["conv1.weight"]
+    expected = torch.stack(
+        [
+            F.conv2d(images[b : b + 1], weight + (layer.up[t] @ layer.down[t]).reshape(weight.shape), stride=patch)[0]
+            for b, t in enumerate(task_ids.tolist())
+        ]
+    )
+    outputs = []
+    model.visual.conv1.register_forward_hook(lambda module, args, output: outputs.append(output))
+    with torch.no_grad():
+        model(images, task_ids)
+    torch.testing.assert_close(outputs[0], expected, atol=1e-5, rtol=1e-5)
+    assert model.routed_keys[0] == "conv1.weight"

@@ -32,7 +32,10 @@ def test_routed_and_given_task_predictions(predictor):
 
 def test_batching_does_not_change_results(predictor):
     images = _images(7)
-    assert predictor.predict(images, batch_size=3) == predictor.predict(images, batch_size=64)
+    small, large = predictor.predict(images, batch_size=3), predictor.predict(images, batch_size=64)
+    # Tasks and labels are the same; scores agree to rounding (BLAS blocks a batch of 3 and of 7 differently).
+    assert [(p.task, p.label) for p in small] == [(p.task, p.label) for p in large]
+    np.testing.assert_allclose([p.score for p in small], [p.score for p in large], rtol=1e-6)
 
 
 def test_single_image_and_errors(predictor):

@@ -2,20 +2,26 @@ import torch
 import torch.nn.functional as F
 
 from esmpp.runtime.model import RoutedEncoder
-from esmpp.runtime.routing import RoutingControl, hard_route, soft_route, task_similarity
+from esmpp.runtime.routing import RoutingControl, hard_route, soft_route, task_scores
 from tests.conftest import random_artifact
 
 
 def test_hard_route_picks_the_nearest_prototype():
     prototypes = F.normalize(torch.eye(3, 4).reshape(3, 1, 4), dim=-1)
     features = F.normalize(torch.tensor([[0.1, 0.9, 0.0, 0.0], [0.0, 0.0, 1.0, 0.2]]), dim=-1)
-    ids = hard_route(task_similarity(features, prototypes))
+    ids = hard_route(task_scores(features, prototypes, torch.zeros(3, 1)))
     assert ids.squeeze(1).tolist() == [1, 2]
 
 
-def test_task_similarity_takes_the_best_prototype_of_each_task():
+def test_task_scores_take_the_best_prototype_of_each_task():
     prototypes = torch.tensor([[[1.0, 0.0], [0.0, 1.0]], [[0.6, 0.8], [0.6, 0.8]]])
-    assert task_similarity(torch.tensor([[0.0, 1.0]]), prototypes).tolist() == [[1.0, 0.800000011920929]]
+    assert task_scores(torch.tensor([[0.0, 1.0]]), prototypes, torch.zeros(2, 2)).tolist() == [[1.0, 0.800000011920929]]
+
+
+def test_task_scores_add_each_prototypes_bias():
+    prototypes = torch.tensor([[[1.0, 0.0]], [[0.0, 1.0]]])
+    scores = task_scores(torch.tensor([[0.6, 0.8]]), prototypes, torch.tensor([[0.5], [0.0]]))
+    torch.testing.assert_close(scores, torch.tensor([[1.1, 0.8]]))
 
 
 def test_soft_route_weights_sum_to_one_and_follow_similarity():

@@ -1,0 +1,69 @@
+"""Summaries parked on disk while a streaming merge goes on, so that memory does not grow with T.
+
+A method that must keep something of every task until ``combine`` (ESM's per-task essential subspaces)
+parks each task's piece — a dataclass holding tensors — in a temporary directory and holds only a
+:class:`Parked` reference; ``combine`` loads the T pieces of one parameter at a time. The directory and
+everything in it are removed when the :class:`SpillDirectory` closes, also when the merge fails.
+Loading gives back the same tensors bit for bit (safetensors, no conversion).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+Item = TypeVar("Item")
+
+
+@dataclass(frozen=True)
+class Parked(Generic[Item]):
+    """A dataclass instance of type ``kind`` whose tensor fields wait in the safetensors file ``path``;
+    its other fields are kept here (``scalars``)."""
+
+    kind: type[Item]
+    path: Path
+    scalars: dict[str, Any]
+
+    def load(self) -> Item:
+        """The instance as it was parked."""
+        return self.kind(**load_file(self.path), **self.scalars)
+
+
+class SpillDirectory:
+    """A temporary directory (under ``parent``, default the system's temporary directory, ``TMPDIR``)
+    holding parked items, one file each; a context manager that removes it on exit."""
+
+    def __init__(self, parent: Path | None = None) -> None:
+        self.path = Path(tempfile.mkdtemp(prefix="esmpp-spill-", dir=parent))
+        self._names = itertools.count()
+
+    def park(self, item: Item) -> Parked[Item]:
+        """Write the tensor fields of the dataclass instance ``item`` to a new file; keep its other fields."""
+        values = {field.name: getattr(item, field.name) for field in dataclasses.fields(item)}  # type: ignore[arg-type]
+        tensors = {name: value.contiguous() for name, value in values.items() if isinstance(value, Tensor)}
+        path = self.path / f"{next(self._names)}.safetensors"
+        save_file(tensors, path)
+        scalars = {name: value for name, value in values.items() if name not in tensors}
+        return Parked(type(item), path, scalars)
+
+    def close(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+    def __enter__(self) -> SpillDirectory:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def unpark(item: Item | Parked[Item]) -> Item:
+    """``item`` loaded when it is parked, else ``item`` itself."""
+    return item.load() if isinstance(item, Parked) else item

@@ -1,0 +1,46 @@
+import pytest
+import torch
+
+from esmpp.merging import get_method
+from esmpp.merging.esm import EssentialSummary
+from esmpp.spill import Parked, SpillDirectory, unpark
+
+
+def _summary() -> EssentialSummary:
+    generator = torch.Generator().manual_seed(0)
+    return EssentialSummary(
+        basis=torch.randn(6, 2, generator=generator).T,  # not contiguous
+        eigenvalues=torch.rand(2, generator=generator, dtype=torch.float64),
+        coordinates=torch.randn(2, 5, generator=generator),
+        delta_norm=1.25,
+    )
+
+
+def test_a_parked_item_comes_back_bit_for_bit(tmp_path):
+    summary = _summary()
+    with SpillDirectory(tmp_path) as spill:
+        parked = spill.park(summary)
+        assert isinstance(parked, Parked) and parked.path.parent == spill.path
+        again = unpark(parked)
+    assert type(again) is EssentialSummary and again.delta_norm == summary.delta_norm
+    for name in ("basis", "eigenvalues", "coordinates"):
+        loaded, original = getattr(again, name), getattr(summary, name)
+        assert torch.equal(loaded, original) and loaded.dtype == original.dtype
+    assert unpark(summary) is summary
+
+
+def test_the_spill_directory_goes_also_on_errors(tmp_path):
+    with pytest.raises(RuntimeError), SpillDirectory(tmp_path) as spill:
+        spill.park(_summary())
+        raise RuntimeError
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_methods_park_only_inside_spilling(tmp_path, monkeypatch):
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    method = get_method("esm")(None, num_tasks=2)
+    summary = _summary()
+    assert method.park(summary) is summary
+    with method.spilling():
+        assert isinstance(method.park(summary), Parked)
+    assert method.park(summary) is summary and list(tmp_path.iterdir()) == []
