@@ -1,6 +1,7 @@
 """Where the bytes of a build go: a census of the live tensors at every stage boundary.
 
 python benchmarks/memory_census.py --arch ViT-B-32 --tasks 2 --workdir esmpp-bench-work
+(``PYTHONPATH=.`` first when the installed esmpp is another checkout: the script imports ``esmpp``.)
 
 Runs one ESM++ build of ``esmpp bench``'s synthetic workload (written under ``--workdir`` if missing) and,
 at every stage boundary, sums the bytes of the tensors alive, grouped by what holds them (the nearest

@@ -105,7 +105,10 @@ def essential_top(
     d_out, d_in = delta.shape
     if rank > min(d_out, d_in):
         full = essential_basis(delta, gram, num_tokens, centered, mean)
-        return EssentialBasis(full.basis[:, :rank], full.eigenvalues[:rank], full.coordinates[:rank])
+        # Copies: views would keep the full d_out × d_out basis alive in whatever keeps the top part.
+        return EssentialBasis(
+            full.basis[:, :rank].clone(), full.eigenvalues[:rank].clone(), full.coordinates[:rank].clone()
+        )
     delta64 = delta.to(torch.float64)
     gram64 = second_moment(gram, num_tokens, centered, mean)
     if d_out <= d_in:
@@ -170,9 +173,11 @@ def truncate(decomposition: EssentialBasis, rank: int) -> tuple[Tensor, Tensor]:
 
 def truncated_svd(matrix: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
     """Top-``rank`` singular triplets of ``matrix`` (``m × n``): ``U_k`` (``m × k``), ``s_k`` (``k``),
-    ``Vh_k`` (``k × n``); ``U_k diag(s_k) Vh_k`` is the best rank-k approximation in Frobenius norm."""
+    ``Vh_k`` (``k × n``); ``U_k diag(s_k) Vh_k`` is the best rank-k approximation in Frobenius norm.
+    Copies, not views: callers keep them per task, and views would keep the full factors alive (TSV-M's
+    summaries of a ViT-L/14 grew by 200 MB per task)."""
     u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
-    return u[:, :rank], s[:rank], vh[:rank]
+    return u[:, :rank].clone(), s[:rank].clone(), vh[:rank].clone()
 
 
 def functional_error(delta: Tensor, approx: Tensor, gram: Tensor, num_tokens: int) -> Tensor:

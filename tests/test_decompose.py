@@ -202,6 +202,17 @@ def test_top_components_of_a_tall_matrix_with_a_wide_rank_use_the_full_route():
     full = essential_basis(delta, inputs.T @ inputs, 20)
     torch.testing.assert_close(top.basis, full.basis[:, :6])
     torch.testing.assert_close(top.eigenvalues, full.eigenvalues[:6])
+    assert _owns_only_itself(top.basis) and _owns_only_itself(top.coordinates)
+
+
+def _owns_only_itself(tensor: torch.Tensor) -> bool:
+    """No view of a larger tensor: what keeps it keeps no more memory than its own elements."""
+    return tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
+
+
+def test_truncated_svd_keeps_no_view_of_the_full_factors():
+    u, s, vh = truncated_svd(torch.randn(12, 10), 3)
+    assert all(_owns_only_itself(factor) for factor in (u, s, vh))
 
 
 def test_float64_is_needed_for_the_weak_components():
