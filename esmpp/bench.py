@@ -6,7 +6,8 @@ written to disk as safetensors so that loading is part of what is measured.
 
 - build: each method's build (ESM++ artifact, or a static merge through ``merge_streaming``) runs in a
   fresh process, with per-stage wall time and peak resident memory (:mod:`esmpp.profiling`);
-- runtime: latency and throughput of the routed ESM++ encoder against the plain merged open_clip tower.
+- runtime: latency and throughput of the routed ESM++ encoder against the plain merged open_clip tower, in
+  PyTorch and in onnxruntime (both models exported with :mod:`esmpp.onnx`, parity checked).
 
 Every figure is the median of several repetitions after a warm-up; ratios are taken within one run.
 """
@@ -14,6 +15,7 @@ Every figure is the median of several repetitions after a warm-up; ratios are ta
 from __future__ import annotations
 
 import concurrent.futures
+import importlib.metadata
 import multiprocessing
 import os
 import platform
@@ -29,16 +31,17 @@ from typing import Any
 import torch
 
 from esmpp.architecture import Architecture, build_visual, linear_keys
-from esmpp.artifact import save_artifact
+from esmpp.artifact import Artifact, TaskInfo, save_artifact
 from esmpp.build import BuildOptions, build_artifact
 from esmpp.checkpoints import Encoder, load_encoder, save_encoder
 from esmpp.merge import TaskSource, apply_task_vector, merge_streaming
 from esmpp.merging import get_method
 from esmpp.profiling import StageProfile, recording, resident_bytes, stage
-from esmpp.runtime.model import Experts, RoutedEncoder
+from esmpp.runtime.model import Experts
 
 ROUTED_METHOD = "esm++"  # the full ESM++ build; every other name is a static merge method
 DEFAULT_METHODS = (ROUTED_METHOD, "esm", "tsv", "task_arithmetic")
+RUNTIMES = ("torch", "onnxruntime")
 BUILD_STAGES = ("load", "capture", "decompose", "merge", "alpha", "experts", "prototypes", "save", "other")
 
 
@@ -57,6 +60,7 @@ class BenchConfig:
     warmup: int = 1
     batch_sizes: tuple[int, ...] = (1, 32)
     runtime: bool = True
+    onnx: bool = True  # also time both models in onnxruntime (each exported once per architecture)
     threads: int | None = None  # torch intra-op threads (None: torch's default); 1 is steadier on a busy machine
     seed: int = 0
 
@@ -264,46 +268,128 @@ def random_experts(arch: Architecture, num_tasks: int, rank: int, kinds: Sequenc
     return experts
 
 
-def run_runtime(arch: Architecture | str, num_tasks: int, config: BenchConfig, device: torch.device) -> dict[str, Any]:
-    """Latency (ms) and throughput (images/s) of the routed ESM++ encoder and of the plain merged tower
-    (open_clip, the same backbone) at each batch size; ``ratio`` = routed / plain latency."""
+def runtime_artifact(arch: Architecture | str, num_tasks: int, config: BenchConfig) -> Artifact:
+    """A random artifact with the shapes of a real ESM++ build of ``arch``: experts of rank ``config.rank``
+    on ``config.routed_kinds``, random prototypes, unit-row heads of 10 classes."""
     arch = _architecture(arch)
     torch.manual_seed(config.seed)
-    plain = build_visual(arch).eval()
-    heads = [torch.randn(10, arch.embed_dim) for _ in range(num_tasks)]
+    backbone = {key: value.detach() for key, value in build_visual(arch).state_dict().items()}
     experts = random_experts(arch, num_tasks, config.rank, config.routed_kinds, config.seed)
-    routed = RoutedEncoder(arch, plain.state_dict(), experts, heads).to(device)
-    plain = plain.to(device)
-    size = arch.vision["image_size"]
-    results = {}
-    for batch in config.batch_sizes:
-        pixels = torch.randn(batch, 3, size, size, device=device)
-        with torch.inference_mode():
-            seconds = interleaved_medians(
-                {"plain": partial(plain, pixels), "routed": partial(routed, pixels)},
-                config.runtime_repeats,
-                config.warmup,
-                device.type == "cuda",
-            )
-        figures = {name: {"latency_ms": 1000 * value, "images_per_s": batch / value} for name, value in seconds.items()}
-        figures["ratio"] = figures["routed"]["latency_ms"] / figures["plain"]["latency_ms"]
-        results[f"batch{batch}"] = figures
-    return results
+    tasks = [TaskInfo(f"task{t}", [f"class{c}" for c in range(10)]) for t in range(num_tasks)]
+    heads = [torch.nn.functional.normalize(torch.randn(10, arch.embed_dim), dim=-1) for _ in tasks]
+    return Artifact(arch, tasks, backbone, experts, heads, {"method": "random"})
 
 
-def runtime_flops_ratio(arch: Architecture, kinds: Sequence[str], rank: int) -> float:
+def plain_tower(artifact: Artifact) -> torch.nn.Module:
+    """The plain open_clip tower of the artifact's merged backbone, which the routed encoder is measured against."""
+    visual = build_visual(artifact.arch)
+    visual.load_state_dict(artifact.backbone, strict=True)
+    return visual.eval()
+
+
+def latency_figures(seconds: dict[str, float], batch: int) -> dict[str, Any]:
+    """Seconds per call of ``plain`` and ``routed`` at ``batch`` → latency (ms), throughput (images/s) and
+    ``ratio`` = routed / plain latency."""
+    figures: dict[str, Any] = {
+        name: {"latency_ms": 1000 * value, "images_per_s": batch / value} for name, value in seconds.items()
+    }
+    figures["ratio"] = figures["routed"]["latency_ms"] / figures["plain"]["latency_ms"]
+    return figures
+
+
+def onnxruntime_sessions(artifact: Artifact, directory: Path, threads: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Export the routed model (``esmpp.onnx.export_onnx``, parity checked) and the plain tower
+    (``export_tower``, checked) under ``directory`` → (onnxruntime sessions ``plain`` and ``routed`` with
+    ``threads`` intra-op threads, what the exports did)."""
+    from esmpp import onnx as esmpp_onnx
+
+    start = time.perf_counter()
+    report = esmpp_onnx.export_onnx(artifact, directory / "routed")
+    plain_path = directory / "plain" / esmpp_onnx.MODEL_FILE
+    plain_error = esmpp_onnx.export_tower(plain_tower(artifact), artifact.arch, plain_path)
+    sessions = {
+        "plain": esmpp_onnx.inference_session(plain_path, threads=threads),
+        "routed": esmpp_onnx.inference_session(report.path, threads=threads),
+    }
+    export = {
+        "providers": sessions["routed"].get_providers(),
+        "threads": threads,
+        "export_seconds": time.perf_counter() - start,
+        "routed_parity": asdict(report.parity) if report.parity else None,
+        "plain_error": plain_error,
+    }
+    return sessions, export
+
+
+def _onnxruntime_call(session: Any, pixels: torch.Tensor) -> Callable[[], object]:
+    """One forward of ``session`` with the input already on the session's device (as PyTorch's is) and the
+    outputs left there, so that both runtimes are timed alike."""
+    import onnxruntime
+
+    device = "cuda" if session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
+    feeds = {"pixel_values": onnxruntime.OrtValue.ortvalue_from_numpy(pixels.numpy(), device)}
+    return partial(session.run_with_ort_values, None, feeds)
+
+
+def measure_runtime(artifact: Artifact, config: BenchConfig, device: torch.device) -> dict[str, Any]:
+    """Latency (ms) and throughput (images/s) of the routed ESM++ encoder of ``artifact`` and of the plain
+    merged tower (open_clip, the same backbone) at each batch size: in PyTorch on ``device`` and, with
+    ``config.onnx``, in onnxruntime (``esmpp.onnx.choose_providers``; on the CPU as many threads as
+    PyTorch). ``ratio`` = routed / plain latency within one runtime. Each runtime's pair is timed
+    interleaved, one runtime after the other, so that one runtime's spinning thread pool does not slow the
+    other's."""
+    plain = plain_tower(artifact).to(device)
+    routed = artifact.to_model().to(device)
+    result: dict[str, Any] = {"torch": {}, "expert_flops_ratio": expert_flops_ratio(artifact)}
+    size = artifact.arch.image_size
+    with tempfile.TemporaryDirectory(prefix="esmpp-bench-onnx-") as directory:
+        sessions = None
+        if config.onnx:
+            try:
+                sessions, result["onnx_export"] = onnxruntime_sessions(
+                    artifact, Path(directory), torch.get_num_threads()
+                )
+                result["onnxruntime"] = {}
+            except ImportError as exc:
+                result["onnx_export"] = {"skipped": f"onnxruntime is not installed ({exc})"}
+        for batch in config.batch_sizes:
+            pixels = torch.randn(batch, 3, size, size)
+            on_device = pixels.to(device)
+            with torch.inference_mode():
+                seconds = interleaved_medians(
+                    {"plain": partial(plain, on_device), "routed": partial(routed, on_device)},
+                    config.runtime_repeats,
+                    config.warmup,
+                    device.type == "cuda",
+                )
+            result["torch"][f"batch{batch}"] = latency_figures(seconds, batch)
+            if sessions is not None:
+                calls = {name: _onnxruntime_call(session, pixels) for name, session in sessions.items()}
+                seconds = interleaved_medians(calls, config.runtime_repeats, config.warmup, False)
+                result["onnxruntime"][f"batch{batch}"] = latency_figures(seconds, batch)
+    return result
+
+
+def run_runtime(arch: Architecture | str, num_tasks: int, config: BenchConfig, device: torch.device) -> dict[str, Any]:
+    """:func:`measure_runtime` on a random artifact of ``arch`` with ``num_tasks`` tasks."""
+    return measure_runtime(runtime_artifact(arch, num_tasks, config), config, device)
+
+
+def expert_flops_ratio(artifact: Artifact) -> float:
     """The experts' extra multiply-adds per token over the tower's linear layers (qkv, out, fc, proj)."""
-    shapes = build_visual_shapes(arch)
-    dense = sum(shapes[key].numel() for key in linear_keys(arch, ("qkv", "out", "fc", "proj")))
-    extra = sum(rank * (shapes[key][0] + shapes[key][1]) for key in linear_keys(arch, kinds))
+    shapes = build_visual_shapes(artifact.arch)
+    dense = sum(shapes[key].numel() for key in linear_keys(artifact.arch, ("qkv", "out", "fc", "proj")))
+    extra = sum(layer.up.shape[2] * (layer.up.shape[1] + layer.down.shape[2]) for layer in artifact.experts.values())
     return extra / dense
 
 
-def _environment() -> dict[str, Any]:
+def environment() -> dict[str, Any]:
+    """Versions, CPU count, threads and load: what a reader needs to judge the figures."""
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     return {
         "python": platform.python_version(),
         "torch": torch.__version__,
+        "onnxruntime": _version("onnxruntime") or _version("onnxruntime-gpu"),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "load_average": load,
@@ -311,13 +397,11 @@ def _environment() -> dict[str, Any]:
     }
 
 
-def onnx_note() -> str:
-    """ONNX Runtime latency needs the exporter (esmpp.onnx); said plainly when it is not there."""
-    import importlib.util
-
-    if importlib.util.find_spec("esmpp.onnx") is None:
-        return "skipped: esmpp.onnx is not in this checkout"
-    return "skipped: ONNX Runtime latency is not wired into the bench yet"
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def run_bench(config: BenchConfig, workdir: Path, log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -325,13 +409,14 @@ def run_bench(config: BenchConfig, workdir: Path, log: Callable[[str], None] = p
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if config.threads is not None:
         torch.set_num_threads(config.threads)
-    report: dict[str, Any] = {"config": asdict(config), "environment": _environment(), "device": str(device)}
+    report: dict[str, Any] = {"config": asdict(config), "environment": environment(), "device": str(device)}
     report["build"], report["runtime"], report["targets"] = {}, {}, {}
     for arch_name in config.archs:
         arch = Architecture.from_name(arch_name)
-        log(f"{arch_name}: writing {max(config.task_counts)} synthetic fine-tunes under {workdir}")
-        workload = write_workload(arch_name, max(config.task_counts), workdir / arch_name, config.seed)
         builds: dict[str, dict[str, Any]] = {}
+        if config.methods:  # the runtime alone needs no checkpoints on disk
+            log(f"{arch_name}: writing {max(config.task_counts)} synthetic fine-tunes under {workdir}")
+            workload = write_workload(arch_name, max(config.task_counts), workdir / arch_name, config.seed)
         for num_tasks in config.task_counts:
             for method in config.methods:
                 log(f"{arch_name} T={num_tasks} {method}: {config.build_repeats} build(s)")
@@ -341,13 +426,9 @@ def run_bench(config: BenchConfig, workdir: Path, log: Callable[[str], None] = p
         report["build"][arch_name] = builds
         if config.runtime:
             num_tasks = max(config.task_counts)
-            log(f"{arch_name} runtime T={num_tasks} on {device}")
+            log(f"{arch_name} runtime T={num_tasks} on {device}" + (" (+ onnxruntime)" if config.onnx else ""))
             report["runtime"][arch_name] = run_runtime(arch_name, num_tasks, config, device)
-            report["runtime"][arch_name]["expert_flops_ratio"] = runtime_flops_ratio(
-                arch, config.routed_kinds, config.rank
-            )
         report["targets"][arch_name] = targets(builds, report["runtime"].get(arch_name), arch, config)
-    report["onnx"] = onnx_note()
     report["environment"]["load_average_after"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     return report
 
@@ -372,10 +453,9 @@ def targets(
         result[f"peak_growth_T{low}_to_T{high}_mib"] = growth
         result[f"experts_of_{high - low}_tasks_mib"] = budget
         result["peak_growth_over_experts"] = growth / budget
-    if runtime is not None:
-        for batch, figures in runtime.items():
-            if isinstance(figures, dict):
-                result[f"routed_over_plain_{batch}"] = figures["ratio"]
+    for name in RUNTIMES:
+        for batch, figures in (runtime or {}).get(name, {}).items():
+            result[f"{name}_routed_over_plain_{batch}"] = figures["ratio"]
     return result
 
 
@@ -383,6 +463,8 @@ def format_report(report: dict[str, Any]) -> str:
     """The report as plain-text tables: build stages per workload, runtime, targets."""
     lines = [f"device {report['device']}, load average {report['environment']['load_average']}"]
     for arch_name, builds in report["build"].items():
+        if not builds:
+            continue
         lines.append(f"\n{arch_name} build (s; peak MiB)")
         header = f"{'T':>3} {'method':<16}{'total':>8}{'peak':>8}" + "".join(f"{s[:8]:>9}" for s in BUILD_STAGES)
         lines.append(header)
@@ -391,17 +473,36 @@ def format_report(report: dict[str, Any]) -> str:
                 cells = "".join(f"{figures['stage_seconds'].get(s, 0.0):>9.2f}" for s in BUILD_STAGES)
                 lines.append(f"{num_tasks:>3} {method:<16}{figures['seconds']:>8.1f}{figures['peak_mib']:>8.0f}{cells}")
     for arch_name, runtime in report["runtime"].items():
-        lines.append(f"\n{arch_name} runtime (ms per batch; images/s)")
-        for batch, figures in runtime.items():
-            if isinstance(figures, dict):
-                lines.append(
-                    f"  {batch:<8} plain {figures['plain']['latency_ms']:8.1f} ms "
-                    f"{figures['plain']['images_per_s']:7.1f}/s   routed {figures['routed']['latency_ms']:8.1f} ms "
-                    f"{figures['routed']['images_per_s']:7.1f}/s   ratio {figures['ratio']:.3f}"
-                )
-        lines.append(f"  experts' extra FLOPs over the linear layers: {runtime['expert_flops_ratio']:.1%}")
+        lines.extend(format_runtime(arch_name, runtime))
     for arch_name, figures in report["targets"].items():
         lines.append(f"\n{arch_name} targets")
         lines.extend(f"  {name:<36} {value:.3f}" for name, value in figures.items())
-    lines.append(f"\nonnx: {report['onnx']}")
     return "\n".join(lines)
+
+
+def format_runtime(name: str, runtime: dict[str, Any]) -> list[str]:
+    """The figures of :func:`measure_runtime` as table lines, one per runtime and batch size."""
+    lines = [f"\n{name} runtime (ms per batch; images/s)"]
+    lines.append(
+        f"  {'runtime':<12}{'batch':>6}{'plain ms':>11}{'/s':>8}{'routed ms':>11}{'/s':>8}{'routed/plain':>14}"
+    )
+    for runtime_name in RUNTIMES:
+        for batch, figures in runtime.get(runtime_name, {}).items():
+            plain, routed = figures["plain"], figures["routed"]
+            lines.append(
+                f"  {runtime_name:<12}{batch.removeprefix('batch'):>6}{plain['latency_ms']:>11.1f}"
+                f"{plain['images_per_s']:>8.1f}{routed['latency_ms']:>11.1f}{routed['images_per_s']:>8.1f}"
+                f"{figures['ratio']:>14.3f}"
+            )
+    export = runtime.get("onnx_export")
+    if export is not None and "skipped" in export:
+        lines.append(f"  onnxruntime skipped: {export['skipped']}")
+    elif export is not None:
+        parity = export["routed_parity"]
+        lines.append(
+            f"  onnxruntime: {', '.join(export['providers'])}, {export['threads']} threads; exports took "
+            f"{export['export_seconds']:.1f} s; ONNX vs PyTorch: plain embedding error {export['plain_error']:.1e}, "
+            f"routed {parity['embedding_error']:.1e}, routing agreement {parity['routing_agreement']:.2f}"
+        )
+    lines.append(f"  experts' extra FLOPs over the linear layers: {runtime['expert_flops_ratio']:.1%}")
+    return lines

@@ -418,7 +418,7 @@ def bench(
     ] = "ViT-B-32",
     tasks: Annotated[str, typer.Option(help="Task counts T, comma-separated (e.g. 2,8,20).")] = "2,8",
     methods: Annotated[
-        str, typer.Option(help="'esm++' (full build) and static methods, comma-separated.")
+        str, typer.Option(help="'esm++' (full build) and static methods, comma-separated; '' for the runtime only.")
     ] = "esm++,esm,tsv,task_arithmetic",
     proxy_images: Annotated[int, typer.Option(help="Proxy images per task.")] = 32,
     rank: Annotated[int, typer.Option(help="Rank r of each task's low-rank expert.")] = 32,
@@ -426,6 +426,9 @@ def bench(
     runtime_repeats: Annotated[int, typer.Option(help="Timed forwards per runtime figure (median).")] = 5,
     batch_sizes: Annotated[str, typer.Option(help="Runtime batch sizes, comma-separated.")] = "1,32",
     runtime: Annotated[bool, typer.Option(help="Measure the routed vs plain runtime.")] = True,
+    onnx: Annotated[
+        bool, typer.Option(help="Also time both models in onnxruntime (exports them once per architecture).")
+    ] = True,
     threads: Annotated[int | None, typer.Option(help="Torch threads (default: torch's choice).")] = None,
     workdir: Annotated[Path, typer.Option(help="Where the synthetic checkpoints are written (reused).")] = Path(
         "esmpp-bench-work"
@@ -446,6 +449,7 @@ def bench(
             runtime_repeats=runtime_repeats,
             batch_sizes=tuple(int(b) for b in _csv(batch_sizes)),
             runtime=runtime,
+            onnx=onnx,
             threads=threads,
         )
     except ValueError as exc:

@@ -16,6 +16,7 @@ import io
 import json
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -99,12 +100,18 @@ def choose_providers() -> list[str]:
     return ["CPUExecutionProvider"]
 
 
-def inference_session(path: Path, providers: list[str] | None = None) -> ort.InferenceSession:
-    """An onnxruntime session on ``providers`` (default: ``choose_providers()``). TF32 is off on CUDA so
-    float32 results can be compared with PyTorch's at 1e-4."""
+def inference_session(
+    path: Path, providers: list[str] | None = None, threads: int | None = None
+) -> ort.InferenceSession:
+    """An onnxruntime session on ``providers`` (default: ``choose_providers()``) with ``threads`` intra-op
+    threads (default: onnxruntime's choice). TF32 is off on CUDA so float32 results can be compared with
+    PyTorch's at 1e-4."""
     providers = providers or choose_providers()
-    options = [{"use_tf32": "0"} if name == "CUDAExecutionProvider" else {} for name in providers]
-    return ort.InferenceSession(str(path), providers=providers, provider_options=options)
+    provider_options = [{"use_tf32": "0"} if name == "CUDAExecutionProvider" else {} for name in providers]
+    session_options = ort.SessionOptions()
+    if threads is not None:
+        session_options.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), session_options, providers=providers, provider_options=provider_options)
 
 
 class _ExportGraph(nn.Module):
@@ -159,31 +166,43 @@ def export_metadata(artifact: Artifact, manifest: dict[str, Any], task_input: bo
     }
 
 
+def trace_graph(
+    module: nn.Module,
+    args: tuple[torch.Tensor, ...],
+    input_names: Sequence[str],
+    output_names: Sequence[str],
+    opset: int | None = None,
+) -> onnx.ModelProto:
+    """``module`` (eval mode) traced by the dynamo exporter on ``args``, axis 0 of every input being one
+    dynamic ``batch`` axis."""
+    batch = torch.export.Dim("batch", min=1)
+    # The exporter prints its progress on stdout; the CLI prints its own summary instead.
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        # Inputs share the one batch axis; the exporter warns that it keeps a single name for it.
+        warnings.filterwarnings("ignore", message=".*axis name: batch will not be used")
+        program = torch.onnx.export(
+            module,
+            args,
+            dynamo=True,
+            opset_version=opset,
+            input_names=list(input_names),
+            output_names=list(output_names),
+            dynamic_shapes=tuple({0: batch} for _ in args),
+            verbose=False,
+        )
+    return program.model_proto
+
+
 def _trace(model: RoutedEncoder, task_input: bool, opset: int | None) -> onnx.ModelProto:
     size = model.arch.image_size
     pixels = torch.randn(EXAMPLE_BATCH, 3, size, size)
-    batch = torch.export.Dim("batch", min=1)
     args: tuple[torch.Tensor, ...] = (pixels,)
     if task_input:
         args = (pixels, torch.arange(EXAMPLE_BATCH) % model.num_tasks)
-    # The exporter prints its progress on stdout; the CLI prints its own summary instead.
     try:
-        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
-            # Both inputs share the one batch axis; the exporter warns that it keeps a single name for it.
-            warnings.filterwarnings("ignore", message=".*axis name: batch will not be used")
-            program = torch.onnx.export(
-                _ExportGraph(model).eval(),
-                args,
-                dynamo=True,
-                opset_version=opset,
-                input_names=list(INPUT_NAMES[: len(args)]),
-                output_names=list(OUTPUT_NAMES),
-                dynamic_shapes=tuple({0: batch} for _ in args),
-                verbose=False,
-            )
+        return trace_graph(_ExportGraph(model).eval(), args, INPUT_NAMES[: len(args)], OUTPUT_NAMES, opset)
     finally:
         model.control.start_pass()  # drop the traced tensors the pass left in the routing control
-    return program.model_proto
 
 
 def _to_fp16(proto: onnx.ModelProto) -> onnx.ModelProto:
@@ -193,7 +212,9 @@ def _to_fp16(proto: onnx.ModelProto) -> onnx.ModelProto:
     return convert_float_to_float16(proto, keep_io_types=True)
 
 
-def _write_model(proto: onnx.ModelProto, path: Path) -> None:
+def write_model(proto: onnx.ModelProto, path: Path) -> None:
+    """Save ``proto`` at ``path``, its weights in ``EXTERNAL_DATA_FILE`` beside it when they exceed
+    ``EXTERNAL_DATA_BYTES``."""
     weights = sum(len(tensor.raw_data) for tensor in proto.graph.initializer)
     onnx.save_model(
         proto,
@@ -299,6 +320,32 @@ def verify_parity(
     return report
 
 
+def export_tower(
+    visual: nn.Module,
+    arch: Architecture,
+    path: Path,
+    opset: int | None = None,
+    providers: list[str] | None = None,
+    tolerance: float = FP32_TOLERANCE.embedding,
+) -> float:
+    """Export a plain open_clip visual tower to ``path`` (input ``pixel_values`` [batch, 3, H, W], output
+    ``embedding`` [batch, embed_dim]) — the baseline the routed graph is measured against — and check it
+    with onnxruntime on probe images. Returns the error (as in ``verify_parity``); raises ``EsmppError``
+    above ``tolerance``."""
+    size = arch.image_size
+    proto = trace_graph(visual.eval(), (torch.randn(EXAMPLE_BATCH, 3, size, size),), INPUT_NAMES[:1], OUTPUT_NAMES[2:])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_model(proto, path)
+    pixels = probe_images(arch, EXAMPLE_BATCH + 1)
+    with torch.no_grad():
+        reference = visual(pixels).numpy()
+    (embedding,) = inference_session(path, providers).run(None, {INPUT_NAMES[0]: pixels.numpy()})
+    error = _scaled_error(embedding, reference)
+    if error > tolerance:
+        raise EsmppError(f"{path}: the ONNX tower does not match PyTorch (embedding error {error:.3g} > {tolerance}).")
+    return error
+
+
 def export_onnx(
     artifact: Artifact | str | Path,
     out_dir: Path,
@@ -322,7 +369,7 @@ def export_onnx(
         onnx.helper.set_model_props(proto, export_metadata(artifact, manifest, task_input))
         if fp16:
             proto = _to_fp16(proto)
-        _write_model(proto, staging / MODEL_FILE)
+        write_model(proto, staging / MODEL_FILE)
         parity = None
         if check:
             parity = verify_parity(

@@ -1,10 +1,13 @@
 """The bench's building blocks on the tiny architecture (the real-scale runs are `esmpp bench`)."""
 
+import pytest
 import torch
 
 from esmpp.bench import (
+    RUNTIMES,
     BenchConfig,
     format_report,
+    format_runtime,
     median_build,
     run_build,
     run_runtime,
@@ -46,18 +49,32 @@ def test_build_runs_report_every_stage(tmp_path):
     assert figures["T2_esm++_over_tsv_build"] == builds["2"]["esm++"]["seconds"] / builds["2"]["tsv"]["seconds"]
 
 
-def test_runtime_compares_routed_and_plain(tmp_path):
+def test_runtime_compares_routed_and_plain_in_torch_and_onnxruntime():
     config = BenchConfig(batch_sizes=(1, 3), runtime_repeats=1, warmup=0, rank=4)
     runtime = run_runtime(TINY_ARCH, 2, config, torch.device("cpu"))
-    assert set(runtime) == {"batch1", "batch3"}
-    for figures in runtime.values():
-        assert figures["ratio"] == figures["routed"]["latency_ms"] / figures["plain"]["latency_ms"]
+    for name in RUNTIMES:
+        assert set(runtime[name]) == {"batch1", "batch3"}
+        for batch, figures in runtime[name].items():
+            assert figures["ratio"] == figures["routed"]["latency_ms"] / figures["plain"]["latency_ms"]
+            images = int(batch.removeprefix("batch"))
+            assert figures["plain"]["images_per_s"] == pytest.approx(images * 1000 / figures["plain"]["latency_ms"])
+    export = runtime["onnx_export"]
+    assert export["providers"] == ["CPUExecutionProvider"] and export["threads"] == torch.get_num_threads()
+    assert export["plain_error"] < 1e-4 and export["routed_parity"]["passed"]
     report = {
         "device": "cpu",
         "environment": {"load_average": None},
         "build": {},
-        "runtime": {"tiny": {**runtime, "expert_flops_ratio": 0.04}},
-        "targets": {},
-        "onnx": "skipped",
+        "runtime": {"tiny": runtime},
+        "targets": {"tiny": targets({}, runtime, TINY_ARCH, config)},
     }
-    assert "ratio" in format_report(report)
+    assert {"torch_routed_over_plain_batch3", "onnxruntime_routed_over_plain_batch1"} <= set(report["targets"]["tiny"])
+    table = format_report(report)
+    assert "onnxruntime" in table and "CPUExecutionProvider" in table and "routed/plain" in table
+
+
+def test_runtime_without_onnx_times_torch_only():
+    config = BenchConfig(batch_sizes=(2,), runtime_repeats=1, warmup=0, rank=4, onnx=False)
+    runtime = run_runtime(TINY_ARCH, 2, config, torch.device("cpu"))
+    assert set(runtime) == {"torch", "expert_flops_ratio"}
+    assert "onnxruntime" not in "\n".join(format_runtime("tiny", runtime))

@@ -91,8 +91,8 @@ def test_parity_check_catches_a_tampered_initializer(exported, saved_artifact, t
 
 
 def test_failed_parity_leaves_nothing_written(saved_artifact, tmp_path, monkeypatch):
-    write = esmpp_onnx._write_model
-    monkeypatch.setattr(esmpp_onnx, "_write_model", lambda proto, path: write(_tamper(proto), path))
+    write = esmpp_onnx.write_model
+    monkeypatch.setattr(esmpp_onnx, "write_model", lambda proto, path: write(_tamper(proto), path))
     with pytest.raises(EsmppError, match="Nothing was written"):
         export_onnx(saved_artifact, tmp_path / "model")
     assert list(tmp_path.iterdir()) == []
@@ -124,3 +124,13 @@ def test_cli_exports_fp16_and_prints_parity_and_provider(saved_artifact, tmp_pat
     assert proto.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
     report = json.loads((tmp_path / "m" / REPORT_FILE).read_text())
     assert report["fp16"] and 0 < report["parity"]["logits_error"] <= 2e-2
+
+
+def test_soft_top_k_routing_exports_and_matches_pytorch(tmp_path):
+    """Soft routing (two weighted experts per image) is graph ops too: the traced graph matches PyTorch."""
+    model = random_artifact(num_tasks=3).to_model()
+    model.control.mode, model.control.top_k, model.control.temperature = "soft", 2, 0.5
+    path = tmp_path / "soft.onnx"
+    esmpp_onnx.write_model(esmpp_onnx._trace(model, task_input=False, opset=None), path)
+    report = verify_parity(path, model, ["a", "b", "c"], task_input=False)
+    assert report.passed and report.routing_agreement == 1.0

@@ -29,10 +29,9 @@ def task_scores(features: torch.Tensor, prototypes: torch.Tensor, bias: torch.Te
     return scores.reshape(-1, T, m).amax(dim=-1)
 
 
-def hard_route(similarity: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-1 routing: ``similarity`` [B, T] → (task ids [B, 1] int64, weights [B, 1] all ones)."""
-    ids = similarity.argmax(dim=-1, keepdim=True)
-    return ids, torch.ones_like(ids, dtype=similarity.dtype)
+def hard_route(similarity: torch.Tensor) -> torch.Tensor:
+    """Top-1 routing: ``similarity`` [B, T] → task ids [B, 1] int64 (each at weight 1)."""
+    return similarity.argmax(dim=-1, keepdim=True)
 
 
 def soft_route(similarity: torch.Tensor, top_k: int, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,10 +43,9 @@ def soft_route(similarity: torch.Tensor, top_k: int, temperature: float) -> tupl
     return ids, torch.softmax(values / temperature, dim=-1)
 
 
-def forced_route(task_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Routing given by the caller: ``task_ids`` [B] → (ids [B, 1], weights [B, 1] ones)."""
-    ids = task_ids.reshape(-1, 1).long()
-    return ids, torch.ones(ids.shape, dtype=dtype, device=ids.device)
+def forced_route(task_ids: torch.Tensor) -> torch.Tensor:
+    """Routing given by the caller: ``task_ids`` [B] → ids [B, 1] int64 (each at weight 1)."""
+    return task_ids.reshape(-1, 1).long()
 
 
 @dataclass
@@ -70,12 +68,13 @@ class RoutingControl:
 
     def route(
         self, tokens: torch.Tensor, prototypes: torch.Tensor, bias: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Decide the experts of one routed layer: ``tokens`` [B, N, d_in], ``prototypes`` [T, m, d_in],
-        ``bias`` [T, m] → (task ids [B, k], weights [B, k]); the top task per image is appended to
-        ``decisions``."""
+        ``bias`` [T, m] → (task ids [B, k], weights [B, k]; None for one expert at weight 1, which the
+        experts then need not multiply by); the top task per image is appended to ``decisions``."""
+        weights = None
         if self.forced_tasks is not None:
-            ids, weights = forced_route(self.forced_tasks, tokens.dtype)
+            ids = forced_route(self.forced_tasks)
         elif self.route_once and self.decisions:
             ids, weights = self._first
         else:
@@ -83,7 +82,7 @@ class RoutingControl:
             if self.mode == "soft":
                 ids, weights = soft_route(similarity, self.top_k, self.temperature)
             else:
-                ids, weights = hard_route(similarity)
+                ids = hard_route(similarity)
             if not self.decisions:
                 self._first = (ids, weights)
         self.decisions.append(ids[:, 0])

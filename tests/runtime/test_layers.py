@@ -4,9 +4,17 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from esmpp.architecture import build_visual, linear_keys
-from esmpp.runtime.layers import apply_experts, explicit_attention, image_patches
+from esmpp.architecture import block_index, build_visual, linear_keys, linear_kind
+from esmpp.runtime.layers import (
+    add_experts,
+    add_shared_expert,
+    explicit_attention,
+    image_patches,
+    routed_slot,
+    shared_task,
+)
 from esmpp.runtime.model import RoutedEncoder
+from esmpp.runtime.routing import RoutingControl
 from tests.conftest import TINY_ARCH, random_artifact
 
 
@@ -20,47 +28,71 @@ def test_explicit_attention_keeps_keys_and_outputs():
     torch.testing.assert_close(visual(images), expected, atol=1e-5, rtol=1e-5)
 
 
+def _reference_routes(x, prototypes, control, forced):
+    """Each image's (tasks, weights) from the definition: cosine of the mean token to the nearest
+    prototype of each task; the top task (hard), or the top k with a softmax over similarity / temperature."""
+    if forced is not None:
+        return [([t], [1.0]) for t in forced.tolist()]
+    routes = []
+    for tokens in x:
+        mean = tokens.mean(dim=0)
+        similarity = torch.stack([max(F.cosine_similarity(mean, p, dim=0) for p in task) for task in prototypes])
+        if control.mode == "hard":
+            routes.append(([int(similarity.argmax())], [1.0]))
+        else:
+            top = similarity.topk(control.top_k)
+            routes.append((top.indices.tolist(), torch.softmax(top.values / control.temperature, dim=0).tolist()))
+    return routes
+
+
+@pytest.mark.parametrize("mode", ["forced", "forced_one_task", "hard", "soft"])
 @pytest.mark.parametrize("kinds", [("qkv", "fc"), ("qkv", "out", "fc", "proj")])
-def test_forced_routed_layers_equal_the_dense_formula(kinds):
-    """Each routed layer computes W x + b + A_t B_t x for the forced task t (checked by hooks)."""
+def test_routed_layers_equal_the_dense_formula(kinds, mode):
+    """Each routed layer computes W x + b + Σ_j w_j A_{t_j} B_{t_j} x per image, for the forced task (one
+    task for the whole batch takes the shared-expert path), the nearest task (hard) or the soft top-2 mix,
+    in float64 (checked by hooks on every expert bank)."""
     artifact = random_artifact(num_tasks=3, kinds=kinds)
-    model = RoutedEncoder(artifact.arch, artifact.backbone, artifact.experts, artifact.heads)
-    images = torch.randn(4, 3, 16, 16)
-    task_ids = torch.tensor([2, 0, 1, 2])
+    control = RoutingControl(mode="soft" if mode == "soft" else "hard", top_k=2, temperature=0.1)
+    model = RoutedEncoder(artifact.arch, artifact.backbone, artifact.experts, artifact.heads, control).double()
+    images = torch.randn(4, 3, 16, 16, dtype=torch.float64)
+    forced = {"forced": torch.tensor([2, 0, 1, 2]), "forced_one_task": torch.tensor([1, 1, 1, 1])}.get(mode)
+    backbone = {key: value.double() for key, value in artifact.backbone.items()}
     checked = []
     for key in linear_keys(artifact.arch, kinds):
-        block = model.visual.transformer.resblocks[int(key.split(".")[2])]
-        kind = {"attn.in_proj_weight": "qkv", "attn.out_proj.weight": "out"}.get(".".join(key.split(".")[3:]))
-        module = {"qkv": block.attn, "out": block.attn.out_proj}.get(kind) or (
-            block.mlp.c_fc if "c_fc" in key else block.mlp.c_proj
-        )
-        weight, bias = artifact.backbone[key], artifact.backbone[key.replace("weight", "bias")]
+        module, slot = routed_slot(model.visual, block_index(key), linear_kind(key))
+        weight, bias = backbone[key], backbone[key.replace("weight", "bias")]
         layer = artifact.experts[key]
+        up, down, prototypes = layer.up.double(), layer.down.double(), layer.prototypes.double()
 
-        def check(mod, args, output, weight=weight, bias=bias, layer=layer, kind=kind):
+        def check(bank, args, output, key=key, weight=weight, bias=bias, up=up, down=down, prototypes=prototypes):
             x = args[0]
-            dense = torch.stack(
-                [F.linear(x[b], weight + layer.up[t] @ layer.down[t], bias) for b, t in enumerate(task_ids.tolist())]
+            routes = _reference_routes(x, prototypes, control, forced)
+            expected = torch.stack(
+                [
+                    F.linear(x[b], weight + sum(w * up[t] @ down[t] for t, w in zip(tasks, weights)), bias)
+                    for b, (tasks, weights) in enumerate(routes)
+                ]
             )
-            if kind == "qkv":  # the attention's output is after the softmax: recompute its in-projection
-                got = F.linear(x, mod.in_proj_weight, mod.in_proj_bias) + mod.qkv_experts(x, mod.control)
-            else:
-                got = output
-            torch.testing.assert_close(got, dense, atol=1e-5, rtol=1e-5)
-            checked.append(kind)
+            torch.testing.assert_close(output, expected)
+            checked.append(key)
 
-        module.register_forward_hook(check)
+        getattr(module, slot).register_forward_hook(check)
     with torch.no_grad():
-        model(images, task_ids)
-    assert len(checked) == len(linear_keys(artifact.arch, kinds))
+        model(images, forced)
+    assert checked == linear_keys(artifact.arch, kinds)
 
 
-def test_apply_experts_weights_mix_experts():
-    x = torch.randn(2, 5, 6)
+def _factors(up, down):
+    """The artifact's ``up`` [T, d_out, r] and ``down`` [T, r, d_in] in the runtime's layout [B_t | A_tᵀ]."""
+    return torch.cat([down, up.transpose(1, 2)], dim=2)
+
+
+def test_add_experts_weights_mix_experts():
+    x, dense = torch.randn(2, 5, 6), torch.randn(2, 5, 4)
     up, down = torch.randn(3, 4, 2), torch.randn(3, 2, 6)
     ids, weights = torch.tensor([[0, 2], [1, 0]]), torch.tensor([[0.25, 0.75], [1.0, 0.0]])
-    got = apply_experts(x, up, down, ids, weights)
-    expected = torch.stack(
+    got = add_experts(dense.clone(), x, _factors(up, down), ids, weights)
+    expected = dense + torch.stack(
         [
             0.25 * x[0] @ (up[0] @ down[0]).T + 0.75 * x[0] @ (up[2] @ down[2]).T,
             x[1] @ (up[1] @ down[1]).T,
@@ -69,19 +101,52 @@ def test_apply_experts_weights_mix_experts():
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
-@given(st.integers(1, 3), st.integers(1, 4), st.integers(1, 3), st.integers(1, 3), st.integers(0, 2**31 - 1))
+@given(
+    st.integers(1, 3),
+    st.integers(1, 4),
+    st.integers(1, 3),
+    st.integers(1, 3),
+    st.booleans(),
+    st.integers(0, 2**31 - 1),
+)
 @settings(deadline=None, max_examples=30)
-def test_apply_experts_equals_the_per_image_sum_of_dense_experts(batch, num_tasks, k, rank, seed):
+def test_add_experts_equals_the_per_image_dense_formula(batch, num_tasks, k, rank, unit_weights, seed):
+    """W x + b + Σ_j w_j A_{t_j} B_{t_j} x per image, in float64; ``weights=None`` is one expert at weight 1."""
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, 3, 5, generator=generator, dtype=torch.float64)
+    weight, bias = torch.randn(4, 5, generator=generator, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
     up = torch.randn(num_tasks, 4, rank, generator=generator, dtype=torch.float64)
     down = torch.randn(num_tasks, rank, 5, generator=generator, dtype=torch.float64)
-    ids = torch.randint(num_tasks, (batch, k), generator=generator)
-    weights = torch.rand(batch, k, generator=generator, dtype=torch.float64)
+    ids = torch.randint(num_tasks, (batch, 1 if unit_weights else k), generator=generator)
+    weights = None if unit_weights else torch.rand(batch, k, generator=generator, dtype=torch.float64)
+    mix = torch.ones(batch, 1, dtype=torch.float64) if unit_weights else weights
     expected = torch.stack(
-        [sum(weights[b, j] * x[b] @ (up[ids[b, j]] @ down[ids[b, j]]).T for j in range(k)) for b in range(batch)]
+        [
+            F.linear(x[b], weight + sum(mix[b, j] * up[ids[b, j]] @ down[ids[b, j]] for j in range(ids.shape[1])), bias)
+            for b in range(batch)
+        ]
     )
-    torch.testing.assert_close(apply_experts(x, up, down, ids, weights), expected)
+    torch.testing.assert_close(add_experts(F.linear(x, weight, bias), x, _factors(up, down), ids, weights), expected)
+
+
+def test_shared_expert_path_equals_the_gathered_one():
+    generator = torch.Generator().manual_seed(0)
+    x, dense = torch.randn(3, 5, 6, generator=generator, dtype=torch.float64), torch.randn(3, 5, 4, dtype=torch.float64)
+    up = torch.randn(2, 4, 3, generator=generator, dtype=torch.float64)
+    down = torch.randn(2, 3, 6, generator=generator, dtype=torch.float64)
+    factors = _factors(up, down)
+    gathered = add_experts(dense.clone(), x, factors, torch.ones(3, 1, dtype=torch.long), None)
+    torch.testing.assert_close(add_shared_expert(dense.clone(), x, factors[1]), gathered)
+    torch.testing.assert_close(gathered, dense + x @ (up[1] @ down[1]).T)
+
+
+def test_shared_task_only_in_eager_cpu_runs_of_one_expert_at_weight_one(monkeypatch):
+    same, mixed = torch.tensor([[2], [2], [2]]), torch.tensor([[2], [0], [2]])
+    assert shared_task(same, None) == 2 and shared_task(torch.tensor([[1]]), None) == 1
+    assert shared_task(mixed, None) is None
+    assert shared_task(torch.tensor([[2, 0], [2, 0]]), torch.tensor([[0.5, 0.5], [0.5, 0.5]])) is None  # soft
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # ONNX export, torch.compile
+    assert shared_task(same, None) is None
 
 
 def test_image_patches_are_what_the_patch_convolution_multiplies():
