@@ -21,18 +21,18 @@ class ExpertBank(nn.Module):
     """The experts and prototypes of one routed linear layer (buffers, saved with the model).
 
     Takes the artifact's layout ``up`` [T, d_out, r] (A_t), ``down`` [T, r, d_in] (B_t), ``prototypes``
-    [T, m, d_in] and ``prototype_bias`` [T, m]; keeps ``factors`` = [B_t | A_tᵀ] [T, r, d_in + d_out]: one
-    gather then fetches both factors of each image's expert, as operands that batched matmuls take without a
-    transposing copy (each extra op is one more parallel region, which on a busy CPU waits for a time slice).
-    The router's scores are ``f · prototype + bias`` (see ``task_scores``); without a bias the router is the
-    paper's cosine router: prototypes are normalised and the bias is zero.
+    [T, m, d_in] and ``prototype_bias`` [T, m]; keeps ``up_rows`` = A_tᵀ [T, r, d_out] (so that a gathered
+    expert is the right operand of a batched matmul as it is, with no transposing copy per call). The router's
+    scores are ``f · prototype + bias`` (see ``task_scores``); without a bias the router is the paper's cosine
+    router: prototypes are normalised and the bias is zero.
     """
 
     def __init__(
         self, up: torch.Tensor, down: torch.Tensor, prototypes: torch.Tensor, prototype_bias: torch.Tensor | None
     ) -> None:
         super().__init__()
-        self.register_buffer("factors", torch.cat([down, up.transpose(1, 2)], dim=2).contiguous())
+        self.register_buffer("up_rows", up.transpose(1, 2).contiguous())
+        self.register_buffer("down", down)
         if prototype_bias is None:
             prototypes, prototype_bias = F.normalize(prototypes, dim=-1), prototypes.new_zeros(prototypes.shape[:2])
         self.register_buffer("prototypes", prototypes)
@@ -40,7 +40,7 @@ class ExpertBank(nn.Module):
 
     @property
     def num_tasks(self) -> int:
-        return int(self.factors.shape[0])
+        return int(self.down.shape[0])
 
     def forward(self, x: torch.Tensor, dense: torch.Tensor, control: RoutingControl) -> torch.Tensor:
         """``dense`` [B, N, d_out] (the layer's ``W x + b``, overwritten) plus the experts' contribution for
@@ -48,8 +48,8 @@ class ExpertBank(nn.Module):
         ids, weights = control.route(x, self.prototypes, self.prototype_bias)
         task = shared_task(ids, weights)
         if task is not None:
-            return add_shared_expert(dense, x, self.factors[task])
-        return add_experts(dense, x, self.factors, ids, weights)
+            return add_shared_expert(dense, x, self.up_rows[task], self.down[task])
+        return add_experts(dense, x, self.up_rows, self.down, ids, weights)
 
 
 def shared_task(ids: torch.Tensor, weights: torch.Tensor | None) -> int | None:
@@ -62,44 +62,49 @@ def shared_task(ids: torch.Tensor, weights: torch.Tensor | None) -> int | None:
     return int(first) if bool((ids == first).all()) else None
 
 
-def add_shared_expert(dense: torch.Tensor, x: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+def add_shared_expert(dense: torch.Tensor, x: torch.Tensor, up_rows: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
     """``dense`` + A (B x) for one expert used by the whole batch: ``dense`` [B, N, d_out] (contiguous,
-    accumulated into in place), ``x`` [B, N, d_in], ``factors`` = [B | Aᵀ] [r, d_in + d_out].
+    accumulated into in place), ``x`` [B, N, d_in], ``up_rows`` = Aᵀ [r, d_out], ``down`` = B [r, d_in].
 
     Two GEMMs over all B·N tokens, without gathering a copy of the expert per image: on ViT-B/32's c_fc at
     batch 32 (CPU, one thread) the expert added 2 % to the layer's time, against 8 % through
     :func:`add_experts`' per-image batched matmuls."""
-    d_in = x.shape[-1]
-    hidden = torch.matmul(x, factors[:, :d_in].T)  # [B, N, r]
-    dense.view(-1, dense.shape[-1]).addmm_(hidden.reshape(-1, factors.shape[0]), factors[:, d_in:])
+    hidden = torch.matmul(x, down.T)  # [B, N, r]
+    dense.view(-1, dense.shape[-1]).addmm_(hidden.reshape(-1, down.shape[0]), up_rows)
     return dense
 
 
 def add_experts(
-    dense: torch.Tensor, x: torch.Tensor, factors: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor | None
+    dense: torch.Tensor,
+    x: torch.Tensor,
+    up_rows: torch.Tensor,
+    down: torch.Tensor,
+    ids: torch.Tensor,
+    weights: torch.Tensor | None,
 ) -> torch.Tensor:
     """``dense`` + Σ_j w_bj · A_{ids_bj} (B_{ids_bj} x_b), batched by gathering each image's experts.
 
     ``dense`` [B, N, d_out] (accumulated into, in place: callers pass the fresh output of their dense layer),
-    ``x`` [B, N, d_in], ``factors`` = [B_t | A_tᵀ] [T, r, d_in + d_out], ``ids`` [B, k], ``weights`` [B, k]
-    or None (k = 1 at weight 1: hard or forced routing) → [B, N, d_out].
+    ``x`` [B, N, d_in], ``up_rows`` [T, r, d_out] (A_tᵀ), ``down`` [T, r, d_in], ``ids`` [B, k], ``weights``
+    [B, k] or None (k = 1 at weight 1: hard or forced routing) → [B, N, d_out].
 
     The k chosen experts of an image act as one expert of rank k·r, [A_1 … A_k] diag(w) [B_1; …; B_k], so
-    the whole call is one gather and two batched matmuls (Gather, Slice, MatMul in ONNX); the weights scale
-    the small [B, N, k·r] hidden tensor. The second matmul accumulates into ``dense`` (in-place baddbmm): a
-    separate ``dense + experts`` cost an allocation and another pass over the [B, N, d_out] output. A
-    three-operand einsum here fell back to broadcast multiply-and-sum and cost several times the experts' FLOPs.
+    the whole call is two batched matmuls (Gather, MatMul in ONNX); the weights scale the small [B, N, k·r]
+    hidden tensor. The second matmul accumulates into ``dense`` (in-place baddbmm): a separate
+    ``dense + experts`` cost an allocation and another pass over the [B, N, d_out] output. A three-operand
+    einsum here fell back to broadcast multiply-and-sum and cost several times the experts' FLOPs.
     """
     batch, k = ids.shape
-    rank, d_in = factors.shape[1], x.shape[-1]
+    rank = down.shape[1]
     # Advanced indexing, not index_select: index_select is 2–3× faster on one CPU thread, but it starts one
     # parallel region per image, and with two threads on a busy machine each region waits for a time slice
     # (258 ms instead of 8 ms for batch 32 at load 9).
-    stacked = factors[ids].reshape(batch, k * rank, factors.shape[2])  # [B, k·r, d_in + d_out]
-    hidden = torch.bmm(x, stacked[:, :, :d_in].transpose(1, 2))  # [B, N, k·r]
+    down_stacked = down[ids].reshape(batch, k * rank, down.shape[2])  # [B, k·r, d_in]
+    up_stacked = up_rows[ids].reshape(batch, k * rank, up_rows.shape[2])  # [B, k·r, d_out]
+    hidden = torch.bmm(x, down_stacked.transpose(1, 2))  # [B, N, k·r]
     if weights is not None:
         hidden = (hidden.unflatten(2, (k, rank)) * weights[:, None, :, None]).flatten(2)
-    return dense.baddbmm_(hidden, stacked[:, :, d_in:])
+    return dense.baddbmm_(hidden, up_stacked)
 
 
 class RoutedLinear(nn.Linear):

@@ -82,16 +82,16 @@ def test_routed_layers_equal_the_dense_formula(kinds, mode):
     assert checked == linear_keys(artifact.arch, kinds)
 
 
-def _factors(up, down):
-    """The artifact's ``up`` [T, d_out, r] and ``down`` [T, r, d_in] in the runtime's layout [B_t | A_tᵀ]."""
-    return torch.cat([down, up.transpose(1, 2)], dim=2)
+def _rows(up):
+    """The artifact's ``up`` [T, d_out, r] in the runtime's layout [T, r, d_out]."""
+    return up.transpose(1, 2).contiguous()
 
 
 def test_add_experts_weights_mix_experts():
     x, dense = torch.randn(2, 5, 6), torch.randn(2, 5, 4)
     up, down = torch.randn(3, 4, 2), torch.randn(3, 2, 6)
     ids, weights = torch.tensor([[0, 2], [1, 0]]), torch.tensor([[0.25, 0.75], [1.0, 0.0]])
-    got = add_experts(dense.clone(), x, _factors(up, down), ids, weights)
+    got = add_experts(dense.clone(), x, _rows(up), down, ids, weights)
     expected = dense + torch.stack(
         [
             0.25 * x[0] @ (up[0] @ down[0]).T + 0.75 * x[0] @ (up[2] @ down[2]).T,
@@ -126,18 +126,16 @@ def test_add_experts_equals_the_per_image_dense_formula(batch, num_tasks, k, ran
             for b in range(batch)
         ]
     )
-    torch.testing.assert_close(add_experts(F.linear(x, weight, bias), x, _factors(up, down), ids, weights), expected)
+    torch.testing.assert_close(add_experts(F.linear(x, weight, bias), x, _rows(up), down, ids, weights), expected)
 
 
 def test_shared_expert_path_equals_the_gathered_one():
     generator = torch.Generator().manual_seed(0)
     x, dense = torch.randn(3, 5, 6, generator=generator, dtype=torch.float64), torch.randn(3, 5, 4, dtype=torch.float64)
-    up = torch.randn(2, 4, 3, generator=generator, dtype=torch.float64)
+    up_rows = torch.randn(2, 3, 4, generator=generator, dtype=torch.float64)
     down = torch.randn(2, 3, 6, generator=generator, dtype=torch.float64)
-    factors = _factors(up, down)
-    gathered = add_experts(dense.clone(), x, factors, torch.ones(3, 1, dtype=torch.long), None)
-    torch.testing.assert_close(add_shared_expert(dense.clone(), x, factors[1]), gathered)
-    torch.testing.assert_close(gathered, dense + x @ (up[1] @ down[1]).T)
+    gathered = add_experts(dense.clone(), x, up_rows, down, torch.ones(3, 1, dtype=torch.long), None)
+    torch.testing.assert_close(add_shared_expert(dense.clone(), x, up_rows[1], down[1]), gathered)
 
 
 def test_shared_task_only_in_eager_cpu_runs_of_one_expert_at_weight_one(monkeypatch):
