@@ -21,7 +21,7 @@ from esmpp.capture import ActivationStats, capture_blockwise
 from esmpp.checkpoints import Encoder, check_compatible
 from esmpp.errors import ConfigError
 from esmpp.merging import LayerStats, MergeMethod
-from esmpp.profiling import stage
+from esmpp.profiling import stage, staged
 
 
 @dataclass
@@ -74,23 +74,20 @@ def merge_streaming(
         delta = finetuned.state[key].float() - pretrained.state[key].float()
         summaries[key] = method.summarize(key, delta, stats, summaries.get(key))
 
+    stat_keys = linear_keys(pretrained.arch) if method.needs_grams else []
     with method.spilling():
         for task in tqdm(tasks, desc=f"merge {method.name}", unit="task", disable=not progress):
             with stage("load"):
                 finetuned = task.load()
                 check_compatible(pretrained, finetuned)
-            stat_keys = linear_keys(pretrained.arch) if method.needs_grams else []
             if stat_keys:
-                blocks = capture_blockwise(finetuned.to_module(share=True), proxy_batches(task, batch_size), stat_keys)
-                while True:
-                    with stage("capture"):
-                        block_stats = next(blocks, None)
-                    if block_stats is None:
-                        break
+                visual = finetuned.to_module(share=True)
+                blocks = capture_blockwise(visual, proxy_batches(task, batch_size), stat_keys)
+                for block_stats in staged("capture", blocks):
                     with stage("decompose"):
                         for key, stats in layer_stats(block_stats).items():
                             summarize(finetuned, key, stats)
-                    del block_stats
+                    del block_stats  # before the next block's statistics exist
             with stage("decompose"):
                 for key in pretrained.state.keys() - set(stat_keys):  # any order: summaries are per key
                     summarize(finetuned, key, None)

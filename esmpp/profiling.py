@@ -15,10 +15,12 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
 _RESET_PEAK = "5"  # clear_refs command that sets VmHWM to the current RSS (Linux ≥ 4.0)
+Item = TypeVar("Item")
 
 
 def resident_bytes(field_name: str = "VmRSS") -> int:
@@ -85,6 +87,17 @@ def stage(name: str) -> Iterator[None]:
         yield
     finally:
         profile.exit()
+
+
+def staged(name: str, items: Iterator[Item]) -> Iterator[Item]:
+    """``items``, the work of producing each one (a generator's body up to its ``yield``) in stage ``name``."""
+    end = object()
+    while True:
+        with stage(name):
+            item = next(items, end)
+        if item is end:
+            return
+        yield item  # type: ignore[misc]
 
 
 @contextmanager

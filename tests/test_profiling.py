@@ -2,7 +2,7 @@ import time
 
 import torch
 
-from esmpp.profiling import recording, resident_bytes, stage
+from esmpp.profiling import recording, resident_bytes, stage, staged
 
 
 def test_stages_without_a_recording_do_nothing():
@@ -38,3 +38,23 @@ def test_peak_memory_is_per_stage():
     if profile.exact_peaks:  # the kernel reset the high-water mark after "big"
         assert profile.peak_bytes["after"] < profile.peak_bytes["big"] - 0.5 * size
     assert resident_bytes() > 0
+
+
+def test_staged_items_are_produced_inside_their_stage():
+    size = 128 * 2**20
+
+    def produce():
+        for item in range(2):
+            block = torch.ones(size // 4)  # the producing work: a peak of size bytes
+            del block
+            yield item
+
+    consumed = []
+    with recording() as profile:
+        with stage("before"):
+            torch.zeros(1)
+        for item in staged("produce", produce()):
+            with stage("consume"):
+                consumed.append(item)
+    assert consumed == [0, 1] and set(profile.seconds) == {"other", "before", "produce", "consume"}
+    assert profile.peak_bytes["produce"] >= profile.peak_bytes["before"] + 0.9 * size
