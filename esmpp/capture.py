@@ -20,17 +20,23 @@ from esmpp.runtime.layers import explicit_attention, image_patches, routed_slot
 
 @dataclass
 class ActivationStats:
-    """Statistics of the tokens X [N, d_in] entering one linear layer over a proxy set."""
+    """Statistics of the tokens X [N, d_in] entering one linear layer over a proxy set.
 
-    gram: torch.Tensor  # [d_in, d_in] float64, XᵀX
+    ``gram`` is XᵀX, or, for a layer captured with a projection ΔW (``d_out × d_in``), the second moment
+    of the projected tokens ΔYᵀΔY = ΔW XᵀX ΔWᵀ (``d_out × d_out``): ``projected`` says which.
+    """
+
+    gram: torch.Tensor  # [d_in, d_in] float64, XᵀX (or [d_out, d_out], ΔYᵀΔY, when projected)
     mean: torch.Tensor  # [d_in] float64, mean token
     num_tokens: int  # N
     image_means: torch.Tensor  # [num_images, d_in] float32, mean token of each image
+    projected: bool = False
 
 
 class _Accumulator:
-    def __init__(self, with_gram: bool) -> None:
+    def __init__(self, with_gram: bool, projection: torch.Tensor | None = None) -> None:
         self.with_gram = with_gram
+        self.projection = projection  # [d_out, d_in] float64: the Gram is then that of X projectionᵀ
         self.gram: torch.Tensor | None = None
         self.total: torch.Tensor | None = None
         self.count = 0
@@ -40,7 +46,8 @@ class _Accumulator:
         """``tokens`` [B, N, d] (batch first)."""
         flat = tokens.detach().reshape(-1, tokens.shape[-1]).double()
         if self.with_gram:
-            gram = flat.T @ flat
+            seen = flat if self.projection is None else flat @ self.projection.T
+            gram = seen.T @ seen
             self.gram = gram if self.gram is None else self.gram + gram
         total = flat.sum(dim=0)
         self.total = total if self.total is None else self.total + total
@@ -54,11 +61,18 @@ class _Accumulator:
             mean=self.total / self.count,
             num_tokens=self.count,
             image_means=torch.cat(self.image_means).reshape(-1, width),
+            projected=self.projection is not None,
         )
 
 
-def _hook_layers(visual: nn.Module, keys: Iterable[str], with_gram: bool) -> tuple[dict[str, _Accumulator], list]:
-    """Forward pre-hooks feeding an accumulator per weight key (``visual`` has explicit attention)."""
+Projection = Callable[[str], torch.Tensor | None]  # key → a matrix to project its tokens by, or None
+
+
+def _hook_layers(
+    visual: nn.Module, keys: Iterable[str], with_gram: bool, projection: Projection | None = None
+) -> tuple[dict[str, _Accumulator], list]:
+    """Forward pre-hooks feeding an accumulator per weight key (``visual`` has explicit attention); keys
+    that ``projection`` gives a matrix accumulate the Gram of their tokens projected by it."""
     accumulators: dict[str, _Accumulator] = {}
     handles = []
     for key in keys:
@@ -73,7 +87,7 @@ def _hook_layers(visual: nn.Module, keys: Iterable[str], with_gram: bool) -> tup
         kind, block = linear_kind(key), block_index(key)
         if kind is None or block is None:
             raise ValueError(f"{key!r} is not the weight of a block's linear layer")
-        accumulator = accumulators[key] = _Accumulator(with_gram)
+        accumulator = accumulators[key] = _Accumulator(with_gram, projection(key) if projection else None)
         module, _ = routed_slot(visual, block, kind)
         if kind == "qkv":  # the attention module's first argument is the in-projection's input
             module = visual.transformer.resblocks[block].attn
@@ -142,7 +156,10 @@ def _block_inputs(visual: nn.Module, images: torch.Tensor) -> torch.Tensor:
 
 
 def capture_blockwise(
-    visual: nn.Module, batches: Iterable[torch.Tensor], keys: Iterable[str]
+    visual: nn.Module,
+    batches: Iterable[torch.Tensor],
+    keys: Iterable[str],
+    projection: Projection | None = None,
 ) -> Iterator[dict[str, ActivationStats]]:
     """The statistics of :func:`capture_statistics` (with Grams), one transformer block at a time.
 
@@ -150,6 +167,11 @@ def capture_blockwise(
     stream of every proxy token is kept ([n, tokens, width] in all), so the Grams alive are those of one
     block (its ``keys``), yielded as ``{key: ActivationStats}`` before the next block runs. Blocks without
     a key in ``keys`` are run but not yielded; blocks after the last such block are not run.
+
+    ``projection(key)``: a matrix ΔW (``d_out × d_in``, float64) for keys whose statistic should be the
+    second moment of the projected tokens, ΔW XᵀX ΔWᵀ, instead of XᵀX (``projected`` stats; the smaller
+    one when d_out < d_in, and all that ESD needs of that layer), None for the others. It is asked when
+    the key's block runs, so that only that block's matrices are alive.
     """
     explicit_attention(visual)
     by_block: dict[int, list[str]] = {}
@@ -164,7 +186,7 @@ def capture_blockwise(
     if not stream:
         raise ValueError("no images were forwarded: the proxy set is empty")
     for block in range(max(by_block) + 1):
-        accumulators, handles = _hook_layers(visual, by_block.get(block, []), with_gram=True)
+        accumulators, handles = _hook_layers(visual, by_block.get(block, []), with_gram=True, projection=projection)
         try:
             with torch.no_grad():
                 stream = [visual.transformer.resblocks[block](tokens) for tokens in stream]

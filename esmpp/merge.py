@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -52,7 +53,10 @@ def proxy_batches(task: TaskSource, batch_size: int) -> list[torch.Tensor]:
 
 def layer_stats(stats: Mapping[str, ActivationStats]) -> dict[str, LayerStats]:
     """What merge methods read of captured statistics (Gram, token mean and count), key by key."""
-    return {key: LayerStats(gram=s.gram, mean=s.mean, num_tokens=s.num_tokens) for key, s in stats.items()}
+    return {
+        key: LayerStats(gram=s.gram, mean=s.mean, num_tokens=s.num_tokens, projected=s.projected)
+        for key, s in stats.items()
+    }
 
 
 def merge_streaming(
@@ -67,12 +71,20 @@ def merge_streaming(
     One fine-tuned encoder and one task's proxy images in memory at a time; with ``method.needs_grams``
     the activation statistics are captured one transformer block at a time and that block's linear layers
     are summarised before the next block runs; summaries that methods park go to a temporary directory.
+    With ``method.shift_moments``, layers that narrow (d_out < d_in, the MLP's c_proj) get the moment of
+    their activation shift, ``d_out × d_out``, instead of the Gram of their input, ``d_in × d_in``.
     """
     summaries: dict[str, Any] = {}
 
+    def task_vector(finetuned: Encoder, key: str) -> torch.Tensor:
+        return finetuned.state[key].float() - pretrained.state[key].float()
+
     def summarize(finetuned: Encoder, key: str, stats: LayerStats | None) -> None:
-        delta = finetuned.state[key].float() - pretrained.state[key].float()
-        summaries[key] = method.summarize(key, delta, stats, summaries.get(key))
+        summaries[key] = method.summarize(key, task_vector(finetuned, key), stats, summaries.get(key))
+
+    def shift_projection(finetuned: Encoder, key: str) -> torch.Tensor | None:
+        d_out, d_in = pretrained.state[key].shape
+        return task_vector(finetuned, key).double() if d_out < d_in else None
 
     stat_keys = linear_keys(pretrained.arch) if method.needs_grams else []
     with method.spilling():
@@ -82,7 +94,8 @@ def merge_streaming(
                 check_compatible(pretrained, finetuned)
             if stat_keys:
                 visual = finetuned.to_module(share=True)
-                blocks = capture_blockwise(visual, proxy_batches(task, batch_size), stat_keys)
+                projection = partial(shift_projection, finetuned) if method.shift_moments else None
+                blocks = capture_blockwise(visual, proxy_batches(task, batch_size), stat_keys, projection)
                 for block_stats in staged("capture", blocks):
                     with stage("decompose"):
                         for key, stats in layer_stats(block_stats).items():

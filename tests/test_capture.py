@@ -58,6 +58,30 @@ def test_blockwise_statistics_equal_the_whole_model_ones():
             assert s.num_tokens == whole[key].num_tokens
 
 
+def test_projected_statistics_are_the_moment_of_the_projected_tokens():
+    torch.manual_seed(0)
+    visual = build_visual(TINY_ARCH)
+    batches = torch.randn(7, 3, 16, 16).split(3)
+    keys = linear_keys(TINY_ARCH)
+    whole = capture_statistics(visual, batches, keys)
+    projected_key = keys[3]  # block 0's c_proj
+    delta = torch.randn(visual.state_dict()[projected_key].shape, dtype=torch.float64)
+    asked: list[str] = []
+
+    def projection(key: str) -> torch.Tensor | None:
+        asked.append(key)
+        return delta if key == projected_key else None
+
+    blocks = list(capture_blockwise(visual, batches, keys, projection))
+    assert sorted(asked) == sorted(keys)
+    for block in blocks:
+        for key, s in block.items():
+            assert s.projected == (key == projected_key)
+            expected = delta @ whole[key].gram @ delta.T if s.projected else whole[key].gram
+            torch.testing.assert_close(s.gram, expected)
+            torch.testing.assert_close(s.mean, whole[key].mean)
+
+
 def test_blockwise_capture_stops_after_the_last_block_asked_for():
     visual = build_visual(TINY_ARCH)
     ran = []

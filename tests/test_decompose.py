@@ -8,9 +8,11 @@ from esmpp.decompose import (
     essential_basis,
     essential_basis_direct,
     essential_top,
+    essential_top_from_shift,
     functional_error,
     gram_factor,
     isotropic_factor,
+    isotropic_product,
     polar_factor,
     truncate,
     truncated_svd,
@@ -194,6 +196,27 @@ def test_top_components_equal_the_truncated_full_decomposition(layer, rank, cent
         torch.testing.assert_close(top.basis @ top.coordinates, basis_k @ coords_k, rtol=0, atol=1e-6)
 
 
+@given(layers(), st.integers(1, 12), st.booleans())
+@SETTINGS
+def test_top_components_from_the_shift_moment_equal_those_from_the_gram(layer, rank, centered):
+    """The shift route (ΔYᵀΔY captured directly) is the Gram route's eigen-problem, formed elsewhere."""
+    delta, inputs = layer
+    rank = min(rank, delta.shape[0])
+    num_tokens = inputs.shape[0]
+    gram, mean = inputs.T @ inputs, inputs.mean(0)
+    shift = inputs @ delta.T  # ΔY, N × d_out
+    from_gram = essential_top(delta, gram, num_tokens, rank, centered, mean)
+    from_shift = essential_top_from_shift(delta, shift.T @ shift, num_tokens, rank, centered, mean)
+    scale = from_gram.eigenvalues[0].item() + 1e-300
+    torch.testing.assert_close(from_shift.eigenvalues, from_gram.eigenvalues, rtol=0, atol=1e-9 * scale)
+    full = essential_basis(delta, gram, num_tokens, centered, mean).eigenvalues
+    gap = full[rank - 1] - full[rank] if rank < delta.shape[0] else scale
+    if gap > 1e-3 * scale:
+        torch.testing.assert_close(
+            _projector(from_shift.basis, rank), _projector(from_gram.basis, rank), atol=1e-6, rtol=0
+        )
+
+
 def test_top_components_of_a_tall_matrix_with_a_wide_rank_use_the_full_route():
     generator = torch.Generator().manual_seed(1)
     delta = torch.randn(9, 4, generator=generator, dtype=torch.float64)
@@ -245,3 +268,28 @@ def test_isotropic_factor_equals_its_svd_definition(rows, cols, weak_scale, seed
     u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
     assume(s.numel() == 1 or s[-1] == 0 or (s[-2] - s[-1]) > 1e-9 * s[0])  # else U Vᵀ is not unique
     torch.testing.assert_close(isotropic_factor(matrix), s.mean() * (u @ vh), rtol=0, atol=1e-8 * (1 + s[0]))
+
+
+@given(
+    st.integers(1, 10),
+    st.integers(1, 10),
+    st.integers(1, 10),
+    st.sampled_from([0.0, 1e-6, 1.0]),
+    st.integers(0, 2**31 - 1),
+)
+@SETTINGS
+def test_isotropic_product_equals_the_product_of_its_svd_definitions(rows, inner, cols, weak_scale, seed):
+    """iso(A) @ iso(B) in the cheaper order equals mean(σ_A)·U_A V_Aᵀ · mean(σ_B)·U_B V_Bᵀ from the SVDs."""
+    generator = torch.Generator().manual_seed(seed)
+    left = torch.randn(rows, inner, generator=generator, dtype=torch.float64)
+    right = torch.randn(inner, cols, generator=generator, dtype=torch.float64)
+    left[:, 0] *= weak_scale
+
+    def reference(matrix: torch.Tensor) -> torch.Tensor:
+        u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+        assume(s.numel() == 1 or s[-1] == 0 or (s[-2] - s[-1]) > 1e-9 * s[0])  # else U Vᵀ is not unique
+        return s.mean() * (u @ vh)
+
+    expected = reference(left) @ reference(right)
+    scale = 1 + torch.linalg.matrix_norm(left, 2) * torch.linalg.matrix_norm(right, 2)
+    torch.testing.assert_close(isotropic_product(left, right), expected, rtol=0, atol=1e-8 * scale)

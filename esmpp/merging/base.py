@@ -40,11 +40,15 @@ class LayerStats:
     """Activation statistics of one linear layer's input over all proxy tokens of a fine-tuned model.
 
     ``gram``: XᵀX (``d_in × d_in``, float64); ``mean``: token mean of X (``d_in``); ``num_tokens``: N.
+    With ``projected``, ``gram`` is instead the second moment of this task's activation shift at the layer,
+    ΔYᵀΔY = ΔW XᵀX ΔWᵀ (``d_out × d_out``): the streaming driver gives that to methods with
+    ``shift_moments`` on layers that narrow (d_out < d_in), where it is the smaller matrix.
     """
 
     gram: Tensor
     mean: Tensor
     num_tokens: int
+    projected: bool = False
 
 
 class NoOptions(pydantic.BaseModel):
@@ -59,6 +63,7 @@ class MergeMethod(ABC):
 
     name: ClassVar[str]
     needs_grams: ClassVar[bool] = False  # True: the driver captures LayerStats on each fine-tuned model
+    shift_moments: ClassVar[bool] = False  # True: ... and may give ``projected`` ones (see LayerStats)
     Options: ClassVar[type[pydantic.BaseModel]] = NoOptions
     # α the method is defined with (weight averaging is θ0 + mean τ, α = 1); None: α is searched.
     fixed_alpha: ClassVar[float | None] = None

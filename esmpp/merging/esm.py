@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from esmpp.architecture import linear_kind
-from esmpp.decompose import essential_top, isotropic_factor, polar_factor
+from esmpp.decompose import essential_top, essential_top_from_shift, isotropic_product, polar_factor
 from esmpp.errors import ConfigError
 from esmpp.merging.base import LayerStats, MergeMethod, append_summary
 from esmpp.merging.registry import register_method
@@ -71,8 +71,10 @@ class EssentialSummary:
 
 
 def essential_summary(delta: Tensor, stats: LayerStats, rank: int, centered: bool) -> EssentialSummary:
-    """Step 1 for one task: top-``rank`` ESD of ``delta`` (``d_out × d_in``), stored in at least float32."""
-    esd = essential_top(delta, stats.gram, stats.num_tokens, rank, centered, stats.mean)
+    """Step 1 for one task: top-``rank`` ESD of ``delta`` (``d_out × d_in``), stored in at least float32;
+    from the Gram of the layer's input, or from the moment of its activation shift (``stats.projected``)."""
+    top = essential_top_from_shift if stats.projected else essential_top
+    esd = top(delta, stats.gram, stats.num_tokens, rank, centered, stats.mean)
     dtype = torch.promote_types(delta.dtype, torch.float32)
     return EssentialSummary(
         basis=esd.basis.to(dtype),
@@ -115,7 +117,7 @@ def esm_merge(summaries: list[EssentialSummary], options: EsmOptions) -> Tensor:
     if options.dimension_scaling:
         coords = coords * polarized_weights(coords.norm(dim=0), exponent)
     if options.orthogonalization == "isotropic":
-        merged = isotropic_factor(basis) @ isotropic_factor(coords)
+        merged = isotropic_product(basis, coords)
     elif options.orthogonalization == "keep_row_norms":
         row_norms = _row_norms_without_rounding_noise(coords)
         unit_rows = torch.where(row_norms[:, None] > 0, coords / row_norms[:, None], 0.0)
@@ -152,6 +154,7 @@ def inter_layer_scaling(merged: dict[str, Tensor], exponent: float) -> dict[str,
 class EssentialSubspaceMerging(MergeMethod):
     name = "esm"
     needs_grams = True
+    shift_moments = True
     Options = EsmOptions
 
     def __init__(self, options: Any, num_tasks: int) -> None:
