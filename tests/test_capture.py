@@ -43,12 +43,17 @@ def test_streamed_statistics_equal_the_direct_ones():
         torch.testing.assert_close(s.image_means, tokens.mean(1).float())
 
 
-def test_blockwise_statistics_equal_the_whole_model_ones():
+def _whole_model_statistics():
+    """A tiny ViT, 7 images in batches of 3, its linear keys and their statistics captured all at once."""
     torch.manual_seed(0)
     visual = build_visual(TINY_ARCH)
     batches = torch.randn(7, 3, 16, 16).split(3)
     keys = linear_keys(TINY_ARCH)
-    whole = capture_statistics(visual, batches, keys)
+    return visual, batches, keys, capture_statistics(visual, batches, keys)
+
+
+def test_blockwise_statistics_equal_the_whole_model_ones():
+    visual, batches, keys, whole = _whole_model_statistics()
     blocks = list(capture_blockwise(visual, batches, keys))
     assert [sorted(block) for block in blocks] == [sorted(keys[:4]), sorted(keys[4:])]
     for block in blocks:
@@ -59,11 +64,7 @@ def test_blockwise_statistics_equal_the_whole_model_ones():
 
 
 def test_projected_statistics_are_the_moment_of_the_projected_tokens():
-    torch.manual_seed(0)
-    visual = build_visual(TINY_ARCH)
-    batches = torch.randn(7, 3, 16, 16).split(3)
-    keys = linear_keys(TINY_ARCH)
-    whole = capture_statistics(visual, batches, keys)
+    visual, batches, keys, whole = _whole_model_statistics()
     projected_key = keys[3]  # block 0's c_proj
     delta = torch.randn(visual.state_dict()[projected_key].shape, dtype=torch.float64)
     asked: list[str] = []
