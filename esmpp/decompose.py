@@ -112,9 +112,15 @@ def essential_top(
     delta64 = delta.to(torch.float64)
     gram64 = second_moment(gram, num_tokens, centered, mean)
     if d_out <= d_in:
-        return _top_eigenvectors(delta64, None, delta64 @ gram64 @ delta64.T, num_tokens, rank)
-    orthonormal, factor = torch.linalg.qr(delta64)  # Q: d_out × d_in, R: d_in × d_in
-    return _top_eigenvectors(delta64, orthonormal, factor @ gram64 @ factor.T, num_tokens, rank)
+        eigenvalues, basis = _leading_eigenpairs(delta64 @ gram64 @ delta64.T, rank)
+        return _essential(delta64, basis, eigenvalues, num_tokens)
+    # ΔW = Q R with Q left as Householder reflectors: applying them to the k eigenvectors (ormqr) costs
+    # what Q @ top does, and forming Q (as linalg.qr does) would cost as much again as the factorisation.
+    reflectors, tau = torch.geqrf(delta64)
+    factor = reflectors[:d_in].triu()  # R: d_in × d_in
+    eigenvalues, top = _leading_eigenpairs(factor @ gram64 @ factor.T, rank)
+    basis = torch.ormqr(reflectors, tau, torch.cat([top, top.new_zeros(d_out - d_in, rank)]))  # Q @ top
+    return _essential(delta64, basis, eigenvalues, num_tokens)
 
 
 def essential_top_from_shift(
@@ -138,21 +144,22 @@ def essential_top_from_shift(
     moment = second_moment(shift_moment, num_tokens, centered, shift_mean)
     if rank > delta64.shape[0]:
         raise ValueError(f"rank {rank} exceeds d_out {delta64.shape[0]} of the shift's moment.")
-    return _top_eigenvectors(delta64, None, moment, num_tokens, rank)
+    eigenvalues, basis = _leading_eigenpairs(moment, rank)
+    return _essential(delta64, basis, eigenvalues, num_tokens)
 
 
-def _top_eigenvectors(
-    delta64: Tensor, orthonormal: Tensor | None, core: Tensor, num_tokens: int, rank: int
-) -> EssentialBasis:
-    """The top ``rank`` ESD components from ``core``: ΔY's second moment (``d_out × d_out``) when
-    ``orthonormal`` is None, else that moment in the basis ``orthonormal`` Q (``d_out × d_in``) of ΔW's
-    range, Q core Qᵀ."""
+def _leading_eigenpairs(core: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """The ``rank`` largest eigenvalues of the symmetric PSD ``core`` (``n × n``), descending and clamped
+    at 0 (``rank``), and their eigenvectors (``n × rank``)."""
     eigenvalues, vectors = torch.linalg.eigh((core + core.T) / 2)  # ascending; symmetrised against rounding
     kept = slice(eigenvalues.shape[0] - rank, None)
-    top = vectors[:, kept].flip(-1)
-    basis = top if orthonormal is None else orthonormal @ top
-    top_eigenvalues = eigenvalues[kept].flip(-1).clamp(min=0)
-    return EssentialBasis(basis=basis, eigenvalues=top_eigenvalues / (num_tokens - 1), coordinates=basis.T @ delta64)
+    return eigenvalues[kept].flip(-1).clamp(min=0), vectors[:, kept].flip(-1)
+
+
+def _essential(delta64: Tensor, basis: Tensor, eigenvalues: Tensor, num_tokens: int) -> EssentialBasis:
+    """The ESD of ``delta64`` kept on ``basis`` (``d_out × k``), whose directions' shift second moments
+    are ``eigenvalues`` (``k``; variances once divided by N − 1)."""
+    return EssentialBasis(basis=basis, eigenvalues=eigenvalues / (num_tokens - 1), coordinates=basis.T @ delta64)
 
 
 def essential_basis_direct(delta: Tensor, inputs: Tensor, centered: bool = False) -> EssentialBasis:
