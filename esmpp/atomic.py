@@ -2,7 +2,7 @@
 
 A reader (or a rerun after SIGKILL) sees either nothing, the previous complete directory, or the new
 complete one — never a half-written one. Leftover hidden siblings of killed runs are ignored by readers
-and cleaned up by the next write.
+and cleaned up by the next write. :func:`exit_on_terminate` makes SIGTERM clean up like any error.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -51,3 +52,14 @@ def atomic_directory(destination: Path, overwrite: bool = False) -> Iterator[Pat
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def exit_on_terminate() -> None:
+    """Make SIGTERM (``kill``, ``timeout``, job schedulers) end the process through SystemExit (code 143), so
+    that open context managers clean up as on any error: no half-written artifact, no spilled summaries
+    left in the temporary directory (several GB on a ViT-L/14 build). Ctrl-C already does so."""
+
+    def terminate(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, terminate)

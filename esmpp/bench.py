@@ -32,6 +32,7 @@ import torch
 
 from esmpp.architecture import Architecture, build_visual, linear_keys
 from esmpp.artifact import Artifact, TaskInfo, save_artifact
+from esmpp.atomic import exit_on_terminate
 from esmpp.build import BuildOptions, build_artifact
 from esmpp.checkpoints import Encoder, load_encoder, save_encoder
 from esmpp.merge import TaskSource, apply_task_vector, merge_streaming
@@ -203,7 +204,13 @@ def run_build_isolated(workload: Workload, method: str, num_tasks: int, config: 
         tempfile.TemporaryDirectory(prefix="esmpp-bench-") as out,
         concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool,
     ):
-        return pool.submit(run_build, workload, method, num_tasks, config, Path(out)).result()
+        return pool.submit(_terminable_build, workload, method, num_tasks, config, Path(out)).result()
+
+
+def _terminable_build(workload: Workload, method: str, num_tasks: int, config: BenchConfig, out: Path) -> BuildRun:
+    """:func:`run_build` in the worker process, which cleans up its spilled summaries when terminated."""
+    exit_on_terminate()
+    return run_build(workload, method, num_tasks, config, out)
 
 
 def median_build(runs: Sequence[BuildRun]) -> dict[str, Any]:

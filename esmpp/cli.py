@@ -11,6 +11,7 @@ from typing import Annotated
 
 import typer
 
+from esmpp.atomic import exit_on_terminate
 from esmpp.errors import EsmppError
 
 app = typer.Typer(
@@ -462,6 +463,7 @@ def bench(
 
 def run() -> None:
     """Entry point: EsmppError becomes a one-line message and exit code 1 (tracebacks with --debug)."""
+    exit_on_terminate()
     try:
         app()
     except EsmppError as exc:

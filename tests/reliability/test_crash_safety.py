@@ -2,7 +2,8 @@
 (the previous one, or the finished new one) — never a partial one — and a rerun succeeds.
 
 Kill points: random delays over the whole run, plus kills just after the hidden staging directory appears
-(the write phase is a small part of a run). ``ESMPP_KILL_POINTS`` sets how many (CI: 6)."""
+(the write phase is a small part of a run). ``ESMPP_KILL_POINTS`` sets how many (CI: 6). SIGTERM, which a
+process can catch, also removes the temporary files of the run."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import random
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -142,3 +144,20 @@ def test_sigkilled_exports_leave_nothing_or_a_complete_model(tmp_path):
         onnxruntime.InferenceSession(str(point.destination / "model.onnx"))
         assert not list(tmp_path.glob(f".{point.destination.name}.tmp-*"))
     assert killed >= 2, "no export was killed mid-run: the kill points are too late"
+
+
+def test_sigterm_cleans_up_what_the_command_had_written(tmp_path):
+    """A killed build removes its spilled summaries (the default SIGTERM skips every cleanup)."""
+    script = f"""
+import os, signal, tempfile, time
+tempfile.tempdir = {str(tmp_path)!r}
+from esmpp.atomic import exit_on_terminate
+from esmpp.spill import SpillDirectory
+exit_on_terminate()
+with SpillDirectory():
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(60)
+"""
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, timeout=120, capture_output=True)
+    assert result.returncode == 128 + signal.SIGTERM, result.stderr.decode()
+    assert list(tmp_path.iterdir()) == []
