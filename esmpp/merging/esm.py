@@ -101,8 +101,9 @@ def eigenvalue_weights(eigenvalues: Tensor, exponent: float) -> Tensor:
 def esm_merge(summaries: list[EssentialSummary], options: EsmOptions) -> Tensor:
     """Steps 2–6 on the tasks' summaries of one layer → ΔM (``d_out × d_in``).
 
-    Computed in the summaries' dtype and device: the SVDs of P (``d_out × Tk``) and C (``Tk × d_in``)
-    dominate the cost of ESM and do not need float64 (the ESD that produced the summaries does).
+    Returned in the summaries' dtype and device. The orthogonalisation of P (``d_out × Tk``) and C
+    (``Tk × d_in``) dominates the cost of ESM; :func:`isotropic_product` does it through float64 Grams (or
+    the SVD in the summaries' dtype when P is too ill-conditioned for that), and the rest needs no float64.
     """
     exponent = options.polarization_exponent
     like = summaries[0].basis
