@@ -4,7 +4,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from esmpp.decompose import (
-    _GRAM_POLAR_MAX_CONDITION,
+    _gram_route_max_condition,
     complete_orthonormal,
     essential_basis,
     essential_basis_direct,
@@ -296,20 +296,22 @@ def test_isotropic_product_equals_the_product_of_its_svd_definitions(rows, inner
     torch.testing.assert_close(isotropic_product(left, right), expected, rtol=0, atol=1e-8 * scale)
 
 
-def test_isotropic_factor_of_a_float32_matrix_is_as_accurate_as_the_float32_svd():
-    """ESM's P (orthonormal task blocks, weighted, overlapping) in float32, κ in the thousands: the Gram
-    route would square that into float32's rounding (errors of several % before it ran in float64)."""
+@pytest.mark.parametrize("weight_exponent", [0.15, 1.0])
+def test_isotropic_factor_of_a_float32_matrix_is_as_accurate_as_the_float32_svd(weight_exponent):
+    """ESM's P (orthonormal task blocks, weighted, overlapping) in float32, κ = 731 and 6e5: the Gram route
+    would square that into float32's rounding (errors of several % before it ran in float64); in float64
+    it beats the float32 SVD (1e-6 and 3e-4 relative) with 7e-8, the rounding of the float32 result."""
     generator = torch.Generator().manual_seed(0)
     blocks = []
     for _ in range(8):
         q, _ = torch.linalg.qr(torch.randn(96, 12, generator=generator, dtype=torch.float64))
-        blocks.append(q * torch.logspace(0, -4, 12, dtype=torch.float64) ** 0.15)
+        blocks.append(q * torch.logspace(0, -4, 12, dtype=torch.float64) ** weight_exponent)
     matrix = torch.cat(blocks, dim=1)
     s = torch.linalg.svdvals(matrix)
-    assert 1e2 < s[0] / s[-1] < _GRAM_POLAR_MAX_CONDITION  # the Gram route is taken
+    assert 1e2 < s[0] / s[-1] < _gram_route_max_condition(torch.float32)  # the Gram route is taken
     u, s, vh = torch.linalg.svd(matrix)
     reference = s.mean() * (u @ vh)
     u32, s32, vh32 = torch.linalg.svd(matrix.float())
     svd_error = (s32.mean() * (u32 @ vh32)).double() - reference
     error = isotropic_factor(matrix.float()).double() - reference
-    assert error.norm() <= 2 * svd_error.norm() + 1e-6 * reference.norm()
+    assert error.norm() <= min(2 * svd_error.norm(), 1e-6 * reference.norm())
