@@ -118,7 +118,7 @@ def esm_merge(summaries: list[EssentialSummary], options: EsmOptions) -> Tensor:
     if options.dimension_scaling:
         coords = coords * polarized_weights(coords.norm(dim=0), exponent)
     if options.orthogonalization == "isotropic":
-        merged = isotropic_product(basis, coords)
+        merged = _isotropic_product_of_used_directions(basis, coords)
     elif options.orthogonalization == "keep_row_norms":
         row_norms = _row_norms_without_rounding_noise(coords)
         unit_rows = torch.where(row_norms[:, None] > 0, coords / row_norms[:, None], 0.0)
@@ -126,6 +126,25 @@ def esm_merge(summaries: list[EssentialSummary], options: EsmOptions) -> Tensor:
     else:
         merged = basis @ coords
     return options.scale_factor * merged
+
+
+def _isotropic_product_of_used_directions(basis: Tensor, coords: Tensor) -> Tensor:
+    """Step 6, iso(P)·iso(C) for P (``d_out × m``) and C (``m × d_in``), without P's zero columns.
+
+    A task whose rank budget k exceeds what ΔW_t can fill (k > d_in, e.g. T = 2 on ViT-B's c_fc) has
+    directions of eigenvalue 0, hence weight 0: zero columns of P and zero rows of C. They contribute
+    nothing to the product (polar(C) is zero on zero rows when C has full column rank) except zero singular
+    values to the means, but would make P rank-deficient, which sends step 6 to the slower SVD on the full
+    d_out × m matrix. So they are left out, and the means rescaled to count them as the definition does.
+    """
+    used = basis.norm(dim=0) > 0
+    kept = int(used.sum())
+    if kept == used.numel():
+        return isotropic_product(basis, coords)
+    (d_out, directions), d_in = basis.shape, coords.shape[1]
+    # iso(A) = mean(σ_A)·polar(A) with min(rows, cols) singular values: the zeros count in the definition.
+    mean_correction = (min(d_out, kept) / min(d_out, directions)) * (min(kept, d_in) / min(directions, d_in))
+    return mean_correction * isotropic_product(basis[:, used], coords[used])
 
 
 def _row_norms_without_rounding_noise(matrix: Tensor) -> Tensor:

@@ -5,8 +5,10 @@ from esmpp.architecture import linear_key
 from esmpp.errors import ConfigError
 from esmpp.merging import LayerStats, merge_task_vectors
 from esmpp.merging.esm import (
+    EsmOptions,
     EssentialSubspaceMerging,
     eigenvalue_weights,
+    esm_merge,
     inter_layer_scaling,
     polarized_weights,
 )
@@ -88,6 +90,26 @@ def test_isotropic_tokens_reduce_step_6_to_its_svd_counterpart(layer, orthogonal
     stats = [LayerStats(gram=torch.eye(16, dtype=torch.float64), mean=torch.zeros(16), num_tokens=16)]
     merged = _esm(deltas, stats, **{**PLAIN, "orthogonalization": orthogonalization})
     torch.testing.assert_close(merged, merge_task_vectors(reference, {FC: deltas})[FC])
+
+
+def test_directions_left_empty_are_left_out_of_step_6_as_the_definition_allows(layer):
+    """T = 2 on a 64 × 16 layer: k = 32 exceeds rank 16, so half of each task's directions have eigenvalue
+    0 and weight 0, zero columns of P. Step 6 without them equals mean(σ)·U Vᵀ of the full P and C."""
+    deltas, stats = layer(num_tasks=2)
+    options = {"polarized_task_scaling": False, "dimension_scaling": False, "scale_factor": 1.0}
+    method = EssentialSubspaceMerging(options, num_tasks=2)
+    summaries = [method.summarize(FC, delta, task_stats, None)[0] for delta, task_stats in zip(deltas, stats)]
+    weights = [eigenvalue_weights(summary.eigenvalues, 0.15) for summary in summaries]
+    basis = torch.cat([summary.basis * w for summary, w in zip(summaries, weights)], dim=1)
+    coords = torch.cat([w[:, None] * summary.coordinates for summary, w in zip(summaries, weights)])
+    assert (basis.norm(dim=0) == 0).sum() == 32
+
+    def isotropic(matrix: torch.Tensor) -> torch.Tensor:
+        u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+        return s.mean() * (u @ vh)
+
+    merged = esm_merge(summaries, EsmOptions(**options))
+    torch.testing.assert_close(merged, isotropic(basis) @ isotropic(coords))
 
 
 def test_every_variant_runs_and_differs_from_the_default(layer):
