@@ -93,22 +93,21 @@ def essential_top(
 ) -> EssentialBasis:
     """The top ``rank`` components of :func:`essential_basis` (``basis`` ``d_out × k``, ``eigenvalues``
     ``k``, ``coordinates`` ``k × d_in``), equal to ``truncate``-ing the full ESD up to the sign of each
-    column, at a fraction of its cost: no factor of the ``d_in × d_in`` Gram, no basis completion.
+    column (and a rotation among the directions of eigenvalue 0, where k exceeds the rank of ΔW), at a
+    fraction of its cost: no factor of the ``d_in × d_in`` Gram, no SVD, no Householder basis completion.
 
     ΔW G ΔWᵀ is eigen-decomposed on its smaller side: directly (``d_out × d_out``) when d_out ≤ d_in;
     otherwise through the thin QR ΔW = Q R, since ΔW G ΔWᵀ = Q (R G Rᵀ) Qᵀ with R G Rᵀ only
-    ``d_in × d_in``. When ``rank`` exceeds the rank ΔW can have (d_in < rank), the full route is taken.
+    ``d_in × d_in``. A ``rank`` above d_in (T = 2 on a widening layer) asks for directions of eigenvalue 0
+    beyond the range of ΔW: the columns of the full Q past d_in span exactly that complement, so they
+    complete the basis for the cost of applying Q (any orthonormal basis of it is as valid as another).
     Float64 throughout: the eigenvalues are squared singular values of ΔY, so float32 would drop the
     components below ~1e-7 of the largest (see the tests).
     """
     _check_num_tokens(num_tokens)
     d_out, d_in = delta.shape
-    if rank > min(d_out, d_in):
-        full = essential_basis(delta, gram, num_tokens, centered, mean)
-        # Copies: views would keep the full d_out × d_out basis alive in whatever keeps the top part.
-        return EssentialBasis(
-            full.basis[:, :rank].clone(), full.eigenvalues[:rank].clone(), full.coordinates[:rank].clone()
-        )
+    if rank > d_out:
+        raise ValueError(f"rank {rank} exceeds d_out {d_out}: ΔW G ΔWᵀ has d_out components.")
     delta64 = delta.to(torch.float64)
     gram64 = second_moment(gram, num_tokens, centered, mean)
     if d_out <= d_in:
@@ -118,8 +117,11 @@ def essential_top(
     # what Q @ top does, and forming Q (as linalg.qr does) would cost as much again as the factorisation.
     reflectors, tau = torch.geqrf(delta64)
     factor = reflectors[:d_in].triu()  # R: d_in × d_in
-    eigenvalues, top = _leading_eigenpairs(factor @ gram64 @ factor.T, rank)
-    basis = torch.ormqr(reflectors, tau, torch.cat([top, top.new_zeros(d_out - d_in, rank)]))  # Q @ top
+    filled = min(rank, d_in)
+    eigenvalues, top = _leading_eigenpairs(factor @ gram64 @ factor.T, filled)
+    complement = torch.eye(d_out - d_in, rank - filled, dtype=torch.float64, device=delta64.device)
+    basis = torch.ormqr(reflectors, tau, torch.block_diag(top, complement))  # Q @ [top 0; 0 I]
+    eigenvalues = torch.cat([eigenvalues, eigenvalues.new_zeros(rank - filled)])
     return _essential(delta64, basis, eigenvalues, num_tokens)
 
 

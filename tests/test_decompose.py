@@ -218,15 +218,28 @@ def test_top_components_from_the_shift_moment_equal_those_from_the_gram(layer, r
         )
 
 
-def test_top_components_of_a_tall_matrix_with_a_wide_rank_use_the_full_route():
+@pytest.mark.parametrize("centered", [False, True])
+def test_top_components_past_the_rank_of_a_tall_matrix_complete_the_basis_outside_its_range(centered):
+    """rank 6 > d_in 4 (T = 2 on a widening layer): the 4 filled directions are the full ESD's, the 2 more
+    have eigenvalue 0, lie outside the range of ΔW (zero coordinates) and keep the basis orthonormal."""
     generator = torch.Generator().manual_seed(1)
     delta = torch.randn(9, 4, generator=generator, dtype=torch.float64)
     inputs = torch.randn(20, 4, generator=generator, dtype=torch.float64)
-    top = essential_top(delta, inputs.T @ inputs, 20, rank=6)  # rank 6 > d_in 4: completion needed
-    full = essential_basis(delta, inputs.T @ inputs, 20)
-    torch.testing.assert_close(top.basis, full.basis[:, :6])
+    gram, mean = inputs.T @ inputs, inputs.mean(0)
+    top = essential_top(delta, gram, 20, 6, centered, mean)
+    full = essential_basis(delta, gram, 20, centered, mean)
     torch.testing.assert_close(top.eigenvalues, full.eigenvalues[:6])
+    assert (top.eigenvalues[4:] == 0).all()
+    torch.testing.assert_close(top.basis.T @ top.basis, torch.eye(6, dtype=torch.float64))
+    torch.testing.assert_close(_projector(top.basis, 4), _projector(full.basis, 4))
+    torch.testing.assert_close(top.coordinates[4:], torch.zeros(2, 4, dtype=torch.float64))
+    torch.testing.assert_close(top.basis @ top.coordinates, delta)  # the kept directions span range(ΔW)
     assert _owns_only_itself(top.basis) and _owns_only_itself(top.coordinates)
+
+
+def test_top_components_are_at_most_d_out():
+    with pytest.raises(ValueError, match="exceeds d_out"):
+        essential_top(torch.randn(3, 5), torch.eye(5), 10, rank=4)
 
 
 def _owns_only_itself(tensor: torch.Tensor) -> bool:
