@@ -280,7 +280,12 @@ def _isotropic_times(matrix: Tensor, other: Tensor | None) -> Tensor:
     tall = rows >= cols
     work = matrix.to(torch.float64)
     gram = work.T @ work if tall else work @ work.T
+    # The eigh (Gram, eigenvectors and LAPACK's 2n² workspace) is the build's memory peak at T ≥ 4: the
+    # float64 copy of a float32 input is dropped for it and converted again afterwards.
+    del work
     eigenvalues, vectors = torch.linalg.eigh(gram)
+    del gram
+    work = matrix.to(torch.float64)
     singular_values = eigenvalues.clamp(min=0).sqrt()
     if singular_values[0] <= singular_values[-1] / _gram_route_max_condition(matrix.dtype):
         u, s, vh = torch.linalg.svd(matrix, full_matrices=False)

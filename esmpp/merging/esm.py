@@ -109,12 +109,11 @@ def esm_merge(summaries: list[EssentialSummary], options: EsmOptions) -> Tensor:
     like = summaries[0].basis
     norms = torch.tensor([s.delta_norm for s in summaries], dtype=like.dtype, device=like.device)
     task_scales = polarized_weights(norms, exponent) if options.polarized_task_scaling else torch.ones_like(norms)
-    bases, coordinates = [], []
-    for summary, task_scale in zip(summaries, task_scales, strict=True):
-        weights = eigenvalue_weights(summary.eigenvalues, options.eigenvalue_exponent)
-        bases.append(summary.basis * weights)
-        coordinates.append(task_scale * weights[:, None] * summary.coordinates)
-    basis, coords = torch.cat(bases, dim=1), torch.cat(coordinates, dim=0)
+    weights = [eigenvalue_weights(s.eigenvalues, options.eigenvalue_exponent) for s in summaries]
+    # Concatenated first and scaled in place: one copy of P and C alive besides the summaries, not two.
+    basis = torch.cat([s.basis for s in summaries], dim=1).mul_(torch.cat(weights))
+    row_scales = torch.cat([scale * w for scale, w in zip(task_scales, weights, strict=True)])
+    coords = torch.cat([s.coordinates for s in summaries], dim=0).mul_(row_scales[:, None])
     if options.dimension_scaling:
         coords = coords * polarized_weights(coords.norm(dim=0), exponent)
     if options.orthogonalization == "isotropic":
