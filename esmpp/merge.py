@@ -87,24 +87,29 @@ def merge_streaming(
         return task_vector(finetuned, key).double() if d_out < d_in else None
 
     stat_keys = linear_keys(pretrained.arch) if method.needs_grams else []
+
+    def summarize_task(task: TaskSource) -> None:
+        # A function, so that the fine-tuned weights and everything sharing them (the module, the
+        # projection, the capture generator) are gone when it returns, before the next task loads.
+        with stage("load"):
+            finetuned = task.load()
+            check_compatible(pretrained, finetuned)
+        if stat_keys:
+            visual = finetuned.to_module(share=True)
+            projection = partial(shift_projection, finetuned) if method.shift_moments else None
+            blocks = capture_blockwise(visual, proxy_batches(task, batch_size), stat_keys, projection)
+            for block_stats in staged("capture", blocks):
+                with stage("decompose"):
+                    for key, stats in layer_stats(block_stats).items():
+                        summarize(finetuned, key, stats)
+                del block_stats  # before the next block's statistics exist
+        with stage("decompose"):
+            for key in pretrained.state.keys() - set(stat_keys):  # any order: summaries are per key
+                summarize(finetuned, key, None)
+
     with method.spilling():
         for task in tqdm(tasks, desc=f"merge {method.name}", unit="task", disable=not progress):
-            with stage("load"):
-                finetuned = task.load()
-                check_compatible(pretrained, finetuned)
-            if stat_keys:
-                visual = finetuned.to_module(share=True)
-                projection = partial(shift_projection, finetuned) if method.shift_moments else None
-                blocks = capture_blockwise(visual, proxy_batches(task, batch_size), stat_keys, projection)
-                for block_stats in staged("capture", blocks):
-                    with stage("decompose"):
-                        for key, stats in layer_stats(block_stats).items():
-                            summarize(finetuned, key, stats)
-                    del block_stats  # before the next block's statistics exist
-            with stage("decompose"):
-                for key in pretrained.state.keys() - set(stat_keys):  # any order: summaries are per key
-                    summarize(finetuned, key, None)
-            del finetuned
+            summarize_task(task)
         with stage("merge"):
             # In the pretrained model's key order (finalize's scalings average over keys in that order);
             # each summary is dropped once combined.

@@ -1,6 +1,8 @@
 """The ESM++ build on synthetic fine-tunes of a tiny model (the zoo-based end-to-end test is in tests/zoo)."""
 
+import gc
 import tempfile
+import weakref
 from functools import partial
 from pathlib import Path
 
@@ -238,6 +240,35 @@ def test_proxy_images_are_loaded_per_task_when_needed(pretrained):
     build_artifact(pretrained, tasks, BuildOptions(alpha=1.0, rank=2), progress=False)
     one_pass = [(kind, f"task{t}") for t in range(3) for kind in ("checkpoint", "proxy")]
     assert events == one_pass * 2  # the merge, then the experts
+
+
+def test_one_fine_tuned_encoder_is_alive_at_a_time(pretrained):
+    """Both passes drop a task's weights, and the module and closures that share them, before the next
+    task loads: by reference counting alone (the cycle collector is off), so the peak holds one model."""
+    tasks = _tasks(3, pretrained)
+    key = "transformer.resblocks.0.mlp.c_fc.weight"
+    loaded: list[weakref.ref] = []
+    alive_at_each_load: list[int] = []
+
+    def tracked(load):
+        def fresh_copy() -> Encoder:
+            alive_at_each_load.append(sum(ref() is not None for ref in loaded))
+            encoder = load()  # the test's closure keeps its state: the build gets copies only it holds
+            encoder = Encoder(encoder.arch, {k: v.clone() for k, v in encoder.state.items()}, encoder.source)
+            loaded.append(weakref.ref(encoder.state[key]))
+            return encoder
+
+        return fresh_copy
+
+    for task in tasks:
+        task.load = tracked(task.load)
+    gc.collect()
+    gc.disable()
+    try:
+        build_artifact(pretrained, tasks, BuildOptions(alpha=1.0, rank=2), progress=False)
+    finally:
+        gc.enable()
+    assert alive_at_each_load == [0] * 6  # three loads in the merge, three in the experts' pass
 
 
 def test_parked_summaries_are_removed_when_the_build_fails(pretrained, tmp_path, monkeypatch):
