@@ -271,16 +271,54 @@ def test_one_fine_tuned_encoder_is_alive_at_a_time(pretrained):
     assert alive_at_each_load == [0] * 6  # three loads in the merge, three in the experts' pass
 
 
-def test_parked_summaries_are_removed_when_the_build_fails(pretrained, tmp_path, monkeypatch):
+def test_the_experts_pass_holds_no_stack_of_experts_while_it_loads_fine_tuned_models(pretrained):
+    """The tasks' experts wait on disk until the last fine-tuned model is gone, so that they do not add to
+    the pass's peak (a fine-tuned model and its statistics): no [T, ...] stack of experts is alive at a load."""
+    tasks = _tasks(3, pretrained)
+    live_stack_shapes_at_each_load: list[list[torch.Size]] = []
+
+    def stacks_of_shape(shapes: set[torch.Size]) -> list[torch.Size]:
+        return [o.shape for o in gc.get_objects() if type(o) is torch.Tensor and o.shape in shapes]
+
+    def observed(load):
+        def load_and_observe() -> Encoder:
+            live_stack_shapes_at_each_load.append(stacks_of_shape(stack_shapes))
+            return load()
+
+        return load_and_observe
+
+    # Shapes of the stacks, from a build that is not observed; the observed build repeats it.
+    reference = build_artifact(pretrained, tasks, BuildOptions(alpha=1.0, rank=2), progress=False)
+    stack_shapes = {t.shape for layer in reference.experts.values() for t in (layer.up, layer.down)}
+    assert len(stack_shapes) > 1 and all(shape[0] == 3 for shape in stack_shapes)
+    del reference
+    for task in tasks:
+        task.load = observed(task.load)
+    artifact = build_artifact(pretrained, tasks, BuildOptions(alpha=1.0, rank=2), progress=False)
+    assert live_stack_shapes_at_each_load == [[]] * 6
+    assert stacks_of_shape(stack_shapes)  # the artifact's stacks are tensors the scan does see
+    del artifact
+
+
+@pytest.mark.parametrize("failing_load", [3, 5], ids=["merge", "experts' pass"])
+def test_parked_summaries_are_removed_when_the_build_fails(pretrained, tmp_path, monkeypatch, failing_load):
+    """ESM parks its summaries in the merge, the experts' pass parks the experts: both go on failure."""
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     tasks = _tasks(3, pretrained)
     parked: list[Path] = []
+    loads = iter(range(1, 7))
 
-    def fails_after_two_tasks() -> Encoder:
-        parked.extend(tmp_path.glob("esmpp-spill-*/*.safetensors"))
-        raise OSError("checkpoint unreadable")
+    def counted(load):
+        def fails_at_the_failing_load() -> Encoder:
+            if next(loads) == failing_load:
+                parked.extend(tmp_path.glob("esmpp-spill-*/*.safetensors"))
+                raise OSError("checkpoint unreadable")
+            return load()
 
-    tasks[2].load = fails_after_two_tasks
+        return fails_at_the_failing_load
+
+    for task in tasks:
+        task.load = counted(task.load)
     with pytest.raises(OSError, match="unreadable"):
         build_artifact(pretrained, tasks, BuildOptions(alpha=1.0, rank=2), progress=False)
     assert parked and list(tmp_path.iterdir()) == []
