@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from esmpp.allocator import release_free_memory
 from esmpp.architecture import ROUTED_KINDS, as_matrix, routed_keys
 from esmpp.artifact import Artifact, TaskInfo
 from esmpp.capture import capture_statistics
@@ -246,6 +247,7 @@ def build_artifact(
             with stage("prototypes"):
                 prototypes.add(t, {key: stats[key].image_means for key in routed})
             del finetuned, stats
+            release_free_memory()
         with stage("experts"):
             factors = {key: _stacked(items) for key, items in parked.items()}
     timings["experts"] = time.perf_counter() - start

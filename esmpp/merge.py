@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from esmpp.allocator import release_free_memory
 from esmpp.architecture import linear_keys
 from esmpp.capture import ActivationStats, capture_blockwise
 from esmpp.checkpoints import Encoder, check_compatible
@@ -110,10 +111,14 @@ def merge_streaming(
     with method.spilling():
         for task in tqdm(tasks, desc=f"merge {method.name}", unit="task", disable=not progress):
             summarize_task(task)
+            release_free_memory()
         with stage("merge"):
             # In the pretrained model's key order (finalize's scalings average over keys in that order);
-            # each summary is dropped once combined.
-            merged = {key: method.combine(key, summaries.pop(key)) for key in pretrained.state}
+            # each summary is dropped once combined, and its memory, under the merged layer, given back.
+            merged = {}
+            for key in pretrained.state:
+                merged[key] = method.combine(key, summaries.pop(key))
+                release_free_memory()
     with stage("merge"):
         return method.finalize(merged)
 
