@@ -2,7 +2,8 @@
 
 A method that must keep something of every task until ``combine`` (ESM's per-task essential subspaces)
 parks each task's piece — a dataclass holding tensors — in a temporary directory and holds only a
-:class:`Parked` reference; ``combine`` loads the T pieces of one parameter at a time. The directory and
+:class:`Parked` reference; ``combine`` loads the T pieces of one parameter at a time. The ESM++ build's
+experts' pass parks each task's experts the same way until its last fine-tuned model is gone. The directory and
 everything in it are removed when the :class:`SpillDirectory` closes, also when the merge fails.
 Loading gives back the same tensors bit for bit (safetensors, no conversion).
 """
