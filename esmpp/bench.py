@@ -440,6 +440,12 @@ def run_bench(config: BenchConfig, workdir: Path, log: Callable[[str], None] = p
     return report
 
 
+NO_TARGETS_HINT = (
+    "build ratios need tsv among --methods, the peak growth two --tasks counts with esm++, "
+    "routed/plain the runtime (drop --no-runtime)"
+)
+
+
 def targets(
     builds: dict[str, dict[str, Any]], runtime: dict[str, Any] | None, arch: Architecture, config: BenchConfig
 ) -> dict[str, Any]:
@@ -484,6 +490,8 @@ def format_report(report: dict[str, Any]) -> str:
     for arch_name, figures in report["targets"].items():
         lines.append(f"\n{arch_name} targets")
         lines.extend(f"  {name:<36} {value:.3f}" for name, value in figures.items())
+        if not figures:
+            lines.append(f"  none in this run: {NO_TARGETS_HINT}")
     return "\n".join(lines)
 
 

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from esmpp.bench import (
+    NO_TARGETS_HINT,
     RUNTIMES,
     BenchConfig,
     format_report,
@@ -47,6 +48,11 @@ def test_build_runs_report_every_stage(tmp_path):
     builds = {"2": {"esm++": median_build([routed]), "tsv": median_build([static])}}
     figures = targets(builds, None, TINY_ARCH, config)
     assert figures["T2_esm++_over_tsv_build"] == builds["2"]["esm++"]["seconds"] / builds["2"]["tsv"]["seconds"]
+    alone = {"2": {"esm++": builds["2"]["esm++"]}}
+    report = {"device": "cpu", "environment": {"load_average": None}, "build": {"tiny": alone}, "runtime": {}}
+    report["targets"] = {"tiny": targets(alone, None, TINY_ARCH, config)}
+    assert report["targets"]["tiny"] == {}
+    assert f"none in this run: {NO_TARGETS_HINT}" in format_report(report)  # says what would compute one
 
 
 def test_runtime_compares_routed_and_plain_in_torch_and_onnxruntime():
