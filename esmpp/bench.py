@@ -19,6 +19,7 @@ import importlib.metadata
 import multiprocessing
 import os
 import platform
+import shutil
 import statistics
 import tempfile
 import time
@@ -29,12 +30,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from esmpp.architecture import Architecture, build_visual, linear_keys
 from esmpp.artifact import Artifact, TaskInfo, save_artifact
 from esmpp.atomic import exit_on_terminate
 from esmpp.build import BuildOptions, build_artifact
 from esmpp.checkpoints import Encoder, load_encoder, save_encoder
+from esmpp.errors import StorageError
 from esmpp.merge import TaskSource, apply_task_vector, merge_streaming
 from esmpp.merging import get_method
 from esmpp.profiling import StageProfile, recording, resident_bytes, stage
@@ -125,13 +128,26 @@ def write_workload(arch: Architecture | str, num_tasks: int, directory: Path, se
         return Workload(arch.name, pretrained_path, tuple(paths), seed)
     torch.manual_seed(seed)
     pretrained = {key: value.detach() for key, value in build_visual(arch).state_dict().items()}
+    missing = [path for path in (pretrained_path, *paths) if not path.exists()]
+    _check_room_for(missing, sum(value.nbytes for value in pretrained.values()), directory)
     if not pretrained_path.exists():
         save_encoder(Encoder(arch, pretrained, "random pretrained"), pretrained_path)
-    for t, path in enumerate(paths):
+    for t, path in enumerate(tqdm(paths, desc=f"write {arch.name} fine-tunes", unit="task", leave=False)):
         if not path.exists():
             generator = torch.Generator().manual_seed(seed * 1000 + t + 1)
             save_encoder(Encoder(arch, synthetic_finetune(pretrained, generator), f"task{t}"), path)
     return Workload(arch.name, pretrained_path, tuple(paths), seed)
+
+
+def _check_room_for(files: list[Path], bytes_per_file: int, directory: Path) -> None:
+    """Raise :class:`StorageError` before writing anything when ``files`` would not fit in ``directory``
+    (a ViT-L/14 workload at T = 20 is 25 GB), rather than part-way through."""
+    needed, free = len(files) * bytes_per_file, shutil.disk_usage(directory).free
+    if needed > free:
+        raise StorageError(
+            f"the {len(files)} synthetic checkpoints still to write need {needed / 2**20:.0f} MiB under {directory}, "
+            f"which has {free / 2**20:.0f} MiB free. Pass --workdir on a disk with more room, or fewer --tasks."
+        )
 
 
 def proxy_images(arch: Architecture, count: int, task: int, seed: int = 0) -> torch.Tensor:

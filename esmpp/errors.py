@@ -33,3 +33,7 @@ class ConfigError(EsmppError):
 
 class DatasetError(EsmppError):
     """A zoo dataset cannot be loaded (usually: its package is not installed)."""
+
+
+class StorageError(EsmppError):
+    """Working files cannot be written where esmpp puts them (a full disk, no permission)."""

@@ -1,8 +1,11 @@
 """The bench's building blocks on the tiny architecture (the real-scale runs are `esmpp bench`)."""
 
+import shutil
+
 import pytest
 import torch
 
+from esmpp import bench as bench_module
 from esmpp.bench import (
     NO_TARGETS_HINT,
     RUNTIMES,
@@ -17,6 +20,7 @@ from esmpp.bench import (
     write_workload,
 )
 from esmpp.checkpoints import load_encoder
+from esmpp.errors import StorageError
 from tests.conftest import TINY_ARCH
 
 
@@ -29,6 +33,15 @@ def test_synthetic_task_vectors_are_low_rank_plus_small_noise(tiny_visual):
     for key, weight in pretrained.items():
         change = (finetuned[key] - weight).norm()
         assert 0 < change < 0.1 * (weight.norm() if weight.any() else weight.numel() ** 0.5), key
+
+
+def test_a_workload_that_would_not_fit_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    free = 100 * 2**10  # three tiny checkpoints need 0.37 MiB
+    monkeypatch.setattr(bench_module.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(2 * free, free, free))
+    with pytest.raises(StorageError, match="--workdir on a disk with more room") as raised:
+        write_workload(TINY_ARCH, 2, tmp_path / "workload")
+    assert str(tmp_path / "workload") in str(raised.value) and "3 synthetic checkpoints" in str(raised.value)
+    assert list((tmp_path / "workload").iterdir()) == []
 
 
 def test_build_runs_report_every_stage(tmp_path):

@@ -1,6 +1,9 @@
 import pytest
 import torch
+from safetensors import SafetensorError
 
+from esmpp import spill as spill_module
+from esmpp.errors import StorageError
 from esmpp.merging import get_method
 from esmpp.merging.esm import EssentialSummary
 from esmpp.spill import Parked, SpillDirectory, unpark
@@ -44,3 +47,24 @@ def test_methods_park_only_inside_spilling(tmp_path, monkeypatch):
     with method.spilling():
         assert isinstance(method.park(summary), Parked)
     assert method.park(summary) is summary and list(tmp_path.iterdir()) == []
+
+
+def test_a_full_disk_is_reported_with_the_spill_directory_and_the_way_out(tmp_path, monkeypatch):
+    real_save = spill_module.save_file
+    calls = []
+
+    def save_until_full(tensors, path):
+        calls.append(path)
+        if len(calls) > 1:  # what safetensors raises on ENOSPC
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        real_save(tensors, path)
+
+    monkeypatch.setattr(spill_module, "save_file", save_until_full)
+    with pytest.raises(StorageError) as raised, SpillDirectory(tmp_path) as spill:
+        spill.park(_summary())
+        parked_bytes = calls[0].stat().st_size
+        spill.park(_summary())
+    message = str(raised.value)
+    assert str(spill.path) in message and "No space left on device" in message and "TMPDIR=" in message
+    assert f"{parked_bytes / 2**20:.1f} MiB were parked" in message and spill.bytes_parked == parked_bytes
+    assert list(tmp_path.iterdir()) == []
