@@ -15,7 +15,20 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from esmpp.errors import EsmppError
+from safetensors import SafetensorError
+
+from esmpp.errors import EsmppError, StorageError
+
+
+def is_write_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` is a failure to write a file (a full disk, a read-only or forbidden directory): an
+    ``OSError``, or the error safetensors raises for an I/O failure while it serialises."""
+    return isinstance(exc, OSError) or (isinstance(exc, SafetensorError) and "I/O error" in str(exc))
+
+
+def free_mib(path: Path) -> float:
+    """MiB free on the file system holding ``path``."""
+    return shutil.disk_usage(path).free / 2**20
 
 
 def _fsync_tree(root: Path) -> None:
@@ -30,7 +43,8 @@ def atomic_directory(destination: Path, overwrite: bool = False) -> Iterator[Pat
     """Yield an empty temporary directory next to ``destination``; on success move it into place.
 
     Raises ``EsmppError`` up front if ``destination`` exists and ``overwrite`` is false. On any error
-    the temporary directory is removed and ``destination`` is left as it was.
+    the temporary directory is removed and ``destination`` is left as it was; a failed write (a full disk,
+    say) becomes a :class:`StorageError` that names ``destination`` and the room left there.
     """
     destination = Path(destination)
     if destination.exists() and not overwrite:
@@ -49,6 +63,13 @@ def atomic_directory(destination: Path, overwrite: bool = False) -> Iterator[Pat
             shutil.rmtree(retired, ignore_errors=True)
         else:
             os.replace(staging, destination)
+    except Exception as exc:
+        if not is_write_failure(exc):
+            raise
+        raise StorageError(
+            f"could not write {destination} ({exc}); {free_mib(destination.parent):.1f} MiB are free there. "
+            "Nothing was written: free some space, or choose another --out."
+        ) from exc
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)

@@ -19,7 +19,6 @@ import importlib.metadata
 import multiprocessing
 import os
 import platform
-import shutil
 import statistics
 import tempfile
 import time
@@ -34,7 +33,7 @@ from tqdm.auto import tqdm
 
 from esmpp.architecture import Architecture, build_visual, linear_keys
 from esmpp.artifact import Artifact, TaskInfo, save_artifact
-from esmpp.atomic import exit_on_terminate
+from esmpp.atomic import exit_on_terminate, free_mib
 from esmpp.build import BuildOptions, build_artifact
 from esmpp.checkpoints import Encoder, load_encoder, save_encoder
 from esmpp.errors import StorageError
@@ -142,11 +141,11 @@ def write_workload(arch: Architecture | str, num_tasks: int, directory: Path, se
 def _check_room_for(files: list[Path], bytes_per_file: int, directory: Path) -> None:
     """Raise :class:`StorageError` before writing anything when ``files`` would not fit in ``directory``
     (a ViT-L/14 workload at T = 20 is 25 GB), rather than part-way through."""
-    needed, free = len(files) * bytes_per_file, shutil.disk_usage(directory).free
+    needed, free = len(files) * bytes_per_file / 2**20, free_mib(directory)
     if needed > free:
         raise StorageError(
-            f"the {len(files)} synthetic checkpoints still to write need {needed / 2**20:.0f} MiB under {directory}, "
-            f"which has {free / 2**20:.0f} MiB free. Pass --workdir on a disk with more room, or fewer --tasks."
+            f"the {len(files)} synthetic checkpoints still to write need {needed:.0f} MiB under {directory}, "
+            f"which has {free:.0f} MiB free. Pass --workdir on a disk with more room, or fewer --tasks."
         )
 
 

@@ -18,10 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
-from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from esmpp.atomic import free_mib, is_write_failure
 from esmpp.errors import StorageError
 
 Item = TypeVar("Item")
@@ -61,19 +61,20 @@ class SpillDirectory:
         path = self.path / f"{next(self._names)}.safetensors"
         try:
             save_file(tensors, path)
-        except (OSError, SafetensorError) as exc:
+        except Exception as exc:
+            if not is_write_failure(exc):
+                raise
             raise StorageError(self._describe_failure(exc)) from exc
         self.bytes_parked += path.stat().st_size
         scalars = {name: value for name, value in values.items() if name not in tensors}
         return Parked(type(item), path, scalars)
 
     def _describe_failure(self, exc: Exception) -> str:
-        free = shutil.disk_usage(self.path).free
         return (
             f"could not park a summary in {self.path} ({exc}); {self.bytes_parked / 2**20:.1f} MiB were parked "
-            f"there so far and {free / 2**20:.1f} MiB are free. The build keeps each task's subspaces and experts "
-            "on disk until it needs them and removes them at the end: point TMPDIR at a disk with more room, "
-            "e.g. `TMPDIR=/data/tmp esmpp build ...`."
+            f"there so far and {free_mib(self.path):.1f} MiB are free. The build keeps each task's subspaces and "
+            "experts on disk until it needs them and removes them at the end: point TMPDIR at a disk with more "
+            "room, e.g. `TMPDIR=/data/tmp esmpp build ...`."
         )
 
     def close(self) -> None:
