@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from esmpp.artifact import FORMAT_VERSION, load_artifact, read_manifest, save_artifact
-from esmpp.errors import ArtifactError, EsmppError
+from esmpp.errors import ArtifactError, EsmppError, StorageError
 from esmpp.runtime.model import Experts
 from tests.conftest import random_artifact
 
@@ -129,6 +129,6 @@ def test_a_failed_write_leaves_no_directory(tmp_path, artifact, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(module, "_sha256", broken)
-    with pytest.raises(OSError):
+    with pytest.raises(StorageError, match=r"could not write .*art \(disk full\)"):
         save_artifact(artifact, tmp_path / "art")
     assert list(tmp_path.iterdir()) == []
