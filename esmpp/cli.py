@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 
 from esmpp.atomic import exit_on_terminate
-from esmpp.errors import EsmppError
+from esmpp.errors import EsmppError, StorageError
 
 app = typer.Typer(
     help="Merge fine-tuned CLIP vision encoders into one model with ESM and dynamic ESM++ routing.\n\n"
@@ -324,6 +324,7 @@ def _compare(zoo: Preset, methods_: str, out: Path, artifact_out: Path | None, v
     from esmpp.merging import available_methods
 
     names = available_methods() if methods_ == "all" else [m.strip() for m in methods_.split(",") if m.strip()]
+    _prepare_output(out)
     z = _zoo(zoo, None)
     report = compare_on_zoo(z, names, variants)
     artifacts = report.pop("artifacts")
@@ -337,8 +338,7 @@ def _compare(zoo: Preset, methods_: str, out: Path, artifact_out: Path | None, v
         )
     report["rows"] = summarize_rows(report["rows"], report["finetuned"])
     report["zoo"] = {"preset": zoo.value, "root": str(z.root)}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
+    _write_report(out, report)
     typer.echo(f"report: {out}")
     if artifact_out is not None:
         save_artifact(list(artifacts.values())[-1], artifact_out, overwrite=True)
@@ -455,10 +455,29 @@ def bench(
         )
     except ValueError as exc:
         raise EsmppError(f"--tasks and --batch-sizes take comma-separated integers ({exc}).") from exc
+    _prepare_output(out)
     report = run_bench(config, workdir, log=lambda line: typer.echo(line, err=True))
-    out.write_text(json.dumps(report, indent=2))
     typer.echo(format_report(report))
+    _write_report(out, report)
     typer.echo(f"\nreport written to {out}")
+
+
+def _prepare_output(out: Path) -> None:
+    """Create the folder of the report ``out`` before the long work, so that a bad --out fails at once."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StorageError(f"cannot create the folder of --out {out} ({exc}). Choose another --out.") from exc
+
+
+def _write_report(out: Path, report: dict) -> None:
+    """Write ``report`` as JSON to ``out`` (whose tables were printed above)."""
+    try:
+        out.write_text(json.dumps(report, indent=2))
+    except OSError as exc:
+        raise StorageError(
+            f"could not write the report {out} ({exc}); its tables are printed above. Choose another --out."
+        ) from exc
 
 
 def run() -> None:

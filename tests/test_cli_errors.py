@@ -84,6 +84,15 @@ CASES = {
     ),
     "overwrite needed": (lambda root, config, artifact, image: ["build", config, "--out", artifact], "--overwrite"),
     "inspect missing": (lambda root, *_: ["inspect", root / "nothing"], "not an artifact directory"),
+    # A report under a file: refused before the zoo or the workload is made (they would take minutes).
+    "report under a file": (
+        lambda root, config, *_: ["compare", "--zoo", "tiny", "--out", config / "report.json"],
+        "cannot create the folder of --out",
+    ),
+    "bench report under a file": (
+        lambda root, config, *_: ["bench", "--workdir", root / "bench-work", "--out", config / "bench.json"],
+        "cannot create the folder of --out",
+    ),
 }
 
 
@@ -101,6 +110,7 @@ def test_errors_are_one_line_and_exit_code_1(monkeypatch, capsys, project, case)
     assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
     assert expected in err
     assert directory_digest(project[2]) == before  # the existing artifact is untouched
+    assert not (project[0] / "bench-work").exists()  # and no long work was started
 
 
 def test_a_good_command_still_works(monkeypatch, capsys, project):
