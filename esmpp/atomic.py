@@ -39,12 +39,15 @@ def _fsync_tree(root: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_directory(destination: Path, overwrite: bool = False) -> Iterator[Path]:
+def atomic_directory(
+    destination: Path, overwrite: bool = False, elsewhere: str = "choose another --out"
+) -> Iterator[Path]:
     """Yield an empty temporary directory next to ``destination``; on success move it into place.
 
     Raises ``EsmppError`` up front if ``destination`` exists and ``overwrite`` is false. On any error
     the temporary directory is removed and ``destination`` is left as it was; a failed write (a full disk,
-    say) becomes a :class:`StorageError` that names ``destination`` and the room left there.
+    say) becomes a :class:`StorageError` that names ``destination``, the room left there and how to write
+    ``elsewhere``.
     """
     destination = Path(destination)
     if destination.exists() and not overwrite:
@@ -68,7 +71,7 @@ def atomic_directory(destination: Path, overwrite: bool = False) -> Iterator[Pat
             raise
         raise StorageError(
             f"could not write {destination} ({exc}); {free_mib(destination.parent):.1f} MiB are free there. "
-            "Nothing was written: free some space, or choose another --out."
+            f"Nothing was written: free some space, or {elsewhere}."
         ) from exc
     finally:
         if staging.exists():

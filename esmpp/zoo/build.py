@@ -10,8 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +21,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from esmpp.architecture import Architecture, build_visual
+from esmpp.atomic import atomic_directory
 from esmpp.checkpoints import Encoder, save_encoder
 from esmpp.evaluation import accuracy
 from esmpp.images import preprocess_uint8
@@ -202,14 +201,7 @@ def build_zoo(
     root = Path(root) if root is not None else default_root(recipe.name)
     if (root / MANIFEST).is_file() and not force:
         return Zoo.load(root)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.building-", dir=root.parent))
-    try:
-        with deterministic(recipe.seed):
-            _build_into(recipe, staging, progress)
-        if root.exists():
-            shutil.rmtree(root)
-        staging.rename(root)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    elsewhere = "set ESMPP_CACHE to a folder on a disk with more room"
+    with atomic_directory(root, overwrite=True, elsewhere=elsewhere) as staging, deterministic(recipe.seed):
+        _build_into(recipe, staging, progress)
     return Zoo.load(root)

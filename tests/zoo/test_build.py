@@ -5,12 +5,13 @@ import json
 from pathlib import Path
 
 import pytest
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from esmpp.checkpoints import load_encoder
-from esmpp.errors import ConfigError, DatasetError
+from esmpp.errors import ConfigError, DatasetError, StorageError
 from esmpp.zoo import Zoo, build_zoo, default_root, get_preset
 from esmpp.zoo import build as build_module
+from esmpp.zoo.presets import ZooPreset
 
 
 def _checkpoint_hashes(zoo: Zoo) -> dict[str, str]:
@@ -61,19 +62,33 @@ def test_checkpoints_carry_canonical_keys_and_architecture(tiny_zoo: Zoo) -> Non
     assert load_encoder(tiny_zoo.finetuned_path(tiny_zoo.tasks[0])).arch == tiny_zoo.arch
 
 
-def test_force_rebuilds_in_place(tmp_path: Path) -> None:
-    small = get_preset("tiny").model_copy(
+def _one_task_in_two_steps() -> ZooPreset:
+    return get_preset("tiny").model_copy(
         update={
             "tasks": ("stripes",),
             "pretrain": get_preset("tiny").pretrain.model_copy(update={"steps": 2}),
             "finetune": get_preset("tiny").finetune.model_copy(update={"steps": 2}),
         }
     )
+
+
+def test_force_rebuilds_in_place(tmp_path: Path) -> None:
+    small = _one_task_in_two_steps()
     first = build_zoo(small, root=tmp_path / "z", progress=False)
     (first.root / "stale").write_text("left from an earlier build")
     second = build_zoo(small, root=tmp_path / "z", force=True, progress=False)
     assert not (second.root / "stale").exists()
     assert second.tasks == ["stripes"]
+
+
+def test_a_full_disk_leaves_no_zoo_and_says_where_else_to_build_it(tmp_path: Path, monkeypatch) -> None:
+    def disk_full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(build_module, "save_file", disk_full)  # the task heads
+    with pytest.raises(StorageError, match=r"could not write .*z .*set ESMPP_CACHE to a folder"):
+        build_zoo(_one_task_in_two_steps(), root=tmp_path / "z", progress=False)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_default_root_follows_esmpp_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
