@@ -12,7 +12,7 @@ import os
 import shutil
 import signal
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from safetensors import SafetensorError
@@ -24,6 +24,18 @@ def is_write_failure(exc: BaseException) -> bool:
     """Whether ``exc`` is a failure to write a file (a full disk, a read-only or forbidden directory): an
     ``OSError``, or the error safetensors raises for an I/O failure while it serialises."""
     return isinstance(exc, OSError) or (isinstance(exc, SafetensorError) and "I/O error" in str(exc))
+
+
+@contextlib.contextmanager
+def storage_errors(describe: Callable[[Exception], str]) -> Iterator[None]:
+    """Turn a failed write inside the block (:func:`is_write_failure`) into a :class:`StorageError` whose
+    message is ``describe(exc)``; other errors pass through unchanged."""
+    try:
+        yield
+    except Exception as exc:
+        if not is_write_failure(exc):
+            raise
+        raise StorageError(describe(exc)) from exc
 
 
 def free_mib(path: Path) -> float:
@@ -56,23 +68,24 @@ def atomic_directory(
     for stale in destination.parent.glob(f".{destination.name}.tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.tmp-", dir=destination.parent))
-    try:
-        yield staging
-        _fsync_tree(staging)
-        if destination.exists():
-            retired = Path(tempfile.mkdtemp(prefix=f".{destination.name}.tmp-old-", dir=destination.parent))
-            os.replace(destination, retired / destination.name)
-            os.replace(staging, destination)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.replace(staging, destination)
-    except Exception as exc:
-        if not is_write_failure(exc):
-            raise
-        raise StorageError(
+
+    def describe(exc: Exception) -> str:
+        return (
             f"could not write {destination} ({exc}); {free_mib(destination.parent):.1f} MiB are free there. "
             f"Nothing was written: free some space, or {elsewhere}."
-        ) from exc
+        )
+
+    try:
+        with storage_errors(describe):
+            yield staging
+            _fsync_tree(staging)
+            if destination.exists():
+                retired = Path(tempfile.mkdtemp(prefix=f".{destination.name}.tmp-old-", dir=destination.parent))
+                os.replace(destination, retired / destination.name)
+                os.replace(staging, destination)
+                shutil.rmtree(retired, ignore_errors=True)
+            else:
+                os.replace(staging, destination)
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)

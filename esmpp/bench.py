@@ -123,16 +123,16 @@ def write_workload(arch: Architecture | str, num_tasks: int, directory: Path, se
 
     pretrained_path = directory / f"pretrained-{seed}.safetensors"
     paths = [directory / f"task{t}-{seed}.safetensors" for t in range(num_tasks)]
-    if all(path.exists() for path in (pretrained_path, *paths)):
+    missing = [path for path in (pretrained_path, *paths) if not path.exists()]
+    if not missing:
         return Workload(arch.name, pretrained_path, tuple(paths), seed)
     torch.manual_seed(seed)
     pretrained = {key: value.detach() for key, value in build_visual(arch).state_dict().items()}
-    missing = [path for path in (pretrained_path, *paths) if not path.exists()]
     _check_room_for(missing, sum(value.nbytes for value in pretrained.values()), directory)
-    if not pretrained_path.exists():
+    if pretrained_path in missing:
         save_encoder(Encoder(arch, pretrained, "random pretrained"), pretrained_path)
     for t, path in enumerate(tqdm(paths, desc=f"write {arch.name} fine-tunes", unit="task", leave=False)):
-        if not path.exists():
+        if path in missing:
             generator = torch.Generator().manual_seed(seed * 1000 + t + 1)
             save_encoder(Encoder(arch, synthetic_finetune(pretrained, generator), f"task{t}"), path)
     return Workload(arch.name, pretrained_path, tuple(paths), seed)

@@ -261,7 +261,6 @@ def build_artifact(
             experts = _runtime_prototypes(pretrained.arch, backbone, pass_two, heads, tasks, options)
         else:
             experts = prototypes.finish(factors)
-
     timings["prototypes"] = time.perf_counter() - start
 
     build_record = {

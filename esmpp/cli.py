@@ -11,8 +11,8 @@ from typing import Annotated
 
 import typer
 
-from esmpp.atomic import exit_on_terminate
-from esmpp.errors import EsmppError, StorageError
+from esmpp.atomic import exit_on_terminate, storage_errors
+from esmpp.errors import EsmppError
 
 app = typer.Typer(
     help="Merge fine-tuned CLIP vision encoders into one model with ESM and dynamic ESM++ routing.\n\n"
@@ -464,20 +464,16 @@ def bench(
 
 def _prepare_output(out: Path) -> None:
     """Create the folder of the report ``out`` before the long work, so that a bad --out fails at once."""
-    try:
+    with storage_errors(lambda exc: f"cannot create the folder of --out {out} ({exc}). Choose another --out."):
         out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise StorageError(f"cannot create the folder of --out {out} ({exc}). Choose another --out.") from exc
 
 
 def _write_report(out: Path, report: dict) -> None:
     """Write ``report`` as JSON to ``out`` (whose tables were printed above)."""
-    try:
+    with storage_errors(
+        lambda exc: f"could not write the report {out} ({exc}); its tables are printed above. Choose another --out."
+    ):
         out.write_text(json.dumps(report, indent=2))
-    except OSError as exc:
-        raise StorageError(
-            f"could not write the report {out} ({exc}); its tables are printed above. Choose another --out."
-        ) from exc
 
 
 def run() -> None:

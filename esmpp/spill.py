@@ -21,8 +21,7 @@ from typing import Any, Generic, TypeVar
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from esmpp.atomic import free_mib, is_write_failure
-from esmpp.errors import StorageError
+from esmpp.atomic import free_mib, storage_errors
 
 Item = TypeVar("Item")
 
@@ -59,12 +58,8 @@ class SpillDirectory:
         values = {field.name: getattr(item, field.name) for field in dataclasses.fields(item)}  # type: ignore[arg-type]
         tensors = {name: value.contiguous() for name, value in values.items() if isinstance(value, Tensor)}
         path = self.path / f"{next(self._names)}.safetensors"
-        try:
+        with storage_errors(self._describe_failure):
             save_file(tensors, path)
-        except Exception as exc:
-            if not is_write_failure(exc):
-                raise
-            raise StorageError(self._describe_failure(exc)) from exc
         self.bytes_parked += path.stat().st_size
         scalars = {name: value for name, value in values.items() if name not in tensors}
         return Parked(type(item), path, scalars)
