@@ -173,12 +173,15 @@ def describe_artifact(artifact: Artifact) -> dict[str, Any]:
     }
 
 
-def save_artifact(artifact: Artifact, path: Path, overwrite: bool = False) -> Path:
-    """Validate ``artifact`` and write it to the directory ``path`` atomically."""
+def save_artifact(
+    artifact: Artifact, path: Path, overwrite: bool = False, elsewhere: str = "choose another --out"
+) -> Path:
+    """Validate ``artifact`` and write it to the directory ``path`` atomically; a failed write says how to
+    write ``elsewhere`` (see :func:`atomic_directory`)."""
     artifact.validate()
     path = Path(path)
     expert_tensors = _expert_tensors(artifact.experts)
-    with atomic_directory(path, overwrite=overwrite) as staging:
+    with atomic_directory(path, overwrite=overwrite, elsewhere=elsewhere) as staging:
         save_file(_contiguous(artifact.backbone), staging / "backbone.safetensors")
         save_file(_contiguous(expert_tensors), staging / "experts.safetensors")
         save_file(_contiguous({f"head.{t}": h for t, h in enumerate(artifact.heads)}), staging / "heads.safetensors")

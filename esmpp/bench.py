@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from esmpp.architecture import Architecture, build_visual, linear_keys
 from esmpp.artifact import Artifact, TaskInfo, save_artifact
-from esmpp.atomic import exit_on_terminate, free_mib
+from esmpp.atomic import exit_on_terminate, free_mib, storage_errors
 from esmpp.build import BuildOptions, build_artifact
 from esmpp.checkpoints import Encoder, load_encoder, save_encoder
 from esmpp.errors import StorageError
@@ -45,6 +45,7 @@ from esmpp.runtime.model import Experts
 ROUTED_METHOD = "esm++"  # the full ESM++ build; every other name is a static merge method
 DEFAULT_METHODS = (ROUTED_METHOD, "esm", "tsv", "task_arithmetic")
 RUNTIMES = ("torch", "onnxruntime")
+WORKDIR_HINT = "Pass --workdir on a disk with more room"  # the bench writes its checkpoints and builds there
 BUILD_STAGES = ("load", "capture", "decompose", "merge", "alpha", "experts", "prototypes", "save", "other")
 
 
@@ -118,7 +119,6 @@ def write_workload(arch: Architecture | str, num_tasks: int, directory: Path, se
     """Write a random pretrained ``arch`` tower (an open_clip name such as ``ViT-B-32``) and ``num_tasks``
     synthetic fine-tunes to ``directory`` (files already there from an earlier call with the same seed
     are reused)."""
-    directory.mkdir(parents=True, exist_ok=True)
     arch = _architecture(arch)
 
     pretrained_path = directory / f"pretrained-{seed}.safetensors"
@@ -129,23 +129,33 @@ def write_workload(arch: Architecture | str, num_tasks: int, directory: Path, se
     torch.manual_seed(seed)
     pretrained = {key: value.detach() for key, value in build_visual(arch).state_dict().items()}
     _check_room_for(missing, sum(value.nbytes for value in pretrained.values()), directory)
-    if pretrained_path in missing:
-        save_encoder(Encoder(arch, pretrained, "random pretrained"), pretrained_path)
-    for t, path in enumerate(tqdm(paths, desc=f"write {arch.name} fine-tunes", unit="task", leave=False)):
-        if path in missing:
-            generator = torch.Generator().manual_seed(seed * 1000 + t + 1)
-            save_encoder(Encoder(arch, synthetic_finetune(pretrained, generator), f"task{t}"), path)
+    directory.mkdir(parents=True, exist_ok=True)
+
+    def describe(exc: Exception) -> str:  # the room check passed, but something else filled the disk
+        return (
+            f"could not write the synthetic checkpoints under {directory} ({exc}); {free_mib(directory):.0f} MiB "
+            f"are free there. {WORKDIR_HINT}, or fewer --tasks."
+        )
+
+    with storage_errors(describe):
+        if pretrained_path in missing:
+            save_encoder(Encoder(arch, pretrained, "random pretrained"), pretrained_path)
+        for t, path in enumerate(tqdm(paths, desc=f"write {arch.name} fine-tunes", unit="task", leave=False)):
+            if path in missing:
+                generator = torch.Generator().manual_seed(seed * 1000 + t + 1)
+                save_encoder(Encoder(arch, synthetic_finetune(pretrained, generator), f"task{t}"), path)
     return Workload(arch.name, pretrained_path, tuple(paths), seed)
 
 
 def _check_room_for(files: list[Path], bytes_per_file: int, directory: Path) -> None:
-    """Raise :class:`StorageError` before writing anything when ``files`` would not fit in ``directory``
-    (a ViT-L/14 workload at T = 20 is 25 GB), rather than part-way through."""
-    needed, free = len(files) * bytes_per_file / 2**20, free_mib(directory)
+    """Raise :class:`StorageError` before writing anything, ``directory`` itself included, when ``files``
+    would not fit there (a ViT-L/14 workload at T = 20 is 25 GB), rather than part-way through."""
+    existing = next(folder for folder in (directory, *directory.absolute().parents) if folder.exists())
+    needed, free = len(files) * bytes_per_file / 2**20, free_mib(existing)
     if needed > free:
         raise StorageError(
             f"the {len(files)} synthetic checkpoints still to write need {needed:.0f} MiB under {directory}, "
-            f"which has {free:.0f} MiB free. Pass --workdir on a disk with more room, or fewer --tasks."
+            f"which has {free:.0f} MiB free. {WORKDIR_HINT}, or fewer --tasks."
         )
 
 
@@ -191,12 +201,19 @@ def run_build(workload: Workload, method: str, num_tasks: int, config: BenchConf
             options = BuildOptions(alpha=1.0, rank=config.rank, routed_kinds=config.routed_kinds)
             artifact = build_artifact(pretrained, tasks, options, progress=False)
             with stage("save"):
-                save_artifact(artifact, out / "artifact", overwrite=True)
+                save_artifact(artifact, out / "artifact", overwrite=True, elsewhere=WORKDIR_HINT.lower())
         else:
             task_vector = merge_streaming(pretrained, tasks, get_method(method)(None, len(tasks)), progress=False)
             with stage("alpha"):
                 merged = apply_task_vector(pretrained.state, task_vector, 1.0)
-            with stage("save"):
+
+            def describe(exc: Exception) -> str:
+                return (
+                    f"could not write the {method} build's merged encoder under {out} ({exc}); "
+                    f"{free_mib(out):.0f} MiB are free there. {WORKDIR_HINT}."
+                )
+
+            with stage("save"), storage_errors(describe):
                 save_encoder(Encoder(pretrained.arch, merged, method), out / "merged.safetensors")
     return _build_run(profile, time.perf_counter() - start, baseline)
 
@@ -216,7 +233,8 @@ def run_build_isolated(workload: Workload, method: str, num_tasks: int, config: 
     """:func:`run_build` in a fresh spawned process, so that its peak memory is its own."""
     context = multiprocessing.get_context("spawn")
     with (
-        tempfile.TemporaryDirectory(prefix="esmpp-bench-") as out,
+        # Beside the workload, where the user gave room (--workdir), not in the system's temporary directory.
+        tempfile.TemporaryDirectory(prefix=".esmpp-bench-build-", dir=workload.pretrained.parent) as out,
         concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool,
     ):
         return pool.submit(_terminable_build, workload, method, num_tasks, config, Path(out)).result()

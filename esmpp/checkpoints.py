@@ -125,7 +125,8 @@ def load_encoder(
 
 def save_encoder(encoder: Encoder, path: str | os.PathLike[str]) -> Path:
     """Write ``encoder`` as safetensors with its architecture in the metadata, so that
-    :func:`load_encoder` reloads it without ``arch``. Written atomically (temporary file, then rename)."""
+    :func:`load_encoder` reloads it without ``arch``. Written atomically (temporary file, then rename); on
+    failure the temporary file is removed and the error raised as it is, for callers to explain."""
     path = Path(path)
     temporary = path.with_name(f".{path.name}.tmp")
     metadata = {
@@ -133,8 +134,12 @@ def save_encoder(encoder: Encoder, path: str | os.PathLike[str]) -> Path:
             {"format": FORMAT_VERSION, "architecture": encoder.arch.to_dict()}, sort_keys=True
         ),
     }
-    save_file({key: value.contiguous() for key, value in encoder.state.items()}, temporary, metadata)
-    os.replace(temporary, path)
+    try:
+        save_file({key: value.contiguous() for key, value in encoder.state.items()}, temporary, metadata)
+        os.replace(temporary, path)
+    except BaseException:  # a full disk, Ctrl-C: no partial file left beside the checkpoints
+        temporary.unlink(missing_ok=True)
+        raise
     return path
 
 

@@ -1,9 +1,14 @@
 """The bench's building blocks on the tiny architecture (the real-scale runs are `esmpp bench`)."""
 
+import errno
+from pathlib import Path
+
 import pytest
 import torch
 
+from esmpp import artifact as artifact_module
 from esmpp import bench as bench_module
+from esmpp import checkpoints as checkpoints_module
 from esmpp.bench import (
     NO_TARGETS_HINT,
     RUNTIMES,
@@ -39,7 +44,48 @@ def test_a_workload_that_would_not_fit_is_refused_before_anything_is_written(tmp
     with pytest.raises(StorageError, match="--workdir on a disk with more room") as raised:
         write_workload(TINY_ARCH, 2, tmp_path / "workload")
     assert str(tmp_path / "workload") in str(raised.value) and "3 synthetic checkpoints" in str(raised.value)
-    assert list((tmp_path / "workload").iterdir()) == []
+    assert list(tmp_path.iterdir()) == []  # not even the folder
+
+
+def test_a_disk_that_fills_while_the_workload_is_written_leaves_whole_checkpoints_only(tmp_path, monkeypatch):
+    written = []
+
+    def save_or_fill_the_disk(tensors, path, metadata):
+        if len(written) == 2:  # the pretrained model and task 0 fit; task 1 does not
+            Path(path).write_bytes(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        written.append(path)
+        real_save_file(tensors, path, metadata)
+
+    real_save_file = checkpoints_module.save_file
+    monkeypatch.setattr(checkpoints_module, "save_file", save_or_fill_the_disk)
+    with pytest.raises(StorageError, match="--workdir on a disk with more room") as raised:
+        write_workload(TINY_ARCH, 2, tmp_path / "workload")
+    assert str(tmp_path / "workload") in str(raised.value) and "No space left on device" in str(raised.value)
+    assert sorted(path.name for path in (tmp_path / "workload").iterdir()) == [
+        "pretrained-0.safetensors",
+        "task0-0.safetensors",
+    ]
+    monkeypatch.undo()
+    workload = write_workload(TINY_ARCH, 2, tmp_path / "workload")  # a rerun writes what is missing
+    assert load_encoder(workload.finetuned[1]).arch == TINY_ARCH
+
+
+def test_a_build_whose_output_does_not_fit_says_where_to_write_it(tmp_path, monkeypatch):
+    workload = write_workload(TINY_ARCH, 2, tmp_path / "workload")
+    out = tmp_path / "out"
+    out.mkdir()
+
+    def fill_the_disk(tensors, path, metadata=None):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    for module in (checkpoints_module, artifact_module):
+        monkeypatch.setattr(module, "save_file", fill_the_disk)
+    for method in ("tsv", "esm++"):
+        with pytest.raises(StorageError, match="--workdir on a disk with more room") as raised:
+            run_build(workload, method, 2, BenchConfig(proxy_images=2, rank=2), out)
+        assert str(out) in str(raised.value)
+        assert list(out.iterdir()) == []
 
 
 def test_build_runs_report_every_stage(tmp_path):

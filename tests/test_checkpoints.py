@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import errno
 import json
 import sys
 import types
@@ -145,6 +146,20 @@ def test_saved_encoder_reloads_with_its_architecture_and_same_outputs(tmp_path, 
     with torch.no_grad():
         torch.testing.assert_close(encoder.to_module()(tiny_images), tiny_visual(tiny_images))
     assert [p.name for p in tmp_path.iterdir()] == ["saved.safetensors"]
+
+
+def test_a_failed_save_leaves_no_partial_file_and_raises_its_error(tmp_path, tiny_arch, tiny_visual, monkeypatch):
+    failure = OSError(errno.ENOSPC, "No space left on device")
+
+    def fill_the_disk(tensors, path, metadata):
+        Path(path).write_bytes(b"partial")
+        raise failure
+
+    monkeypatch.setattr(checkpoints, "save_file", fill_the_disk)
+    with pytest.raises(OSError) as raised:
+        save_encoder(Encoder(tiny_arch, tiny_visual.state_dict(), "memory"), tmp_path / "saved.safetensors")
+    assert raised.value is failure  # callers say what to do about it
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_shared_module_uses_the_encoder_tensors_and_a_copy_does_not(tiny_arch, tiny_visual, tiny_images):
