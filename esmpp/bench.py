@@ -23,7 +23,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -38,7 +38,7 @@ from esmpp.build import BuildOptions, build_artifact
 from esmpp.checkpoints import Encoder, load_encoder, save_encoder
 from esmpp.errors import StorageError
 from esmpp.merge import TaskSource, apply_task_vector, merge_streaming
-from esmpp.merging import get_method
+from esmpp.merging import check_run_options, get_method, options_share
 from esmpp.profiling import StageProfile, recording, resident_bytes, stage
 from esmpp.runtime.model import Experts
 
@@ -67,6 +67,9 @@ class BenchConfig:
     onnx: bool = True  # also time both models in onnxruntime (each exported once per architecture)
     threads: int | None = None  # torch intra-op threads (None: torch's default); 1 is steadier on a busy machine
     seed: int = 0
+    # Merge-method options for the whole run (`--method-option`): each method, ESM++'s backbone included,
+    # gets those it has (rank_fraction=0.5: ESM with half the authors' rank budget).
+    method_options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -197,13 +200,17 @@ def run_build(workload: Workload, method: str, num_tasks: int, config: BenchConf
         with stage("load"):
             pretrained = load_encoder(workload.pretrained)
         tasks = task_sources(workload, pretrained.arch, num_tasks, config.proxy_images)
+        merge_method = get_method(backbone_method(method))
+        method_options = options_share(merge_method, config.method_options)
         if method == ROUTED_METHOD:
-            options = BuildOptions(alpha=1.0, rank=config.rank, routed_kinds=config.routed_kinds)
+            options = BuildOptions(
+                alpha=1.0, rank=config.rank, routed_kinds=config.routed_kinds, method_options=method_options
+            )
             artifact = build_artifact(pretrained, tasks, options, progress=False)
             with stage("save"):
                 save_artifact(artifact, out / "artifact", overwrite=True, elsewhere=WORKDIR_HINT.lower())
         else:
-            task_vector = merge_streaming(pretrained, tasks, get_method(method)(None, len(tasks)), progress=False)
+            task_vector = merge_streaming(pretrained, tasks, merge_method(method_options, len(tasks)), progress=False)
             with stage("alpha"):
                 merged = apply_task_vector(pretrained.state, task_vector, 1.0)
 
@@ -446,6 +453,7 @@ def _version(package: str) -> str | None:
 
 def run_bench(config: BenchConfig, workdir: Path, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run every workload of ``config`` (checkpoints under ``workdir``) and return the JSON-able report."""
+    check_run_options([backbone_method(method) for method in config.methods], config.method_options)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if config.threads is not None:
         torch.set_num_threads(config.threads)
@@ -471,6 +479,11 @@ def run_bench(config: BenchConfig, workdir: Path, log: Callable[[str], None] = p
         report["targets"][arch_name] = targets(builds, report["runtime"].get(arch_name), arch, config)
     report["environment"]["load_average_after"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     return report
+
+
+def backbone_method(method: str) -> str:
+    """The static merge method a bench ``method`` runs: ``esm++`` builds its backbone with ESM."""
+    return BuildOptions().method if method == ROUTED_METHOD else method
 
 
 NO_TARGETS_HINT = (
@@ -508,6 +521,8 @@ def targets(
 def format_report(report: dict[str, Any]) -> str:
     """The report as plain-text tables: build stages per workload, runtime, targets."""
     lines = [f"device {report['device']}, load average {report['environment']['load_average']}"]
+    if report.get("config", {}).get("method_options"):
+        lines.append(f"method options: {report['config']['method_options']}")
     for arch_name, builds in report["build"].items():
         if not builds:
             continue

@@ -12,7 +12,7 @@ unless the method fixes α, as weight averaging does). ESM++ is reported three w
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -24,7 +24,7 @@ from esmpp.checkpoints import load_encoder
 from esmpp.evaluation import evaluate, head_logits
 from esmpp.images import preprocess_uint8
 from esmpp.merge import apply_task_vector, merge_streaming
-from esmpp.merging import get_method
+from esmpp.merging import get_method, options_share
 from esmpp.runtime.model import RoutedEncoder
 from esmpp.sources import zoo_sources
 
@@ -59,7 +59,16 @@ def evaluate_routed(
 def esmpp_label(options: BuildOptions) -> str:
     """A table label that names the ESM++ options which differ between variants."""
     kinds = "+".join(options.routed_kinds)
-    return f"ESM++ r={options.rank} {kinds} {options.prototype_source}×{options.prototypes_per_task} {options.router}"
+    backbone = f" on {method_label(options.method, options.method_options)}" if options.method_options else ""
+    return (
+        f"ESM++ r={options.rank} {kinds} {options.prototype_source}×{options.prototypes_per_task} {options.router}"
+        + backbone
+    )
+
+
+def method_label(name: str, options: Mapping[str, Any]) -> str:
+    """A table label for static method ``name`` run with ``options`` (those differing from its defaults)."""
+    return name + (f" ({', '.join(f'{key}={value}' for key, value in options.items())})" if options else "")
 
 
 def compare_on_zoo(
@@ -67,10 +76,14 @@ def compare_on_zoo(
     methods: Sequence[str],
     esmpp_options: Sequence[BuildOptions] = (BuildOptions(),),
     progress: bool = True,
+    run_options: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run the comparison; returns ``{"rows": [...], "finetuned": {...}, "esmpp": {label: {...}},
     "artifacts": {label: Artifact}}`` where each row is ``{"method", "accuracy": {task: %}, "seconds",
-    "alpha"}``; each ESM++ variant gives a task-given, a routed and a task-agnostic row."""
+    "alpha"}``; each ESM++ variant gives a task-given, a routed and a task-agnostic row.
+
+    ``run_options``: method options set for the whole run; each static method gets those it has
+    (``options_share``), named in its label. ESM++ variants take their backbone's from ``BuildOptions``."""
     pretrained, sources = zoo_sources(zoo)
     rows: list[dict[str, Any]] = [
         {
@@ -88,7 +101,8 @@ def compare_on_zoo(
     for name in methods:
         start = time.perf_counter()
         method_class = get_method(name)
-        method = method_class(None, num_tasks=len(sources))
+        options = options_share(method_class, run_options or {})
+        method = method_class(options, num_tasks=len(sources))
         task_vector = merge_streaming(pretrained, sources, method, progress)
         if method_class.fixed_alpha is not None:
             alpha = method_class.fixed_alpha
@@ -97,7 +111,8 @@ def compare_on_zoo(
         seconds = time.perf_counter() - start
         visual = pretrained.to_module()
         visual.load_state_dict(apply_task_vector(pretrained.state, task_vector, alpha))
-        rows.append({"method": name, "accuracy": evaluate(visual, zoo), "seconds": seconds, "alpha": alpha})
+        accuracy = evaluate(visual, zoo)
+        rows.append({"method": method_label(name, options), "accuracy": accuracy, "seconds": seconds, "alpha": alpha})
 
     summaries: dict[str, Any] = {}
     artifacts = {}

@@ -1,6 +1,8 @@
 """The bench's building blocks on the tiny architecture (the real-scale runs are `esmpp bench`)."""
 
 import errno
+import json
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -24,6 +26,7 @@ from esmpp.bench import (
 )
 from esmpp.checkpoints import load_encoder
 from esmpp.errors import StorageError
+from esmpp.merging import get_method
 from tests.conftest import TINY_ARCH
 
 
@@ -45,6 +48,29 @@ def test_a_workload_that_would_not_fit_is_refused_before_anything_is_written(tmp
         write_workload(TINY_ARCH, 2, tmp_path / "workload")
     assert str(tmp_path / "workload") in str(raised.value) and "3 synthetic checkpoints" in str(raised.value)
     assert list(tmp_path.iterdir()) == []  # not even the folder
+
+
+def test_method_options_of_the_run_reach_the_builds_that_have_them(tmp_path, monkeypatch):
+    workload = write_workload(TINY_ARCH, 2, tmp_path / "workload")
+    config = BenchConfig(proxy_images=2, rank=2, method_options={"rank_fraction": 0.5})
+    made = []
+    real_merge_streaming = bench_module.merge_streaming
+
+    def record(pretrained, tasks, method, **kwargs):
+        made.append((method.name, method.options))
+        return real_merge_streaming(pretrained, tasks, method, **kwargs)
+
+    monkeypatch.setattr(bench_module, "merge_streaming", record)
+    for method in ("tsv", "esm"):
+        run_build(workload, method, 2, config, tmp_path)
+    run_build(workload, "esm++", 2, config, tmp_path)
+    assert made[0][0] == "tsv" and made[1] == ("esm", get_method("esm").parse_options({"rank_fraction": 0.5}))
+    manifest = json.loads((tmp_path / "artifact" / "manifest.json").read_text())
+    assert manifest["build"]["method_options"]["rank_fraction"] == 0.5
+    assert "method options: {'rank_fraction': 0.5}" in format_report(
+        {"config": asdict(config), "device": "cpu", "environment": {"load_average": None}, "build": {}}
+        | {"runtime": {}, "targets": {}}
+    )
 
 
 def test_a_disk_that_fills_while_the_workload_is_written_leaves_whole_checkpoints_only(tmp_path, monkeypatch):

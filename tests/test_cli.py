@@ -58,3 +58,15 @@ def test_flags_override_the_config_options_only_when_given():
     assert kept.rank == 2 and kept.routed_kinds == ("fc",) and kept.method == "esm"
     changed = _build_options(base, rank=5, routed_kinds="qkv, proj", prototype_source=PrototypeSource.runtime)
     assert changed.rank == 5 and changed.routed_kinds == ("qkv", "proj") and changed.prototype_source == "runtime"
+
+
+def test_method_options_from_the_command_line_join_the_configs():
+    from esmpp.cli import _build_options, _method_option_values
+    from esmpp.config import OptionsConfig
+
+    given = _method_option_values(["rank_fraction=0.5", "layer_scaling=false"])
+    assert given == {"rank_fraction": 0.5, "layer_scaling": False}  # values read as YAML
+    base = OptionsConfig(method_options={"rank_fraction": 0.25, "centered": True})
+    options = _build_options(base, method_options=given)
+    assert options.method_options == {"rank_fraction": 0.5, "centered": True, "layer_scaling": False}
+    assert _build_options(base).method_options == {"rank_fraction": 0.25, "centered": True}

@@ -82,6 +82,19 @@ CASES = {
         lambda root, config, artifact, image: ["predict", artifact, image, "--task", "cars"],
         "unknown task",
     ),
+    "method option without a value": (
+        lambda root, config, *_: ["build", config, "--out", root / "o", "--method-option", "rank_fraction"],
+        "--method-option takes KEY=VALUE",
+    ),
+    "method option of another method": (
+        lambda root, config, *_: ["build", config, "--out", root / "o", "--method-option", "keep_fraction=0.2"],
+        "Invalid options for merge method 'esm'",
+    ),
+    # Checked before the workload is written (a ViT-B/32 one is 3 GB at T = 8).
+    "bench option no method has": (
+        lambda root, *_: ["bench", "--workdir", root / "bench-work", "--methods", "tsv", "--method-option", "x=1"],
+        "'x' is an option of none of the methods",
+    ),
     "overwrite needed": (lambda root, config, artifact, image: ["build", config, "--out", artifact], "--overwrite"),
     "inspect missing": (lambda root, *_: ["inspect", root / "nothing"], "not an artifact directory"),
     # A report under a file: refused before the zoo or the workload is made (they would take minutes).

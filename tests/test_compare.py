@@ -25,3 +25,12 @@ def test_compare_on_tiny_zoo(tiny_zoo):
     assert 0.0 <= report["esmpp"][label]["routing_average"] <= 100.0
     assert set(report["artifacts"]) == {label}
     assert 0.0 <= rows["esm"]["alpha"] <= 2.0
+
+
+def test_options_set_for_the_run_reach_the_methods_that_have_them_and_name_their_rows(tiny_zoo):
+    options = BuildOptions(rank=2, method_options={"rank_fraction": 0.5})
+    report = compare_on_zoo(tiny_zoo, ["tsv", "esm"], [options], progress=False, run_options={"rank_fraction": 0.5})
+    methods = [row["method"] for row in report["rows"]]
+    label = "ESM++ r=2 qkv+fc finetuned×1 cosine on esm (rank_fraction=0.5)"
+    assert methods[2:4] == ["tsv", "esm (rank_fraction=0.5)"] and f"{label} task given" in methods
+    assert report["esmpp"][label]["options"]["rank_fraction"] == 0.5

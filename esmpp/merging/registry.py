@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TypeVar
+from collections.abc import Mapping, Sequence
+from typing import Any, TypeVar
 
 from esmpp.errors import ConfigError
 from esmpp.merging.base import MergeMethod
@@ -30,3 +31,24 @@ def get_method(name: str) -> type[MergeMethod]:
 def available_methods() -> list[str]:
     """Names of all registered merge methods, sorted."""
     return sorted(_METHODS)
+
+
+def options_share(method: type[MergeMethod], given: Mapping[str, Any]) -> dict[str, Any]:
+    """The entries of ``given``, options set for a whole run (``--method-option``), that are options of
+    ``method``: a run may compare methods of which only some have an option (ESM's ``rank_fraction``)."""
+    return {key: value for key, value in given.items() if key in method.Options.model_fields}
+
+
+def check_run_options(names: Sequence[str], given: Mapping[str, Any]) -> None:
+    """Raise :class:`ConfigError` before a run of the methods ``names`` when an entry of ``given`` is an
+    option of none of them, or a value is invalid for a method that has it (not after its first build)."""
+    methods = [get_method(name) for name in names]
+    unknown = [key for key in given if not any(key in method.Options.model_fields for method in methods)]
+    if unknown:
+        known = "; ".join(f"{m.name}: {', '.join(m.Options.model_fields) or 'none'}" for m in methods)
+        raise ConfigError(
+            f"method option {', '.join(map(repr, unknown))} is an option of none of the methods of this run "
+            f"({known}). See `esmpp methods`."
+        )
+    for method in methods:
+        method.parse_options(options_share(method, given))

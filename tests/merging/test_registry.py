@@ -1,7 +1,14 @@
 import pytest
 
 from esmpp.errors import ConfigError
-from esmpp.merging import MergeMethod, available_methods, get_method, register_method
+from esmpp.merging import (
+    MergeMethod,
+    available_methods,
+    check_run_options,
+    get_method,
+    options_share,
+    register_method,
+)
 from esmpp.merging.ties import Ties, TiesOptions
 
 
@@ -51,3 +58,21 @@ def test_invalid_options_name_the_method_and_its_options(options):
 def test_num_tasks_must_be_positive():
     with pytest.raises(ConfigError, match="num_tasks"):
         Ties(None, num_tasks=0)
+
+
+def test_options_set_for_a_run_go_to_the_methods_that_have_them():
+    given = {"rank_fraction": 0.5, "keep_fraction": 0.3}
+    assert options_share(get_method("esm"), given) == {"rank_fraction": 0.5}
+    assert options_share(get_method("ties"), given) == {"keep_fraction": 0.3}
+    assert options_share(get_method("tsv"), given) == {}
+    check_run_options(["esm", "ties", "tsv"], given)
+
+
+def test_a_run_option_no_method_has_or_an_invalid_value_is_refused_before_the_run():
+    with pytest.raises(
+        ConfigError,
+        match=r"'rank_fraction' is an option of none.*tsv: rank_per_task; task_arithmetic: none.*esmpp methods",
+    ):
+        check_run_options(["tsv", "task_arithmetic"], {"rank_fraction": 0.5})
+    with pytest.raises(ConfigError, match=r"Invalid options for merge method 'esm'.*rank_fraction"):
+        check_run_options(["esm", "tsv"], {"rank_fraction": 2.0})  # a share of d_out: at most 1
