@@ -70,3 +70,10 @@ def test_method_options_from_the_command_line_join_the_configs():
     options = _build_options(base, method_options=given)
     assert options.method_options == {"rank_fraction": 0.5, "centered": True, "layer_scaling": False}
     assert _build_options(base).method_options == {"rank_fraction": 0.25, "centered": True}
+
+
+def test_methods_lists_each_option_with_its_default_and_meaning():
+    listing = _invoke("methods")
+    assert "\nesm\n" in listing and "  rank_fraction = 1.0  Share of d_out the tasks split" in listing
+    assert '  esd_kinds = ["qkv", "fc", "proj"]' in listing
+    assert "averaging\n  (no options)" in listing
