@@ -44,6 +44,11 @@ def _corrupted(root, artifact):
     return copy
 
 
+def _build_with(*flags):
+    """The arguments of `esmpp build` on the project's config with ``flags``."""
+    return lambda root, config, *_: ["build", config, "--out", root / "o", *flags]
+
+
 CASES = {
     "missing config": (
         lambda root, config, artifact, image: ["build", root / "nope.yaml", "--out", root / "o"],
@@ -57,14 +62,8 @@ CASES = {
         lambda root, *_: ["build", _write(root / "field.yaml", "pretrained: 3\ntaskz: []"), "--out", root / "o"],
         "taskz",
     ),
-    "unknown method": (
-        lambda root, config, *_: ["build", config, "--out", root / "o", "--method", "magic"],
-        "Unknown merge method 'magic'",
-    ),
-    "unknown routed kind": (
-        lambda root, config, *_: ["build", config, "--out", root / "o", "--routed-kinds", "mlp"],
-        "routed kinds",
-    ),
+    "unknown method": (_build_with("--method", "magic"), "Unknown merge method 'magic'"),
+    "unknown routed kind": (_build_with("--routed-kinds", "mlp"), "routed kinds"),
     "missing artifact": (
         lambda root, config, artifact, image: ["predict", root / "nothing", image],
         "not an artifact directory",
@@ -83,11 +82,11 @@ CASES = {
         "unknown task",
     ),
     "method option without a value": (
-        lambda root, config, *_: ["build", config, "--out", root / "o", "--method-option", "rank_fraction"],
+        _build_with("--method-option", "rank_fraction"),
         "--method-option takes KEY=VALUE",
     ),
     "method option of another method": (
-        lambda root, config, *_: ["build", config, "--out", root / "o", "--method-option", "keep_fraction=0.2"],
+        _build_with("--method-option", "keep_fraction=0.2"),
         "Invalid options for merge method 'esm'",
     ),
     # Checked before the workload is written (a ViT-B/32 one is 3 GB at T = 8).
