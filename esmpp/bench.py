@@ -521,7 +521,7 @@ def targets(
 def format_report(report: dict[str, Any]) -> str:
     """The report as plain-text tables: build stages per workload, runtime, targets."""
     lines = [f"device {report['device']}, load average {report['environment']['load_average']}"]
-    if report.get("config", {}).get("method_options"):
+    if report["config"]["method_options"]:
         lines.append(f"method options: {report['config']['method_options']}")
     for arch_name, builds in report["build"].items():
         if not builds:

@@ -133,6 +133,7 @@ def test_build_runs_report_every_stage(tmp_path):
     assert figures["T2_esm++_over_tsv_build"] == builds["2"]["esm++"]["seconds"] / builds["2"]["tsv"]["seconds"]
     alone = {"2": {"esm++": builds["2"]["esm++"]}}
     report = {"device": "cpu", "environment": {"load_average": None}, "build": {"tiny": alone}, "runtime": {}}
+    report["config"] = asdict(config)
     report["targets"] = {"tiny": targets(alone, None, TINY_ARCH, config)}
     assert report["targets"]["tiny"] == {}
     assert f"none in this run: {NO_TARGETS_HINT}" in format_report(report)  # says what would compute one
@@ -151,6 +152,7 @@ def test_runtime_compares_routed_and_plain_in_torch_and_onnxruntime():
     assert export["providers"] == ["CPUExecutionProvider"] and export["threads"] == torch.get_num_threads()
     assert export["plain_error"] < 1e-4 and export["routed_parity"]["passed"]
     report = {
+        "config": asdict(config),
         "device": "cpu",
         "environment": {"load_average": None},
         "build": {},
