@@ -8,6 +8,7 @@ and cleaned up by the next write. :func:`exit_on_terminate` makes SIGTERM clean 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import signal
@@ -26,6 +27,13 @@ def is_write_failure(exc: BaseException) -> bool:
     return isinstance(exc, OSError) or (isinstance(exc, SafetensorError) and "I/O error" in str(exc))
 
 
+def is_out_of_space(exc: BaseException) -> bool:
+    """Whether the write failure ``exc`` is a full disk or quota (rather than, say, a forbidden folder)."""
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+    return "No space left" in str(exc) or "quota" in str(exc).lower()
+
+
 @contextlib.contextmanager
 def storage_errors(describe: Callable[[Exception], str]) -> Iterator[None]:
     """Turn a failed write inside the block (:func:`is_write_failure`) into a :class:`StorageError` whose
@@ -38,9 +46,35 @@ def storage_errors(describe: Callable[[Exception], str]) -> Iterator[None]:
         raise StorageError(describe(exc)) from exc
 
 
+def write_failure_advice(exc: Exception, folder: Path, elsewhere: str) -> str:
+    """What to do about the failed write ``exc`` in ``folder``: on a full disk or quota, how much is free
+    there and to free some or write ``elsewhere``; otherwise (a forbidden or missing folder) ``elsewhere``."""
+    if is_out_of_space(exc):
+        return f"{free_mib(folder):.1f} MiB are free there; free some space, or {elsewhere}"
+    return elsewhere
+
+
+def nearest_existing(path: Path) -> Path:
+    """``path`` itself if it exists, else its nearest ancestor that does."""
+    return next(folder for folder in (Path(path), *Path(path).absolute().parents) if folder.exists())
+
+
 def free_mib(path: Path) -> float:
-    """MiB free on the file system holding ``path``."""
-    return shutil.disk_usage(path).free / 2**20
+    """MiB free on the file system that holds ``path``, or would hold it: its nearest existing folder."""
+    return shutil.disk_usage(nearest_existing(path)).free / 2**20
+
+
+def check_writable_folder(folder: Path, elsewhere: str) -> None:
+    """Raise :class:`StorageError` now, creating nothing, when ``folder`` could neither be created nor
+    written: its nearest existing ancestor is a file, or a folder this process may not write to."""
+    existing = nearest_existing(folder)
+    if not existing.is_dir():
+        problem = "is a file"
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        problem = "is not writable"
+    else:
+        return
+    raise StorageError(f"cannot write under {folder}: {existing} {problem}. Nothing was written: {elsewhere}.")
 
 
 def _fsync_tree(root: Path) -> None:
@@ -51,6 +85,39 @@ def _fsync_tree(root: Path) -> None:
 
 
 @contextlib.contextmanager
+def _staging_directory(destination: Path, overwrite: bool, elsewhere: str) -> Iterator[Path]:
+    """An empty hidden sibling of ``destination`` for the duration of the block, removed after it; failed
+    writes in the block, its own creation included, become a :class:`StorageError` (see
+    :func:`atomic_directory`)."""
+    if destination.exists() and not overwrite:
+        raise EsmppError(f"{destination} already exists. Pass --overwrite to replace it, or choose another --out.")
+
+    def describe(exc: Exception) -> str:
+        advice = write_failure_advice(exc, destination, elsewhere)
+        return f"could not write {destination} ({exc}). Nothing was written: {advice}."
+
+    staging = None
+    try:
+        with storage_errors(describe):
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            for stale in destination.parent.glob(f".{destination.name}.tmp-*"):
+                shutil.rmtree(stale, ignore_errors=True)
+            staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.tmp-", dir=destination.parent))
+            yield staging
+    finally:
+        if staging is not None and staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def check_destination(destination: Path, overwrite: bool = False, elsewhere: str = "choose another --out") -> None:
+    """Fail now, before any long work, where :func:`atomic_directory` would fail at the end: ``destination``
+    exists and not ``overwrite``, or its folder cannot be created or written. Creates the missing parent
+    folders, as the write would."""
+    with _staging_directory(Path(destination), overwrite, elsewhere):
+        pass
+
+
+@contextlib.contextmanager
 def atomic_directory(
     destination: Path, overwrite: bool = False, elsewhere: str = "choose another --out"
 ) -> Iterator[Path]:
@@ -58,37 +125,20 @@ def atomic_directory(
 
     Raises ``EsmppError`` up front if ``destination`` exists and ``overwrite`` is false. On any error
     the temporary directory is removed and ``destination`` is left as it was; a failed write (a full disk,
-    say) becomes a :class:`StorageError` that names ``destination``, the room left there and how to write
-    ``elsewhere``.
+    a forbidden folder) becomes a :class:`StorageError` that names ``destination``, the room left there
+    when the disk is full, and how to write ``elsewhere``.
     """
     destination = Path(destination)
-    if destination.exists() and not overwrite:
-        raise EsmppError(f"{destination} already exists. Pass --overwrite to replace it, or choose another --out.")
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    for stale in destination.parent.glob(f".{destination.name}.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.tmp-", dir=destination.parent))
-
-    def describe(exc: Exception) -> str:
-        return (
-            f"could not write {destination} ({exc}); {free_mib(destination.parent):.1f} MiB are free there. "
-            f"Nothing was written: free some space, or {elsewhere}."
-        )
-
-    try:
-        with storage_errors(describe):
-            yield staging
-            _fsync_tree(staging)
-            if destination.exists():
-                retired = Path(tempfile.mkdtemp(prefix=f".{destination.name}.tmp-old-", dir=destination.parent))
-                os.replace(destination, retired / destination.name)
-                os.replace(staging, destination)
-                shutil.rmtree(retired, ignore_errors=True)
-            else:
-                os.replace(staging, destination)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+    with _staging_directory(destination, overwrite, elsewhere) as staging:
+        yield staging
+        _fsync_tree(staging)
+        if destination.exists():
+            retired = Path(tempfile.mkdtemp(prefix=f".{destination.name}.tmp-old-", dir=destination.parent))
+            os.replace(destination, retired / destination.name)
+            os.replace(staging, destination)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            os.replace(staging, destination)
 
 
 def exit_on_terminate() -> None:

@@ -33,7 +33,13 @@ from tqdm.auto import tqdm
 
 from esmpp.architecture import Architecture, build_visual, linear_keys
 from esmpp.artifact import Artifact, TaskInfo, save_artifact
-from esmpp.atomic import exit_on_terminate, free_mib, storage_errors
+from esmpp.atomic import (
+    check_writable_folder,
+    exit_on_terminate,
+    free_mib,
+    storage_errors,
+    write_failure_advice,
+)
 from esmpp.build import BuildOptions, build_artifact
 from esmpp.checkpoints import Encoder, load_encoder, save_encoder
 from esmpp.errors import StorageError
@@ -45,7 +51,7 @@ from esmpp.runtime.model import Experts
 ROUTED_METHOD = "esm++"  # the full ESM++ build; every other name is a static merge method
 DEFAULT_METHODS = (ROUTED_METHOD, "esm", "tsv", "task_arithmetic")
 RUNTIMES = ("torch", "onnxruntime")
-WORKDIR_HINT = "Pass --workdir on a disk with more room"  # the bench writes its checkpoints and builds there
+WORKDIR_HINT = "pass another --workdir"  # the bench writes its checkpoints and builds there
 BUILD_STAGES = ("load", "capture", "decompose", "merge", "alpha", "experts", "prototypes", "save", "other")
 
 
@@ -132,15 +138,13 @@ def write_workload(arch: Architecture | str, num_tasks: int, directory: Path, se
     torch.manual_seed(seed)
     pretrained = {key: value.detach() for key, value in build_visual(arch).state_dict().items()}
     _check_room_for(missing, sum(value.nbytes for value in pretrained.values()), directory)
-    directory.mkdir(parents=True, exist_ok=True)
 
     def describe(exc: Exception) -> str:  # the room check passed, but something else filled the disk
-        return (
-            f"could not write the synthetic checkpoints under {directory} ({exc}); {free_mib(directory):.0f} MiB "
-            f"are free there. {WORKDIR_HINT}, or fewer --tasks."
-        )
+        advice = write_failure_advice(exc, directory, f"{WORKDIR_HINT} or fewer --tasks")
+        return f"could not write the synthetic checkpoints under {directory} ({exc}); {advice}."
 
     with storage_errors(describe):
+        directory.mkdir(parents=True, exist_ok=True)
         if pretrained_path in missing:
             save_encoder(Encoder(arch, pretrained, "random pretrained"), pretrained_path)
         for t, path in enumerate(tqdm(paths, desc=f"write {arch.name} fine-tunes", unit="task", leave=False)):
@@ -153,12 +157,11 @@ def write_workload(arch: Architecture | str, num_tasks: int, directory: Path, se
 def _check_room_for(files: list[Path], bytes_per_file: int, directory: Path) -> None:
     """Raise :class:`StorageError` before writing anything, ``directory`` itself included, when ``files``
     would not fit there (a ViT-L/14 workload at T = 20 is 25 GB), rather than part-way through."""
-    existing = next(folder for folder in (directory, *directory.absolute().parents) if folder.exists())
-    needed, free = len(files) * bytes_per_file / 2**20, free_mib(existing)
+    needed, free = len(files) * bytes_per_file / 2**20, free_mib(directory)
     if needed > free:
         raise StorageError(
             f"the {len(files)} synthetic checkpoints still to write need {needed:.0f} MiB under {directory}, "
-            f"which has {free:.0f} MiB free. {WORKDIR_HINT}, or fewer --tasks."
+            f"which has {free:.0f} MiB free. Free some space, {WORKDIR_HINT}, or ask for fewer --tasks."
         )
 
 
@@ -208,17 +211,15 @@ def run_build(workload: Workload, method: str, num_tasks: int, config: BenchConf
             )
             artifact = build_artifact(pretrained, tasks, options, progress=False)
             with stage("save"):
-                save_artifact(artifact, out / "artifact", overwrite=True, elsewhere=WORKDIR_HINT.lower())
+                save_artifact(artifact, out / "artifact", overwrite=True, elsewhere=WORKDIR_HINT)
         else:
             task_vector = merge_streaming(pretrained, tasks, merge_method(method_options, len(tasks)), progress=False)
             with stage("alpha"):
                 merged = apply_task_vector(pretrained.state, task_vector, 1.0)
 
             def describe(exc: Exception) -> str:
-                return (
-                    f"could not write the {method} build's merged encoder under {out} ({exc}); "
-                    f"{free_mib(out):.0f} MiB are free there. {WORKDIR_HINT}."
-                )
+                advice = write_failure_advice(exc, out, WORKDIR_HINT)
+                return f"could not write the {method} build's merged encoder under {out} ({exc}); {advice}."
 
             with stage("save"), storage_errors(describe):
                 save_encoder(Encoder(pretrained.arch, merged, method), out / "merged.safetensors")
@@ -454,6 +455,8 @@ def _version(package: str) -> str | None:
 def run_bench(config: BenchConfig, workdir: Path, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run every workload of ``config`` (checkpoints under ``workdir``) and return the JSON-able report."""
     check_run_options([backbone_method(method) for method in config.methods], config.method_options)
+    if config.methods:  # the builds write their checkpoints and outputs there
+        check_writable_folder(workdir, WORKDIR_HINT)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if config.threads is not None:
         torch.set_num_threads(config.threads)

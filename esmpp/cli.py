@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from esmpp.atomic import exit_on_terminate, storage_errors
+from esmpp.atomic import check_destination, exit_on_terminate, storage_errors
 from esmpp.errors import EsmppError
 
 app = typer.Typer(
@@ -210,8 +210,7 @@ def build(
 
     if (config is None) == (zoo is None):
         raise EsmppError("give either a CONFIG file or --zoo tiny|mini (not both). See `esmpp build --help`.")
-    if out.exists() and not overwrite:
-        raise EsmppError(f"{out} already exists. Pass --overwrite to replace it, or choose another --out.")
+    check_destination(out, overwrite)  # here, not after the build
     flags = {
         "method": method,
         "rank": rank,
@@ -378,6 +377,9 @@ def _compare(zoo: Preset, methods_: str, out: Path, artifact_out: Path | None, v
     method_options = method_options or {}
     check_run_options([*names, *(variant.method for variant in variants)], method_options)
     _prepare_output(out)
+    artifact_elsewhere = "choose another folder for the artifact"  # --artifact of compare, --out of demo
+    if artifact_out is not None:
+        check_destination(artifact_out, overwrite=True, elsewhere=artifact_elsewhere)
     z = _zoo(zoo, None)
     report = compare_on_zoo(z, names, variants, run_options=method_options)
     artifacts = report.pop("artifacts")
@@ -394,7 +396,7 @@ def _compare(zoo: Preset, methods_: str, out: Path, artifact_out: Path | None, v
     _write_report(out, report)
     typer.echo(f"report: {out}")
     if artifact_out is not None:
-        save_artifact(list(artifacts.values())[-1], artifact_out, overwrite=True)
+        save_artifact(list(artifacts.values())[-1], artifact_out, overwrite=True, elsewhere=artifact_elsewhere)
         typer.echo(f"ESM++ artifact ({list(artifacts)[-1]}): {artifact_out}")
     return z
 

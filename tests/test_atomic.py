@@ -1,10 +1,12 @@
 import errno
+import re
 
 import pytest
 from safetensors import SafetensorError
 
-from esmpp.atomic import atomic_directory, is_write_failure
-from esmpp.errors import StorageError
+from esmpp import atomic
+from esmpp.atomic import atomic_directory, check_destination, check_writable_folder, free_mib, is_write_failure
+from esmpp.errors import EsmppError, StorageError
 
 DISK_FULL = [
     OSError(errno.ENOSPC, "No space left on device"),
@@ -20,7 +22,7 @@ def test_a_failed_write_names_the_destination_and_leaves_nothing(tmp_path, failu
         raise failure
     message = str(raised.value)
     assert str(destination) in message and "No space left on device" in message and "MiB are free" in message
-    assert "choose another --out" in message and raised.value.__cause__ is failure
+    assert "free some space, or choose another --out" in message and raised.value.__cause__ is failure
     assert list(tmp_path.iterdir()) == []
 
 
@@ -32,3 +34,43 @@ def test_other_errors_pass_through_unchanged(tmp_path, error):
         raise error
     assert raised.value is error and not is_write_failure(error)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_destination_whose_folder_cannot_be_made_is_a_storage_error_that_does_not_blame_the_disk(tmp_path):
+    a_file = tmp_path / "file"
+    a_file.write_text("not a folder")
+    destination = a_file / "models" / "artifact"
+    with pytest.raises(StorageError) as raised, atomic_directory(destination):
+        pytest.fail("the block must not run")
+    message = str(raised.value)
+    assert str(destination) in message and "Not a directory" in message and "choose another --out" in message
+    assert "MiB are free" not in message and "free some space" not in message
+    assert sorted(tmp_path.iterdir()) == [a_file]
+
+
+def test_checking_a_destination_fails_where_the_write_would_and_leaves_only_its_parent_folders(tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(StorageError, match="File exists"):  # mkdir of the folder, which is a file
+        check_destination(tmp_path / "file" / "artifact")
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    with pytest.raises(EsmppError, match="--overwrite"):
+        check_destination(existing)
+    check_destination(existing, overwrite=True)
+    check_destination(tmp_path / "new" / "artifact")
+    assert sorted(path.name for path in tmp_path.rglob("*")) == ["existing", "file", "new"]
+
+
+def test_free_space_is_measured_where_a_missing_folder_would_be_made(tmp_path):
+    assert free_mib(tmp_path / "not" / "yet") == pytest.approx(free_mib(tmp_path), rel=0.01)
+
+
+def test_a_folder_that_could_not_be_written_is_refused_without_creating_anything(tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(StorageError, match=r"file is a file\. Nothing was written: pass another --workdir"):
+        check_writable_folder(tmp_path / "file" / "work", "pass another --workdir")
+    check_writable_folder(tmp_path / "new" / "work", "pass another --workdir")
+    monkeypatch.setattr(atomic.os, "access", lambda path, mode: False)  # as a read-only folder (root may write any)
+    with pytest.raises(StorageError, match=re.escape(f"{tmp_path} is not writable")):
+        check_writable_folder(tmp_path / "new" / "work", "pass another --workdir")
+    assert [path.name for path in tmp_path.iterdir()] == ["file"]

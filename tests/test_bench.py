@@ -44,7 +44,7 @@ def test_synthetic_task_vectors_are_low_rank_plus_small_noise(tiny_visual):
 def test_a_workload_that_would_not_fit_is_refused_before_anything_is_written(tmp_path, monkeypatch):
     free = 100 * 2**10  # three tiny checkpoints need 0.37 MiB
     monkeypatch.setattr(bench_module, "free_mib", lambda path: free / 2**20)
-    with pytest.raises(StorageError, match="--workdir on a disk with more room") as raised:
+    with pytest.raises(StorageError, match="pass another --workdir") as raised:
         write_workload(TINY_ARCH, 2, tmp_path / "workload")
     assert str(tmp_path / "workload") in str(raised.value) and "3 synthetic checkpoints" in str(raised.value)
     assert list(tmp_path.iterdir()) == []  # not even the folder
@@ -85,9 +85,10 @@ def test_a_disk_that_fills_while_the_workload_is_written_leaves_whole_checkpoint
 
     real_save_file = checkpoints_module.save_file
     monkeypatch.setattr(checkpoints_module, "save_file", save_or_fill_the_disk)
-    with pytest.raises(StorageError, match="--workdir on a disk with more room") as raised:
+    with pytest.raises(StorageError, match="pass another --workdir") as raised:
         write_workload(TINY_ARCH, 2, tmp_path / "workload")
     assert str(tmp_path / "workload") in str(raised.value) and "No space left on device" in str(raised.value)
+    assert "MiB are free there; free some space" in str(raised.value)
     assert sorted(path.name for path in (tmp_path / "workload").iterdir()) == [
         "pretrained-0.safetensors",
         "task0-0.safetensors",
@@ -108,7 +109,7 @@ def test_a_build_whose_output_does_not_fit_says_where_to_write_it(tmp_path, monk
     for module in (checkpoints_module, artifact_module):
         monkeypatch.setattr(module, "save_file", fill_the_disk)
     for method in ("tsv", "esm++"):
-        with pytest.raises(StorageError, match="--workdir on a disk with more room") as raised:
+        with pytest.raises(StorageError, match="pass another --workdir") as raised:
             run_build(workload, method, 2, BenchConfig(proxy_images=2, rank=2), out)
         assert str(out) in str(raised.value)
         assert list(out.iterdir()) == []

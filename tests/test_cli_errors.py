@@ -105,6 +105,16 @@ CASES = {
         lambda root, config, *_: ["bench", "--workdir", root / "bench-work", "--out", config / "bench.json"],
         "cannot create the folder of --out",
     ),
+    # An artifact folder that cannot be made: refused before the build, not with a traceback after it.
+    "artifact under a file": (lambda root, config, *_: ["build", config, "--out", config / "a"], "another --out"),
+    "compare artifact under a file": (
+        lambda root, config, *_: ["compare", "--zoo", "tiny", "--out", root / "r.json", "--artifact", config / "a"],
+        "choose another folder for the artifact",
+    ),
+    "bench workdir under a file": (
+        lambda root, config, *_: ["bench", "--workdir", config / "work", "--tasks", "2", "--out", root / "b.json"],
+        "is a file. Nothing was written: pass another --workdir",
+    ),
 }
 
 
