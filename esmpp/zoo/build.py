@@ -201,7 +201,7 @@ def build_zoo(
     root = Path(root) if root is not None else default_root(recipe.name)
     if (root / MANIFEST).is_file() and not force:
         return Zoo.load(root)
-    elsewhere = "set ESMPP_CACHE to a folder on a disk with more room"
+    elsewhere = "set ESMPP_CACHE to another folder"
     with atomic_directory(root, overwrite=True, elsewhere=elsewhere) as staging, deterministic(recipe.seed):
         _build_into(recipe, staging, progress)
     return Zoo.load(root)

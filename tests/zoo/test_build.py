@@ -86,7 +86,7 @@ def test_a_full_disk_leaves_no_zoo_and_says_where_else_to_build_it(tmp_path: Pat
         raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
     monkeypatch.setattr(build_module, "save_file", disk_full)  # the task heads
-    with pytest.raises(StorageError, match=r"could not write .*z .*set ESMPP_CACHE to a folder"):
+    with pytest.raises(StorageError, match=r"could not write .*z .*free some space, or set ESMPP_CACHE to another"):
         build_zoo(_one_task_in_two_steps(), root=tmp_path / "z", progress=False)
     assert list(tmp_path.iterdir()) == []
 
