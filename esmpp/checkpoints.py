@@ -338,21 +338,41 @@ def _tensor(state: dict[str, Tensor], key: str, ndim: int, source: str) -> Tenso
 # ---------------------------------------------------------------------------------------------- readers
 
 
+def probe_checkpoint(path: str | os.PathLike[str]) -> None:
+    """Check now, from a few bytes, that ``path`` is something :func:`load_encoder` reads: an existing file
+    in a checkpoint format, or a folder with model weights. Raises the :class:`CheckpointError` that loading
+    it would; the tensors themselves are checked when it loads. A build probes every task first, so that a
+    mistyped path fails before the long work, not after the tasks before it."""
+    path = Path(path)
+    if path.is_dir():
+        _directory_weights(path)
+    else:
+        _file_format(path)
+
+
 def _read(path: Path, allow_pickle: bool) -> _Found:
     if path.is_dir():
         return _read_directory(path, allow_pickle)
+    if _file_format(path) == "torch":
+        return _read_torch(path, allow_pickle)
+    return _read_safetensors([path], str(path))
+
+
+def _file_format(path: Path) -> str:
+    """'torch' or 'safetensors', from the first bytes of the file ``path``."""
     if not path.is_file():
         raise CheckpointError(f"{path} does not exist. {_SUPPORTED}.")
     with path.open("rb") as file:
         head = file.read(len(_TORCH_LEGACY_MAGIC))
     if head.startswith((_TORCH_ZIP_MAGIC, _TORCH_LEGACY_MAGIC)):
-        return _read_torch(path, allow_pickle)
+        return "torch"
     if head[8:9] == b"{":  # safetensors: 8-byte header length, then the JSON header
-        return _read_safetensors([path], str(path))
+        return "safetensors"
     raise CheckpointError(f"{path} is not a checkpoint (it starts with {head[:8]!r}). {_SUPPORTED}.")
 
 
-def _read_directory(path: Path, allow_pickle: bool) -> _Found:
+def _directory_weights(path: Path) -> Path:
+    """The weights file of the model folder ``path`` (the first of the known names present)."""
     names = (*_HF_WEIGHT_FILES, *_OPEN_CLIP_WEIGHT_FILES)
     weights = [path / name for name in names if (path / name).is_file()]
     if not weights:
@@ -360,7 +380,11 @@ def _read_directory(path: Path, allow_pickle: bool) -> _Found:
             f"{path} is a directory without model weights: expected one of "
             f"{', '.join(_HF_WEIGHT_FILES + _OPEN_CLIP_WEIGHT_FILES)}. {_SUPPORTED}."
         )
-    weights_file = weights[0]
+    return weights[0]
+
+
+def _read_directory(path: Path, allow_pickle: bool) -> _Found:
+    weights_file = _directory_weights(path)
     if weights_file.name.endswith(".index.json"):
         shards = sorted(set(_read_json(weights_file).get("weight_map", {}).values()))
         found = _read_safetensors([path / shard for shard in shards], str(path))

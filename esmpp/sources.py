@@ -10,7 +10,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from esmpp.architecture import Architecture
-from esmpp.checkpoints import Encoder, load_encoder
+from esmpp.checkpoints import Encoder, load_encoder, probe_checkpoint
 from esmpp.config import BuildConfig
 from esmpp.errors import ConfigError
 from esmpp.heads import zero_shot_head
@@ -76,11 +76,12 @@ def load_head(path: Path, classes: list[str] | None, embed_dim: int) -> tuple[to
 
 def config_sources(config: BuildConfig) -> tuple[Encoder, list[TaskSource]]:
     """The pretrained encoder and the task sources of a build config (checkpoints and proxy images load
-    lazily; the proxy folders are checked now)."""
+    lazily; the checkpoint paths and the proxy folders are checked now)."""
     pretrained = load_encoder(config.pretrained, arch=config.architecture, allow_pickle=config.allow_pickle)
     arch = pretrained.arch
     tasks = []
     for task in config.tasks:
+        probe_checkpoint(task.checkpoint)
         if task.head is not None:
             head, classes = load_head(task.head, task.classes, arch.embed_dim)
         else:

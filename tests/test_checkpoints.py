@@ -21,6 +21,7 @@ from esmpp.checkpoints import (
     check_compatible,
     infer_architecture,
     load_encoder,
+    probe_checkpoint,
     save_encoder,
 )
 from esmpp.errors import ArchitectureError, CheckpointError
@@ -467,6 +468,29 @@ def test_missing_path_and_directory_without_weights(tmp_path):
         load_encoder(tmp_path / "nowhere.pt")
     with pytest.raises(CheckpointError, match=r"without model weights.*model\.safetensors"):
         load_encoder(tmp_path)
+
+
+@pytest.mark.parametrize("make", ["missing", "not a checkpoint", "folder without weights"])
+def test_probing_a_checkpoint_raises_what_loading_it_would(tmp_path, make):
+    path = tmp_path / "model"
+    if make == "not a checkpoint":
+        path.write_bytes(b"<html>a download error page</html>")
+    elif make == "folder without weights":
+        path.mkdir()
+    with pytest.raises(CheckpointError) as loading:
+        load_encoder(path)
+    with pytest.raises(CheckpointError) as probing:
+        probe_checkpoint(path)
+    assert str(probing.value) == str(loading.value)
+
+
+def test_probing_accepts_every_format_loading_does(tmp_path, tiny_visual):
+    save_file(tiny_visual.state_dict(), tmp_path / "a.safetensors")
+    torch.save(tiny_visual.state_dict(), tmp_path / "a.pt")
+    (tmp_path / "hub").mkdir()
+    save_file(tiny_visual.state_dict(), tmp_path / "hub" / "open_clip_model.safetensors")
+    for path in ("a.safetensors", "a.pt", "hub"):
+        probe_checkpoint(tmp_path / path)
 
 
 def test_corrupted_architecture_metadata_is_reported(tmp_path, tiny_visual):

@@ -10,7 +10,7 @@ from esmpp.architecture import build_visual
 from esmpp.build import build_artifact
 from esmpp.checkpoints import Encoder, save_encoder
 from esmpp.config import load_config
-from esmpp.errors import ConfigError
+from esmpp.errors import CheckpointError, ConfigError
 from esmpp.sources import config_sources
 from tests.conftest import TINY_ARCH
 
@@ -80,6 +80,12 @@ def test_empty_proxy_folder_is_named(config_file):
     for png in (config_file.parent / "proxy1").iterdir():
         png.unlink()
     with pytest.raises(ConfigError, match="proxy1: the proxy folder has no images"):
+        config_sources(load_config(config_file))
+
+
+def test_a_missing_checkpoint_is_named_before_any_task_loads(config_file):
+    (config_file.parent / "task1.safetensors").unlink()  # the last task: found only after the others, before
+    with pytest.raises(CheckpointError, match=r"task1\.safetensors does not exist"):
         config_sources(load_config(config_file))
 
 
