@@ -29,7 +29,7 @@ from collections.abc import Iterable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import open_clip
 import torch
@@ -358,8 +358,8 @@ def _read(path: Path, allow_pickle: bool) -> _Found:
     return _read_safetensors([path], str(path))
 
 
-def _file_format(path: Path) -> str:
-    """'torch' or 'safetensors', from the first bytes of the file ``path``."""
+def _file_format(path: Path) -> Literal["torch", "safetensors"]:
+    """The format of the file ``path``, from its first bytes."""
     if not path.is_file():
         raise CheckpointError(f"{path} does not exist. {_SUPPORTED}.")
     with path.open("rb") as file:
