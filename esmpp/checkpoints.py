@@ -170,9 +170,9 @@ def check_compatible(pretrained: Encoder, finetuned: Encoder) -> None:
         )
 
 
-def check_state(state: dict[str, Tensor], arch: Architecture, source: str) -> None:
+def check_state(state: dict[str, Tensor], arch: Architecture, source: str, values: bool = True) -> None:
     """Raise :class:`CheckpointError` unless ``state`` has exactly the keys and shapes of ``arch``'s
-    vision tower and only finite values."""
+    vision tower and (unless not ``values``, e.g. for shapes read from a header) only finite values."""
     with torch.device("meta"):
         expected = {key: tuple(value.shape) for key, value in build_visual(arch).state_dict().items()}
     fix = (
@@ -198,7 +198,7 @@ def check_state(state: dict[str, Tensor], arch: Architecture, source: str) -> No
             f"{source}: {len(extra)} keys are not part of architecture {arch.name!r}, e.g. {extra[:4]}. "
             f"{fix}. Only open_clip ViT vision towers are supported."
         )
-    for key, value in state.items():
+    for key, value in state.items() if values else ():
         if not value.is_floating_point():
             raise CheckpointError(
                 f"{source}: {key} holds {value.dtype} values, expected floating-point weights. The checkpoint "
@@ -338,16 +338,19 @@ def _tensor(state: dict[str, Tensor], key: str, ndim: int, source: str) -> Tenso
 # ---------------------------------------------------------------------------------------------- readers
 
 
-def probe_checkpoint(path: str | os.PathLike[str]) -> None:
-    """Check now, from a few bytes, that ``path`` is something :func:`load_encoder` reads: an existing file
-    in a checkpoint format, or a folder with model weights. Raises the :class:`CheckpointError` that loading
-    it would; the tensors themselves are checked when it loads. A build probes every task first, so that a
-    mistyped path fails before the long work, not after the tasks before it."""
+def probe_checkpoint(path: str | os.PathLike[str], arch: Architecture | None = None) -> None:
+    """Check now, without reading any weights, that ``path`` is something :func:`load_encoder` reads: an
+    existing file in a checkpoint format, or a folder with model weights; with ``arch``, a safetensors
+    checkpoint's keys and shapes too, from its header. Raises the :class:`CheckpointError` that loading it
+    would; the values (and torch files' contents) are checked when it loads. A build probes every task
+    first, so that a wrong path or model fails before the long work, not after the tasks before it."""
     path = Path(path)
-    if path.is_dir():
-        _directory_weights(path)
-    else:
-        _file_format(path)
+    weights = _directory_weights(path) if path.is_dir() else path
+    sharded = weights.name.endswith(".index.json")
+    if sharded or _file_format(weights) != "safetensors" or arch is None:
+        return
+    found = _read_safetensors([weights], str(path), shapes_only=True)
+    check_state(found.state, arch, str(path), values=False)
 
 
 def _read(path: Path, allow_pickle: bool) -> _Found:
@@ -433,8 +436,9 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def _read_safetensors(paths: list[Path], source: str) -> _Found:
-    """Read only the visual keys of one safetensors file or of the shards of one checkpoint."""
+def _read_safetensors(paths: list[Path], source: str, shapes_only: bool = False) -> _Found:
+    """Read only the visual keys of one safetensors file or of the shards of one checkpoint; with
+    ``shapes_only``, only their shapes from the header (as tensors on the meta device)."""
     with ExitStack() as stack:
         try:
             handles = [stack.enter_context(safe_open(str(p), framework="pt")) for p in paths]
@@ -442,7 +446,10 @@ def _read_safetensors(paths: list[Path], source: str) -> _Found:
             raise CheckpointError(f"{source} is not a valid safetensors file ({exc}). {_SUPPORTED}.") from exc
         owner = {key: handle for handle in handles for key in handle.keys()}  # noqa: SIM118 (not a dict)
         layout = _locate_visual(owner, source)
-        tensors = {key: owner[key].get_tensor(key) for key in layout.keys}
+        if shapes_only:
+            tensors = {key: torch.empty(owner[key].get_slice(key).get_shape(), device="meta") for key in layout.keys}
+        else:
+            tensors = {key: owner[key].get_tensor(key) for key in layout.keys}
         metadata = handles[0].metadata() or {}
     found = _canonical(layout, tensors, source)
     if ENCODER_METADATA_KEY in metadata:

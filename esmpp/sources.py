@@ -81,7 +81,7 @@ def config_sources(config: BuildConfig) -> tuple[Encoder, list[TaskSource]]:
     arch = pretrained.arch
     tasks = []
     for task in config.tasks:
-        probe_checkpoint(task.checkpoint)
+        probe_checkpoint(task.checkpoint, arch)
         if task.head is not None:
             head, classes = load_head(task.head, task.classes, arch.embed_dim)
         else:

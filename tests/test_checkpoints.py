@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import sys
@@ -317,6 +318,19 @@ def test_hf_clip_model_directory_and_bare_vision_model(tmp_path, transformers_cl
         )
 
 
+def test_probing_an_hf_folder_maps_its_header_as_loading_does(tmp_path, transformers_clip):
+    model = transformers_clip.CLIPVisionModelWithProjection(hf_vision_config(transformers_clip))
+    model.save_pretrained(tmp_path)
+    arch = load_encoder(tmp_path).arch
+    probe_checkpoint(tmp_path, arch)
+    deeper = dataclasses.replace(arch, vision={**arch.vision, "layers": 3})
+    with pytest.raises(CheckpointError) as loading:
+        load_encoder(tmp_path, deeper)
+    with pytest.raises(CheckpointError) as probing:
+        probe_checkpoint(tmp_path, deeper)
+    assert str(probing.value) == str(loading.value) and "missing" in str(probing.value)
+
+
 def test_sharded_hf_safetensors_directory(tmp_path, transformers_clip, tiny_images):
     torch.manual_seed(0)
     model = transformers_clip.CLIPVisionModelWithProjection(hf_vision_config(transformers_clip)).eval()
@@ -491,6 +505,17 @@ def test_probing_accepts_every_format_loading_does(tmp_path, tiny_visual):
     save_file(tiny_visual.state_dict(), tmp_path / "hub" / "open_clip_model.safetensors")
     for path in ("a.safetensors", "a.pt", "hub"):
         probe_checkpoint(tmp_path / path)
+
+
+def test_probing_with_an_architecture_checks_the_safetensors_header_as_loading_does(tmp_path, tiny_arch, tiny_visual):
+    save_file(tiny_visual.state_dict(), tmp_path / "tiny.safetensors")
+    wider = dataclasses.replace(tiny_arch, vision={**tiny_arch.vision, "width": 48})
+    probe_checkpoint(tmp_path / "tiny.safetensors", tiny_arch)
+    with pytest.raises(CheckpointError) as loading:
+        load_encoder(tmp_path / "tiny.safetensors", wider)
+    with pytest.raises(CheckpointError) as probing:
+        probe_checkpoint(tmp_path / "tiny.safetensors", wider)
+    assert str(probing.value) == str(loading.value) and "has shape" in str(probing.value)
 
 
 def test_corrupted_architecture_metadata_is_reported(tmp_path, tiny_visual):

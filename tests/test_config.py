@@ -1,5 +1,7 @@
 """A YAML build config with user files (checkpoints, image folders, head files) → task sources → artifact."""
 
+import dataclasses
+
 import pytest
 import torch
 import yaml
@@ -86,6 +88,13 @@ def test_empty_proxy_folder_is_named(config_file):
 def test_a_missing_checkpoint_is_named_before_any_task_loads(config_file):
     (config_file.parent / "task1.safetensors").unlink()  # the last task: found only after the others, before
     with pytest.raises(CheckpointError, match=r"task1\.safetensors does not exist"):
+        config_sources(load_config(config_file))
+
+
+def test_a_checkpoint_of_another_architecture_is_named_before_any_task_loads(config_file):
+    deeper = dataclasses.replace(TINY_ARCH, vision={**TINY_ARCH.vision, "layers": 3})
+    save_encoder(Encoder(deeper, build_visual(deeper).state_dict(), "task1"), config_file.parent / "task1.safetensors")
+    with pytest.raises(CheckpointError, match=r"task1\.safetensors: 12 keys are not part of architecture 'tiny'"):
         config_sources(load_config(config_file))
 
 
