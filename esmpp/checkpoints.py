@@ -170,12 +170,15 @@ def check_compatible(pretrained: Encoder, finetuned: Encoder) -> None:
         )
 
 
-def check_state(state: dict[str, Tensor], arch: Architecture, source: str, values: bool = True) -> None:
+def check_state(
+    state: dict[str, Tensor], arch: Architecture, source: str, values: bool = True, fix: str | None = None
+) -> None:
     """Raise :class:`CheckpointError` unless ``state`` has exactly the keys and shapes of ``arch``'s
-    vision tower and (unless not ``values``, e.g. for shapes read from a header) only finite values."""
+    vision tower and (unless not ``values``, e.g. for shapes read from a header) only finite values.
+    ``fix``: what the messages tell to do about a key or shape mismatch (default: name the architecture)."""
     with torch.device("meta"):
         expected = {key: tuple(value.shape) for key, value in build_visual(arch).state_dict().items()}
-    fix = (
+    fix = fix or (
         "Pass the architecture the checkpoint was trained with (arch=... / --arch, e.g. ViT-B-16), "
         "or leave it out to infer it from the weights"
     )
@@ -338,19 +341,20 @@ def _tensor(state: dict[str, Tensor], key: str, ndim: int, source: str) -> Tenso
 # ---------------------------------------------------------------------------------------------- readers
 
 
-def probe_checkpoint(path: str | os.PathLike[str], arch: Architecture | None = None) -> None:
+def probe_checkpoint(path: str | os.PathLike[str], arch: Architecture | None = None, fix: str | None = None) -> None:
     """Check now, without reading any weights, that ``path`` is something :func:`load_encoder` reads: an
     existing file in a checkpoint format, or a folder with model weights; with ``arch``, a safetensors
     checkpoint's keys and shapes too, from its header. Raises the :class:`CheckpointError` that loading it
-    would; the values (and torch files' contents) are checked when it loads. A build probes every task
-    first, so that a wrong path or model fails before the long work, not after the tasks before it."""
+    would (``fix``, if given, replaces its advice on a mismatch with ``arch``); the values (and torch files'
+    contents) are checked when it loads. A build probes every task first, so that a wrong path or model fails
+    before the long work, not after the tasks before it."""
     path = Path(path)
     weights = _directory_weights(path) if path.is_dir() else path
     sharded = weights.name.endswith(".index.json")
     if sharded or _file_format(weights) != "safetensors" or arch is None:
         return
     found = _read_safetensors([weights], str(path), shapes_only=True)
-    check_state(found.state, arch, str(path), values=False)
+    check_state(found.state, arch, str(path), values=False, fix=fix)
 
 
 def _read(path: Path, allow_pickle: bool) -> _Found:

@@ -81,7 +81,12 @@ def config_sources(config: BuildConfig) -> tuple[Encoder, list[TaskSource]]:
     arch = pretrained.arch
     tasks = []
     for task in config.tasks:
-        probe_checkpoint(task.checkpoint, arch)
+        probe_checkpoint(
+            task.checkpoint,
+            arch,
+            fix=f"Task checkpoints must be fine-tuned from the pretrained one ({config.pretrained}, {arch.name}): "
+            f"check the checkpoint of task {task.name!r}",
+        )
         if task.head is not None:
             head, classes = load_head(task.head, task.classes, arch.embed_dim)
         else:

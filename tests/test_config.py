@@ -94,8 +94,11 @@ def test_a_missing_checkpoint_is_named_before_any_task_loads(config_file):
 def test_a_checkpoint_of_another_architecture_is_named_before_any_task_loads(config_file):
     deeper = dataclasses.replace(TINY_ARCH, vision={**TINY_ARCH.vision, "layers": 3})
     save_encoder(Encoder(deeper, build_visual(deeper).state_dict(), "task1"), config_file.parent / "task1.safetensors")
-    with pytest.raises(CheckpointError, match=r"task1\.safetensors: 12 keys are not part of architecture 'tiny'"):
+    with pytest.raises(
+        CheckpointError, match=r"task1\.safetensors: 12 keys are not part of architecture 'tiny'"
+    ) as raised:
         config_sources(load_config(config_file))
+    assert "must be fine-tuned from the pretrained one" in str(raised.value) and "task 'task1'" in str(raised.value)
 
 
 def test_missing_config_and_bad_yaml(tmp_path):
