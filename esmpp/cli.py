@@ -210,7 +210,6 @@ def build(
 
     if (config is None) == (zoo is None):
         raise EsmppError("give either a CONFIG file or --zoo tiny|mini (not both). See `esmpp build --help`.")
-    check_destination(out, overwrite)  # here, not after the build
     flags = {
         "method": method,
         "rank": rank,
@@ -227,6 +226,7 @@ def build(
         from esmpp.sources import zoo_sources
 
         options = _build_options(**flags)
+        check_destination(out, overwrite)  # before the long work: the zoo may have to be built
         subset = [name.strip() for name in tasks.split(",")] if tasks else None
         pretrained, sources = zoo_sources(_zoo(zoo, None), subset)
     else:
@@ -236,6 +236,7 @@ def build(
         build_config = load_config(config)
         options = _build_options(build_config.options, **flags)
         pretrained, sources = config_sources(build_config)
+        check_destination(out, overwrite)  # once the config's files are known good, before the long work
     artifact = build_artifact(pretrained, sources, options)
     save_artifact(artifact, out, overwrite=overwrite)
     _print_summary(out, artifact, time.perf_counter() - start)

@@ -135,6 +135,13 @@ def test_errors_are_one_line_and_exit_code_1(monkeypatch, capsys, project, case)
     assert not (project[0] / "bench-work").exists()  # and no long work was started
 
 
+def test_a_config_error_creates_no_folder_for_the_artifact(monkeypatch, capsys, project):
+    root = project[0]
+    code, _, err = _run(monkeypatch, capsys, "build", root / "nope.yaml", "--out", root / "new" / "artifact")
+    assert code == 1 and "no such config" in err
+    assert not (root / "new").exists()
+
+
 def test_a_good_command_still_works(monkeypatch, capsys, project):
     code, out, _ = _run(monkeypatch, capsys, "predict", project[2], project[3], "--json")
     assert code == 0 and '"task": "task' in out
