@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from esmpp.architecture import build_visual
-from esmpp.checkpoints import Encoder, check_compatible, load_encoder, save_encoder
+from esmpp.checkpoints import Encoder, check_compatible, load_encoder, probe_checkpoint, save_encoder
 from esmpp.errors import CheckpointError, EsmppError
 from tests.conftest import TINY_ARCH
 from tests.reliability.cases import attempt
@@ -33,12 +33,17 @@ KEYS = sorted(STATE)
 
 
 def _load(path: Path, arch) -> Encoder | EsmppError:
-    """The contract: an encoder of the right architecture with finite float32 weights, or a CheckpointError."""
+    """The contract: an encoder of the right architecture with finite float32 weights, or a CheckpointError;
+    and the build's up-front probe refuses nothing that loads."""
+    probed = attempt("probe_checkpoint", probe_checkpoint, path, arch)
     result = attempt("load_encoder", load_encoder, path, arch)
+    for outcome in (probed, result):
+        if isinstance(outcome, EsmppError):
+            assert isinstance(outcome, CheckpointError), outcome
+            assert str(path) in str(outcome)  # the message names the file
     if isinstance(result, EsmppError):
-        assert isinstance(result, CheckpointError), result
-        assert str(path) in str(result)  # the message names the file
         return result
+    assert not isinstance(probed, EsmppError), probed
     assert set(result.state) == set(STATE)
     for key, value in result.state.items():
         assert value.dtype == torch.float32 and value.shape == STATE[key].shape and torch.isfinite(value).all()
