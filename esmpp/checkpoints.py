@@ -201,7 +201,9 @@ def check_state(
             f"{source}: {len(extra)} keys are not part of architecture {arch.name!r}, e.g. {extra[:4]}. "
             f"{fix}. Only open_clip ViT vision towers are supported."
         )
-    for key, value in state.items() if values else ():
+    if not values:  # shapes read from a header: there are no values to check
+        return
+    for key, value in state.items():
         if not value.is_floating_point():
             raise CheckpointError(
                 f"{source}: {key} holds {value.dtype} values, expected floating-point weights. The checkpoint "

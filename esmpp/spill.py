@@ -21,7 +21,7 @@ from typing import Any, Generic, TypeVar
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from esmpp.atomic import free_mib, storage_errors
+from esmpp.atomic import storage_errors, write_failure_advice
 
 Item = TypeVar("Item")
 
@@ -65,11 +65,13 @@ class SpillDirectory:
         return Parked(type(item), path, scalars)
 
     def _describe_failure(self, exc: Exception) -> str:
+        advice = write_failure_advice(
+            exc, self.path, "point TMPDIR at a disk with more room, e.g. `TMPDIR=/data/tmp esmpp build ...`"
+        )
         return (
             f"could not park a summary in {self.path} ({exc}); {self.bytes_parked / 2**20:.1f} MiB were parked "
-            f"there so far and {free_mib(self.path):.1f} MiB are free. The build keeps each task's subspaces and "
-            "experts on disk until it needs them and removes them at the end: point TMPDIR at a disk with more "
-            "room, e.g. `TMPDIR=/data/tmp esmpp build ...`."
+            "there so far. The build keeps each task's subspaces and experts on disk until it needs them and "
+            f"removes them at the end: {advice}."
         )
 
     def close(self) -> None:
