@@ -343,19 +343,39 @@ def _tensor(state: dict[str, Tensor], key: str, ndim: int, source: str) -> Tenso
 # ---------------------------------------------------------------------------------------------- readers
 
 
-def probe_checkpoint(path: str | os.PathLike[str], arch: Architecture | None = None, fix: str | None = None) -> None:
+def probe_checkpoint(
+    path: str | os.PathLike[str],
+    arch: Architecture | None = None,
+    fix: str | None = None,
+    allow_pickle: bool = False,
+) -> None:
     """Check now, without reading any weights, that ``path`` is something :func:`load_encoder` reads: an
-    existing file in a checkpoint format, or a folder with model weights; with ``arch``, a safetensors
-    checkpoint's keys and shapes too, from its header. Raises the :class:`CheckpointError` that loading it
-    would (``fix``, if given, replaces its advice on a mismatch with ``arch``); the values (and torch files'
-    contents) are checked when it loads. A build probes every task first, so that a wrong path or model fails
-    before the long work, not after the tasks before it."""
+    existing file in a checkpoint format, or a folder with model weights; with ``arch``, the checkpoint's
+    keys and shapes too, from a safetensors header or a memory-mapped torch file. Raises the
+    :class:`CheckpointError` that loading it would (``fix``, if given, replaces its advice on a mismatch with
+    ``arch``); the values are checked when it loads. A build probes every task first, so that a wrong path or
+    model fails before the long work, not after the tasks before it.
+
+    Checked only when they load: sharded folders, torch files in the legacy (non-zip) format, which cannot
+    be mapped, and, with ``allow_pickle``, whole pickled models, which are not unpickled twice."""
     path = Path(path)
     weights = _directory_weights(path) if path.is_dir() else path
-    sharded = weights.name.endswith(".index.json")
-    if sharded or _file_format(weights) != "safetensors" or arch is None:
+    if weights.name.endswith(".index.json"):
         return
-    found = _read_safetensors([weights], str(path), shapes_only=True)
+    file_format = _file_format(weights)
+    if arch is None:
+        return
+    if file_format == "safetensors":
+        found = _read_safetensors([weights], str(path), shapes_only=True)
+    elif _is_zipped(weights):
+        try:
+            found = _read_torch(weights, allow_pickle=False, shapes_only=True)
+        except CheckpointError as exc:
+            if allow_pickle and isinstance(exc.__cause__, pickle.UnpicklingError):
+                return
+            raise
+    else:
+        return
     check_state(found.state, arch, str(path), values=False, fix=fix)
 
 
@@ -486,11 +506,17 @@ def _metadata_architecture(metadata: dict[str, str], source: str) -> Architectur
         ) from exc
 
 
-def _read_torch(path: Path, allow_pickle: bool) -> _Found:
+def _is_zipped(path: Path) -> bool:
+    """Whether the torch file ``path`` is in the zip format (torch ≥ 1.6), which torch can memory-map."""
+    with path.open("rb") as file:
+        return file.read(len(_TORCH_ZIP_MAGIC)) == _TORCH_ZIP_MAGIC
+
+
+def _read_torch(path: Path, allow_pickle: bool, shapes_only: bool = False) -> _Found:
+    """Read the visual tensors of a torch file; with ``shapes_only`` (a zip file, memory-mapped), only their
+    shapes, as tensors on the meta device, so that no weight is read."""
     try:
-        with path.open("rb") as file:
-            zipped = file.read(4) == _TORCH_ZIP_MAGIC
-        content = torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
+        content = torch.load(path, map_location="cpu", weights_only=True, mmap=_is_zipped(path))
     except pickle.UnpicklingError as exc:
         if not allow_pickle:
             raise CheckpointError(
@@ -505,7 +531,7 @@ def _read_torch(path: Path, allow_pickle: bool) -> _Found:
         raise CheckpointError(
             f"{path} is not a readable torch checkpoint ({type(exc).__name__}: {exc}). {_SUPPORTED}."
         ) from exc
-    return _from_object(content, str(path))
+    return _from_object(content, str(path), shapes_only)
 
 
 def _unpickle(path: Path) -> Any:
@@ -518,9 +544,10 @@ def _unpickle(path: Path) -> Any:
         ) from exc
 
 
-def _from_object(content: Any, source: str) -> _Found:
+def _from_object(content: Any, source: str, shapes_only: bool = False) -> _Found:
     """The visual state inside whatever a torch file held: a state dict (maybe under 'state_dict') or,
-    when unpickled, a whole model."""
+    when unpickled, a whole model; with ``shapes_only``, as tensors on the meta device (so that mapping
+    Hugging Face keys, which concatenates q, k and v, reads nothing)."""
     if isinstance(content, dict) and isinstance(content.get("state_dict"), dict):
         content = content["state_dict"]
     module = content if isinstance(content, nn.Module) else None
@@ -539,7 +566,10 @@ def _from_object(content: Any, source: str) -> _Found:
             f"{_SUPPORTED}, holding a dict of tensors."
         )
     layout = _locate_visual(tensors, source)
-    found = _canonical(layout, {key: tensors[key] for key in layout.keys}, source)
+    selected = {key: tensors[key] for key in layout.keys}
+    if shapes_only:
+        selected = {key: torch.empty_like(value, device="meta") for key, value in selected.items()}
+    found = _canonical(layout, selected, source)
     if module is not None and not layout.hf:
         found.hints.update(module_hints(module.get_submodule(layout.prefix.rstrip("."))))
     return found

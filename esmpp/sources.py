@@ -86,6 +86,7 @@ def config_sources(config: BuildConfig) -> tuple[Encoder, list[TaskSource]]:
             arch,
             fix=f"Task checkpoints must be fine-tuned from the pretrained one ({config.pretrained}, {arch.name}): "
             f"check the checkpoint of task {task.name!r}",
+            allow_pickle=config.allow_pickle,
         )
         if task.head is not None:
             head, classes = load_head(task.head, task.classes, arch.embed_dim)

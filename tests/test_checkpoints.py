@@ -318,9 +318,13 @@ def test_hf_clip_model_directory_and_bare_vision_model(tmp_path, transformers_cl
         )
 
 
-def test_probing_an_hf_folder_maps_its_header_as_loading_does(tmp_path, transformers_clip):
+@pytest.mark.parametrize("weights", ["model.safetensors", "pytorch_model.bin"])
+def test_probing_an_hf_folder_maps_its_keys_as_loading_does(tmp_path, transformers_clip, weights):
     model = transformers_clip.CLIPVisionModelWithProjection(hf_vision_config(transformers_clip))
     model.save_pretrained(tmp_path)
+    if weights == "pytorch_model.bin":  # transformers 5 writes only safetensors
+        (tmp_path / "model.safetensors").unlink()
+        torch.save(model.state_dict(), tmp_path / weights)
     arch = load_encoder(tmp_path).arch
     probe_checkpoint(tmp_path, arch)
     deeper = dataclasses.replace(arch, vision={**arch.vision, "layers": 3})
@@ -392,10 +396,13 @@ def pickled_image_encoder(tmp_path, tiny_arch, tiny_images):
     return path, clip.visual.state_dict(), expected
 
 
-def test_pickled_model_needs_allow_pickle(pickled_image_encoder):
+def test_pickled_model_needs_allow_pickle(pickled_image_encoder, tiny_arch):
     path, _, _ = pickled_image_encoder
     with pytest.raises(CheckpointError, match=r"finetuned\.pt.*arbitrary code.*--allow-pickle.*allow_pickle=True"):
         load_encoder(path)
+    with pytest.raises(CheckpointError, match=r"finetuned\.pt.*arbitrary code.*--allow-pickle"):
+        probe_checkpoint(path, tiny_arch)
+    probe_checkpoint(path, tiny_arch, allow_pickle=True)  # unpickled, and checked, only when it loads
 
 
 def test_pickled_image_encoder_loads_with_its_heads_and_activation(pickled_image_encoder, tiny_arch, tiny_images):
@@ -507,15 +514,36 @@ def test_probing_accepts_every_format_loading_does(tmp_path, tiny_visual):
         probe_checkpoint(tmp_path / path)
 
 
-def test_probing_with_an_architecture_checks_the_safetensors_header_as_loading_does(tmp_path, tiny_arch, tiny_visual):
-    save_file(tiny_visual.state_dict(), tmp_path / "tiny.safetensors")
+@pytest.mark.parametrize("name", ["tiny.safetensors", "tiny.pt"])
+def test_probing_with_an_architecture_checks_the_shapes_as_loading_does(tmp_path, tiny_arch, tiny_visual, name):
+    path = tmp_path / name
+    if name.endswith(".pt"):
+        torch.save({"state_dict": tiny_visual.state_dict()}, path)
+    else:
+        save_file(tiny_visual.state_dict(), path)
     wider = dataclasses.replace(tiny_arch, vision={**tiny_arch.vision, "width": 48})
-    probe_checkpoint(tmp_path / "tiny.safetensors", tiny_arch)
+    probe_checkpoint(path, tiny_arch)
     with pytest.raises(CheckpointError) as loading:
-        load_encoder(tmp_path / "tiny.safetensors", wider)
+        load_encoder(path, wider)
     with pytest.raises(CheckpointError) as probing:
-        probe_checkpoint(tmp_path / "tiny.safetensors", wider)
+        probe_checkpoint(path, wider)
     assert str(probing.value) == str(loading.value) and "has shape" in str(probing.value)
+
+
+def test_probing_a_torch_file_reads_no_weights(tmp_path, tiny_arch, tiny_visual, monkeypatch):
+    path = tmp_path / "tiny.pt"
+    torch.save(tiny_visual.state_dict(), path)
+    devices = []
+    original = checkpoints._canonical
+    monkeypatch.setattr(
+        checkpoints,
+        "_canonical",
+        lambda layout, tensors, source: (
+            devices.extend(t.device.type for t in tensors.values()) or original(layout, tensors, source)
+        ),
+    )
+    probe_checkpoint(path, tiny_arch)
+    assert devices and set(devices) == {"meta"}
 
 
 def test_corrupted_architecture_metadata_is_reported(tmp_path, tiny_visual):
