@@ -151,11 +151,20 @@ def essential_top_from_shift(
 
 
 def _leading_eigenpairs(core: Tensor, rank: int) -> tuple[Tensor, Tensor]:
-    """The ``rank`` largest eigenvalues of the symmetric PSD ``core`` (``n × n``), descending and clamped
-    at 0 (``rank``), and their eigenvectors (``n × rank``)."""
+    """The ``rank`` largest eigenvalues of the symmetric PSD ``core`` (``n × n``), descending (``rank``),
+    and their eigenvectors (``n × rank``).
+
+    Eigenvalues within the solver's rounding of 0 (≤ n·ε·λ_max) are returned as exactly 0: a rank-deficient
+    ΔW (a LoRA fine-tune) or fewer proxy tokens than the rank budget leaves directions of eigenvalue 0, whose
+    basis is arbitrary. Left at their rounding noise (1e-32 to 1e-16 of λ_max), ESM's eigenvalue weighting
+    would give them weights of 0.005–0.03 instead of 0 and its isotropic step would then restore them to full
+    weight, so that the merge would depend on that noise.
+    """
     eigenvalues, vectors = torch.linalg.eigh((core + core.T) / 2)  # ascending; symmetrised against rounding
     kept = slice(eigenvalues.shape[0] - rank, None)
-    return eigenvalues[kept].flip(-1).clamp(min=0), vectors[:, kept].flip(-1)
+    top = eigenvalues[kept].flip(-1)
+    rounding = eigenvalues.shape[0] * torch.finfo(eigenvalues.dtype).eps * eigenvalues[-1].clamp(min=0)
+    return torch.where(top > rounding, top, torch.zeros_like(top)), vectors[:, kept].flip(-1)
 
 
 def _essential(delta64: Tensor, basis: Tensor, eigenvalues: Tensor, num_tokens: int) -> EssentialBasis:

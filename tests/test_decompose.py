@@ -237,6 +237,37 @@ def test_top_components_past_the_rank_of_a_tall_matrix_complete_the_basis_outsid
     assert _owns_only_itself(top.basis) and _owns_only_itself(top.coordinates)
 
 
+@given(
+    st.integers(2, 12),
+    st.integers(2, 12),
+    st.integers(1, 3),
+    st.integers(3, 30),
+    st.booleans(),
+    st.integers(0, 2**31 - 1),
+)
+@SETTINGS
+def test_directions_without_activation_shift_have_eigenvalue_exactly_zero(
+    d_out, d_in, delta_rank, num_tokens, centered, seed
+):
+    """A low-rank ΔW (a LoRA fine-tune), or fewer tokens than directions, leaves directions along which ΔY
+    is 0. Their eigenvalues are exactly 0, not the solver's rounding noise, and the others stay positive:
+    ESM weighs a direction by its eigenvalue, and noise would weigh an arbitrary basis (see test_esm)."""
+    generator = torch.Generator().manual_seed(seed)
+    left = torch.randn(d_out, delta_rank, generator=generator, dtype=torch.float64)
+    delta = left @ torch.randn(delta_rank, d_in, generator=generator, dtype=torch.float64)
+    inputs = torch.randn(num_tokens, d_in, generator=generator, dtype=torch.float64) + 0.5
+    gram, mean = inputs.T @ inputs, inputs.mean(0)
+    shift = (inputs - mean if centered else inputs) @ delta.T
+    shift_rank = min(delta_rank, num_tokens - centered, d_in, d_out)
+    for top in (
+        essential_top(delta, gram, num_tokens, d_out, centered, mean),
+        essential_top_from_shift(delta, (inputs @ delta.T).T @ (inputs @ delta.T), num_tokens, d_out, centered, mean),
+    ):
+        assert int(torch.linalg.matrix_rank(shift)) == shift_rank
+        assert (top.eigenvalues[shift_rank:] == 0).all(), top.eigenvalues
+        assert (top.eigenvalues[:shift_rank] > 0).all(), top.eigenvalues
+
+
 def test_top_components_are_at_most_d_out():
     with pytest.raises(ValueError, match="exceeds d_out"):
         essential_top(torch.randn(3, 5), torch.eye(5), 10, rank=4)

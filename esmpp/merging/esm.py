@@ -97,9 +97,16 @@ def polarized_weights(norms: Tensor, exponent: float) -> Tensor:
 
 
 def eigenvalue_weights(eigenvalues: Tensor, exponent: float) -> Tensor:
-    """Step 3: (λ / mean λ)^exponent renormalised to mean 1 (``k`` → ``k``)."""
+    """Step 3: (λ / mean λ)^exponent renormalised to mean 1 (``k`` → ``k``).
+
+    A task with no activation shift at this layer (every λ = 0: ΔW_t = 0 there, e.g. a block frozen during
+    fine-tuning) has only an arbitrary basis, and (λ / mean λ) is 0/0: its directions get weight 0, the one
+    choice that does not depend on that basis (with weight 1 they would still steer step 6's polar factor).
+    """
+    if not bool((eigenvalues > 0).any()):
+        return torch.zeros_like(eigenvalues)
     weights = polarized_weights(eigenvalues, exponent)
-    return weights / weights.mean() if weights.mean() > 0 else torch.ones_like(weights)
+    return weights / weights.mean()
 
 
 def esm_merge(summaries: list[EssentialSummary], options: EsmOptions) -> Tensor:

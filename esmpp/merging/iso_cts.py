@@ -35,8 +35,12 @@ class IsoCtsOptions(pydantic.BaseModel):
 
 
 def split_ranks(size: int, num_tasks: int, common_fraction: float) -> tuple[int, int]:
-    """(common rank, per-task rank) for ``size`` = min(d_out, d_in) directions shared by ``num_tasks``."""
-    per_task = round((size - int(size * common_fraction)) / num_tasks)
+    """(common rank, per-task rank) for ``size`` = min(d_out, d_in) directions shared by ``num_tasks``.
+
+    The per-task rank is rounded as the authors round it, but never past ``size // num_tasks``: rounding
+    up (size 14, 4 tasks, f = 0: 4 each) would ask for more directions than exist and a negative common rank.
+    """
+    per_task = min(round((size - int(size * common_fraction)) / num_tasks), size // num_tasks)
     return size - per_task * num_tasks, per_task
 
 

@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import torch
 
@@ -7,6 +9,7 @@ from esmpp.merging import LayerStats, merge_task_vectors
 from esmpp.merging.esm import (
     EsmOptions,
     EssentialSubspaceMerging,
+    EssentialSummary,
     eigenvalue_weights,
     esm_merge,
     inter_layer_scaling,
@@ -110,6 +113,34 @@ def test_directions_left_empty_are_left_out_of_step_6_as_the_definition_allows(l
 
     merged = esm_merge(summaries, EsmOptions(**options))
     torch.testing.assert_close(merged, isotropic(basis) @ isotropic(coords))
+
+
+def _another_basis_of_the_directions_without_shift(summary: EssentialSummary, seed: int) -> EssentialSummary:
+    """``summary`` with its eigenvalue-0 directions rotated among themselves: as valid an ESD as the first."""
+    null = summary.eigenvalues == 0
+    count = int(null.sum())
+    rotation, _ = torch.linalg.qr(torch.randn(count, count, generator=torch.Generator().manual_seed(seed)))
+    basis, coords = summary.basis.clone(), summary.coordinates.clone()
+    basis[:, null] = basis[:, null] @ rotation.to(basis.dtype)
+    coords[null] = rotation.T.to(coords.dtype) @ coords[null]
+    return dataclasses.replace(summary, basis=basis, coordinates=coords)
+
+
+@pytest.mark.parametrize(("case", "null_directions"), [("rank-3 fine-tune", 13), ("frozen layer", 16)])
+def test_the_merge_does_not_depend_on_the_arbitrary_basis_of_directions_without_shift(layer, case, null_directions):
+    """Task 0's ΔW is rank 3 (a LoRA fine-tune), or 0 (the layer was frozen): of its k = 16 directions, 13 or
+    all 16 move no activation and have an arbitrary basis. Any choice of that basis gives the same merge."""
+    deltas, stats = layer(num_tasks=4)
+    generator = torch.Generator().manual_seed(5)
+    low_rank = torch.randn(64, 3, generator=generator, dtype=torch.float64) @ torch.randn(3, 16, dtype=torch.float64)
+    deltas[0] = low_rank if case == "rank-3 fine-tune" else torch.zeros_like(deltas[0])
+    method = EssentialSubspaceMerging(None, num_tasks=4)
+    summaries = [method.summarize(FC, delta, task_stats, None)[0] for delta, task_stats in zip(deltas, stats)]
+    assert int((summaries[0].eigenvalues == 0).sum()) == null_directions
+    merged = esm_merge(summaries, EsmOptions())
+    for seed in range(3):
+        rotated = [_another_basis_of_the_directions_without_shift(summaries[0], seed), *summaries[1:]]
+        torch.testing.assert_close(esm_merge(rotated, EsmOptions()), merged)
 
 
 def test_every_variant_runs_and_differs_from_the_default(layer):

@@ -1,4 +1,6 @@
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from esmpp.merging import merge_task_vectors
 from esmpp.merging.iso_cts import split_ranks
@@ -8,6 +10,13 @@ def test_rank_split_gives_every_direction_away():
     assert split_ranks(768, 8, 0.8) == (768 - 8 * 19, 19)
     assert split_ranks(16, 3, 0.8) == (16 - 3 * 1, 1)
     assert split_ranks(4, 8, 0.8) == (4, 0)
+    assert split_ranks(14, 4, 0.0) == (2, 3)  # rounding 3.5 up would leave a common rank of -2
+
+
+@given(st.integers(1, 4096), st.integers(1, 64), st.floats(0, 1))
+def test_rank_split_never_asks_for_more_directions_than_exist(size, num_tasks, common_fraction):
+    common, per_task = split_ranks(size, num_tasks, common_fraction)
+    assert common >= 0 and per_task >= 0 and common + num_tasks * per_task == size
 
 
 def test_single_task_equals_iso_c():
