@@ -260,10 +260,12 @@ def _print_summary(path: Path, artifact, seconds: float) -> None:
 
 @app.command()
 def inspect(artifact: Annotated[Path, typer.Argument(help="Artifact directory.")]) -> None:
-    """Show an artifact's manifest: architecture, tasks, routed layers, ranks, α, build options."""
+    """Check an artifact as loading does, then show its manifest: architecture, tasks, routed layers, ranks, α,
+    build options."""
     from esmpp.architecture import Architecture
-    from esmpp.artifact import read_manifest
+    from esmpp.artifact import load_artifact, read_manifest
 
+    load_artifact(artifact)  # refuses a manifest that does not describe the tensors, rather than print it
     manifest = read_manifest(artifact)
     arch = Architecture.from_dict(manifest["architecture"])
     typer.echo(f"esmpp artifact v{manifest['format_version']} (esmpp {manifest.get('esmpp_version')})")

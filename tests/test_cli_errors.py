@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 import sys
 
 import numpy as np
@@ -44,6 +46,17 @@ def _corrupted(root, artifact):
     return copy
 
 
+def _with_ranks_claimed(root, artifact, rank):
+    """A copy of ``artifact`` whose manifest claims ``rank`` for every routed layer."""
+    copy = root / f"rank-{rank}"
+    if not copy.exists():
+        shutil.copytree(artifact, copy)
+        manifest = json.loads((copy / "manifest.json").read_text())
+        manifest["ranks"] = dict.fromkeys(manifest["ranks"], rank)
+        (copy / "manifest.json").write_text(json.dumps(manifest))
+    return copy
+
+
 def _build_with(*flags):
     """The arguments of `esmpp build` on the project's config with ``flags``."""
     return lambda root, config, *_: ["build", config, "--out", root / "o", *flags]
@@ -80,6 +93,10 @@ CASES = {
     "unknown task": (
         lambda root, config, artifact, image: ["predict", artifact, image, "--task", "cars"],
         "unknown task",
+    ),
+    "inspect edited ranks": (
+        lambda root, config, artifact, image: ["inspect", _with_ranks_claimed(root, artifact, 7)],
+        "rank 7, but experts.safetensors holds rank-4 experts",
     ),
     "method option without a value": (
         _build_with("--method-option", "rank_fraction"),
