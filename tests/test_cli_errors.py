@@ -12,6 +12,7 @@ from PIL import Image
 
 from esmpp.artifact import save_artifact
 from esmpp.cli import run
+from esmpp.runtime.predictor import Predictor
 from tests.conftest import random_artifact
 from tests.reliability.project import REPO, directory_digest, run_esmpp, write_project
 
@@ -94,6 +95,18 @@ CASES = {
         lambda root, config, artifact, image: ["predict", artifact, image, "--task", "cars"],
         "unknown task",
     ),
+    "routing mode": (
+        lambda root, config, artifact, image: ["predict", artifact, image, "--mode", "Soft"],
+        "routing mode 'Soft' is not one of ['hard', 'soft']",
+    ),
+    "soft routing temperature": (
+        lambda root, config, artifact, image: ["predict", artifact, image, "--mode", "soft", "--temperature", "0"],
+        "temperature 0.0 is not a positive finite number",
+    ),
+    "soft routing top-k": (
+        lambda root, config, artifact, image: ["predict", artifact, image, "--mode", "soft", "--top-k", "4"],
+        "top_k 4 is more than the artifact's 3 tasks",
+    ),
     "inspect edited ranks": (
         lambda root, config, artifact, image: ["inspect", _with_ranks_claimed(root, artifact, 7)],
         "rank 7, but experts.safetensors holds rank-4 experts",
@@ -162,6 +175,21 @@ def test_a_config_error_creates_no_folder_for_the_artifact(monkeypatch, capsys, 
 def test_a_good_command_still_works(monkeypatch, capsys, project):
     code, out, _ = _run(monkeypatch, capsys, "predict", project[2], project[3], "--json")
     assert code == 0 and '"task": "task' in out
+
+
+def test_routing_flags_reach_the_predictor(monkeypatch, capsys, project):
+    given = {}
+    load = Predictor.load
+
+    def recording_load(path, **routing):
+        given.update(routing)
+        return load(path, **routing)
+
+    monkeypatch.setattr(Predictor, "load", recording_load)
+    flags = ["--mode", "soft", "--top-k", "3", "--temperature", "0.5", "--route-once"]
+    code, out, _ = _run(monkeypatch, capsys, "predict", project[2], project[3], "--json", *flags)
+    assert code == 0 and '"task": "task' in out
+    assert given == {"mode": "soft", "top_k": 3, "temperature": 0.5, "route_once": True}
 
 
 def test_subprocess_one_line_error_and_debug_traceback(tmp_path):
