@@ -10,7 +10,8 @@ Layout::
                            ``<key>.prototype_bias`` [T,m] (format 2; format 1 has the cosine router only)
     heads.safetensors      ``head.<t>`` [C_t, embed_dim] per task, logits = normalize(embedding) @ headᵀ
 
-Written atomically; loading validates the manifest, the checksums and every shape, and names what is wrong.
+Written atomically; loading validates the manifest, the checksums and every shape, refuses tensors and
+ranks the manifest does not describe, and names what is wrong.
 """
 
 from __future__ import annotations
@@ -32,12 +33,19 @@ from esmpp.errors import ArchitectureError, ArtifactError
 from esmpp.runtime.model import Experts, RoutedEncoder
 
 # 2: the discriminant router's ``prototype_bias``. A reader of format 1 would take its weights for cosine
-# prototypes and route silently wrong, so it must refuse these artifacts; format 1 still loads here.
+# prototypes and route silently wrong, so it must refuse these artifacts; format 1 still loads here (and
+# a format-1 manifest over experts with biases is refused: the version was edited).
 FORMAT_VERSION = 2
+_FIRST_FORMAT_WITH_ROUTER_BIAS = 2
 MANIFEST = "manifest.json"
 TENSOR_FILES = ("backbone.safetensors", "experts.safetensors", "heads.safetensors")
 _EXPERT_PARTS = ("up", "down", "prototypes")
 _OPTIONAL_EXPERT_PARTS = ("prototype_bias",)
+
+
+def _ranks(experts: dict[str, Experts]) -> dict[str, int]:
+    """The rank of each routed layer's experts, as the manifest records it."""
+    return {key: int(layer.up.shape[2]) for key, layer in experts.items()}
 
 
 def _expert_tensors(experts: dict[str, Experts]) -> dict[str, torch.Tensor]:
@@ -76,6 +84,12 @@ class Artifact:
         T = len(self.tasks)
         if T == 0:
             raise ArtifactError(f"{source}: no tasks. Rebuild it with `esmpp build`.")
+        names = [task.name for task in self.tasks]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:  # predict(task=name) would only ever reach the first of them
+            raise ArtifactError(
+                f"{source}: task names {repeated} are used more than once. Give each task its own name and rebuild."
+            )
         tensors = {
             **{f"backbone {key}": value for key, value in self.backbone.items()},
             **_expert_tensors(self.experts),
@@ -168,7 +182,7 @@ def describe_artifact(artifact: Artifact) -> dict[str, Any]:
         "architecture": artifact.arch.to_dict(),
         "tasks": [{"name": task.name, "classes": task.classes} for task in artifact.tasks],
         "routed_layers": list(artifact.experts),
-        "ranks": {key: int(layer.up.shape[2]) for key, layer in artifact.experts.items()},
+        "ranks": _ranks(artifact.experts),
         "build": artifact.build,
     }
 
@@ -252,9 +266,15 @@ def read_manifest(path: Path) -> dict[str, Any]:
     routed = _require(manifest, "routed_layers", list, manifest_path)
     if not all(isinstance(key, str) for key in routed):
         raise ArtifactError(f"{manifest_path}: 'routed_layers' must be a list of parameter names.")
+    if len(set(routed)) != len(routed):
+        raise ArtifactError(f"{manifest_path}: 'routed_layers' lists a layer more than once. Rebuild the artifact.")
     ranks = _require(manifest, "ranks", dict, manifest_path)
     if not all(isinstance(rank, int) for rank in ranks.values()):
         raise ArtifactError(f"{manifest_path}: 'ranks' must map routed layers to integers.")
+    if set(ranks) != set(routed):
+        raise ArtifactError(
+            f"{manifest_path}: 'ranks' must give the rank of exactly the 'routed_layers'. Rebuild the artifact."
+        )
     _require(manifest, "build", dict, manifest_path)
     checksums = _require(manifest, "checksums", dict, manifest_path)
     if set(checksums) != set(TENSOR_FILES):
@@ -300,13 +320,41 @@ def load_artifact(path: Path) -> Artifact:
         names = [f"{key}.{part}" for part in _EXPERT_PARTS]
         if any(name not in experts_file for name in names) or (block_index(key) is None and key != PATCH_KEY):
             raise ArtifactError(f"{path / 'experts.safetensors'}: no experts for routed layer {key!r}. Rebuild it.")
-        experts[key] = Experts(*(experts_file[name] for name in names), experts_file.get(f"{key}.prototype_bias"))
+        bias = experts_file.get(f"{key}.prototype_bias")
+        if bias is not None and manifest["format_version"] < _FIRST_FORMAT_WITH_ROUTER_BIAS:
+            # A format-1 reader would route with these weights as cosine prototypes: the version is wrong.
+            raise ArtifactError(
+                f"{path / MANIFEST}: format_version {manifest['format_version']} has no router biases, but "
+                f"experts.safetensors holds {key}.prototype_bias. Rebuild the artifact."
+            )
+        experts[key] = Experts(*(experts_file[name] for name in names), bias)
+    _refuse_unlisted(path / "experts.safetensors", experts_file, _expert_tensors(experts))
     heads_file = tensors["heads.safetensors"]
     tasks = [TaskInfo(task["name"], list(task["classes"])) for task in manifest["tasks"]]
     try:
-        heads = [heads_file[f"head.{t}"] for t in range(len(tasks))]
+        heads = {f"head.{t}": heads_file[f"head.{t}"] for t in range(len(tasks))}
     except KeyError as exc:
         raise ArtifactError(f"{path / 'heads.safetensors'}: missing {exc}. Rebuild the artifact.") from exc
-    artifact = Artifact(arch, tasks, tensors["backbone.safetensors"], experts, heads, manifest["build"])
+    _refuse_unlisted(path / "heads.safetensors", heads_file, heads)
+    artifact = Artifact(arch, tasks, tensors["backbone.safetensors"], experts, list(heads.values()), manifest["build"])
     artifact.validate(str(path))
+    stored_ranks = _ranks(experts)  # the shapes are known to be consistent once validated
+    wrong = [key for key, rank in manifest["ranks"].items() if rank != stored_ranks[key]]
+    if wrong:
+        key = wrong[0]
+        raise ArtifactError(
+            f"{path / MANIFEST}: 'ranks' gives {key!r} rank {manifest['ranks'][key]}, but experts.safetensors holds "
+            f"rank-{stored_ranks[key]} experts for it ({len(wrong)} layers differ). Rebuild the artifact."
+        )
     return artifact
+
+
+def _refuse_unlisted(file: Path, stored: dict[str, torch.Tensor], listed: dict[str, torch.Tensor]) -> None:
+    """Refuse tensors in ``file`` that the manifest does not account for: a layer dropped from 'routed_layers'
+    or a head of a task no longer listed would otherwise be left out of the model without a word."""
+    unlisted = sorted(set(stored) - set(listed))
+    if unlisted:
+        raise ArtifactError(
+            f"{file} holds {len(unlisted)} tensors the manifest does not list ({', '.join(unlisted[:3])}). "
+            "The manifest was edited or the file replaced; rebuild the artifact."
+        )

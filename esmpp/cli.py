@@ -260,10 +260,12 @@ def _print_summary(path: Path, artifact, seconds: float) -> None:
 
 @app.command()
 def inspect(artifact: Annotated[Path, typer.Argument(help="Artifact directory.")]) -> None:
-    """Show an artifact's manifest: architecture, tasks, routed layers, ranks, α, build options."""
+    """Check an artifact as loading does, then show its manifest: architecture, tasks, routed layers, ranks, α,
+    build options."""
     from esmpp.architecture import Architecture
-    from esmpp.artifact import read_manifest
+    from esmpp.artifact import load_artifact, read_manifest
 
+    load_artifact(artifact)  # refuses a manifest that does not describe the tensors, rather than print it
     manifest = read_manifest(artifact)
     arch = Architecture.from_dict(manifest["architecture"])
     typer.echo(f"esmpp artifact v{manifest['format_version']} (esmpp {manifest.get('esmpp_version')})")
@@ -288,13 +290,24 @@ def predict(
     task: Annotated[str | None, typer.Option(help="Task name; default: routed per image.")] = None,
     routes: Annotated[bool, typer.Option(help="Show each routed layer's choice.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines.")] = False,
+    mode: Annotated[
+        str | None, typer.Option(help="Routing: hard (one expert per layer) or soft (top-k mixed). (default: hard)")
+    ] = None,
+    top_k: Annotated[int | None, typer.Option(help="Experts mixed by soft routing. (default: 2)")] = None,
+    temperature: Annotated[
+        float | None, typer.Option(help="Softmax temperature of soft routing. (default: 0.05)")
+    ] = None,
+    route_once: Annotated[bool, typer.Option(help="Route at the first routed layer only and reuse it.")] = False,
 ) -> None:
     """Predict images with an artifact; without --task the router picks each image's task."""
     from dataclasses import asdict
 
     from esmpp.runtime.predictor import Predictor
 
-    predictor = Predictor.load(artifact)
+    # Only the flags given: the Predictor holds the defaults and checks the values (one-line ConfigError).
+    given = {"mode": mode, "top_k": top_k, "temperature": temperature}
+    routing = {name: value for name, value in given.items() if value is not None}
+    predictor = Predictor.load(artifact, route_once=route_once, **routing)
     for path, result in zip(images, predictor.predict(list(images), task=task, return_routes=routes)):
         if as_json:
             typer.echo(json.dumps({"image": str(path), **asdict(result)}))

@@ -1,7 +1,9 @@
+import hashlib
 import json
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from esmpp.artifact import FORMAT_VERSION, load_artifact, read_manifest, save_artifact
 from esmpp.errors import ArtifactError, EsmppError, StorageError
@@ -81,6 +83,13 @@ def _edit_manifest(path, edit):
     (path / "manifest.json").write_text(json.dumps(manifest))
 
 
+def _rewrite_tensors(path, name, tensors):
+    """Replace the tensor file ``name`` and its checksum, as a deliberate edit would."""
+    save_file(tensors, path / name)
+    digest = hashlib.sha256((path / name).read_bytes()).hexdigest()
+    _edit_manifest(path, lambda m: m["checksums"].update({name: digest}))
+
+
 def test_newer_format_version_asks_for_an_upgrade(tmp_path, artifact):
     path = save_artifact(artifact, tmp_path / "art")
     _edit_manifest(path, lambda m: m.update(format_version=FORMAT_VERSION + 1))
@@ -95,7 +104,13 @@ def test_newer_format_version_asks_for_an_upgrade(tmp_path, artifact):
         (lambda m: m.update(tasks="cars"), "'tasks' is str, expected list"),
         (lambda m: m.update(format_version="1"), "'format_version' is str"),
         (lambda m: m["checksums"].update({"../../etc/passwd": "0"}), "expected exactly"),
-        (lambda m: m.update(routed_layers=["transformer.resblocks.9.mlp.c_fc.weight"]), "no experts"),
+        (
+            lambda m: m.update(
+                routed_layers=["transformer.resblocks.9.mlp.c_fc.weight"],
+                ranks={"transformer.resblocks.9.mlp.c_fc.weight": 4},
+            ),
+            "no experts",
+        ),
     ],
 )
 def test_malformed_manifest_is_named(tmp_path, artifact, edit, message):
@@ -103,6 +118,59 @@ def test_malformed_manifest_is_named(tmp_path, artifact, edit, message):
     _edit_manifest(path, edit)
     with pytest.raises(ArtifactError, match=message):
         load_artifact(path)
+
+
+def _drop_last_routed_layer(manifest):
+    del manifest["ranks"][manifest["routed_layers"].pop()]
+
+
+def _claim_rank_7(manifest):
+    manifest["ranks"] = dict.fromkeys(manifest["ranks"], 7)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        # The layer's experts are still in experts.safetensors: the model would silently lose a routed layer.
+        (_drop_last_routed_layer, r"experts\.safetensors holds 3 tensors the manifest does not list"),
+        (lambda m: m["routed_layers"].append(m["routed_layers"][0]), "lists a layer more than once"),
+        (_claim_rank_7, r"'ranks' gives .* rank 7, but experts\.safetensors holds rank-4 experts"),
+        (lambda m: m["ranks"].popitem(), "'ranks' must give the rank of exactly the 'routed_layers'"),
+        (lambda m: m["tasks"][1].update(name="task0"), r"task names \['task0'\] are used more than once"),
+    ],
+    ids=["layer dropped", "layer twice", "wrong rank", "rank missing", "task name twice"],
+)
+def test_manifest_that_does_not_describe_the_tensors_is_refused(tmp_path, artifact, edit, message):
+    path = save_artifact(artifact, tmp_path / "art")
+    _edit_manifest(path, edit)
+    with pytest.raises(ArtifactError, match=message) as refusal:
+        load_artifact(path)
+    assert str(path) in str(refusal.value) and "ebuild" in str(refusal.value)
+
+
+def test_tensors_the_manifest_does_not_list_are_refused(tmp_path, artifact):
+    path = save_artifact(artifact, tmp_path / "art")
+    for name, extra in [("heads.safetensors", "head.3"), ("experts.safetensors", "stray.up")]:
+        tensors = load_file(path / name)
+        _rewrite_tensors(path, name, {**tensors, extra: torch.zeros(2, 16)})
+        with pytest.raises(ArtifactError, match=rf"{name} holds 1 tensors the manifest does not list \({extra}\)"):
+            load_artifact(path)
+        _rewrite_tensors(path, name, tensors)
+    load_artifact(path)
+
+
+def test_format_1_manifest_over_router_biases_is_refused(tmp_path):
+    path = save_artifact(random_artifact(discriminant=True), tmp_path / "art")
+    _edit_manifest(path, lambda m: m.update(format_version=1))
+    with pytest.raises(ArtifactError, match=r"format_version 1 has no router biases, but experts\.safetensors holds"):
+        load_artifact(path)
+
+
+def test_duplicate_task_names_are_not_saved(tmp_path, artifact):
+    artifact.tasks[2].name = "task0"
+    with pytest.raises(ArtifactError, match=r"task names \['task0'\] are used more than once"):
+        save_artifact(artifact, tmp_path / "art")
+    assert not (tmp_path / "art").exists()
 
 
 def test_missing_directory_and_manifest(tmp_path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 import sys
 
 import numpy as np
@@ -10,6 +12,7 @@ from PIL import Image
 
 from esmpp.artifact import save_artifact
 from esmpp.cli import run
+from esmpp.runtime.predictor import Predictor
 from tests.conftest import random_artifact
 from tests.reliability.project import REPO, directory_digest, run_esmpp, write_project
 
@@ -41,6 +44,17 @@ def _corrupted(root, artifact):
             if file.name == "experts.safetensors":
                 data[len(data) // 2] ^= 0xFF
             (copy / file.name).write_bytes(bytes(data))
+    return copy
+
+
+def _with_ranks_claimed(root, artifact, rank):
+    """A copy of ``artifact`` whose manifest claims ``rank`` for every routed layer."""
+    copy = root / f"rank-{rank}"
+    if not copy.exists():
+        shutil.copytree(artifact, copy)
+        manifest = json.loads((copy / "manifest.json").read_text())
+        manifest["ranks"] = dict.fromkeys(manifest["ranks"], rank)
+        (copy / "manifest.json").write_text(json.dumps(manifest))
     return copy
 
 
@@ -80,6 +94,22 @@ CASES = {
     "unknown task": (
         lambda root, config, artifact, image: ["predict", artifact, image, "--task", "cars"],
         "unknown task",
+    ),
+    "routing mode": (
+        lambda root, config, artifact, image: ["predict", artifact, image, "--mode", "Soft"],
+        "routing mode 'Soft' is not one of ['hard', 'soft']",
+    ),
+    "soft routing temperature": (
+        lambda root, config, artifact, image: ["predict", artifact, image, "--mode", "soft", "--temperature", "0"],
+        "temperature 0.0 is not a positive finite number",
+    ),
+    "soft routing top-k": (
+        lambda root, config, artifact, image: ["predict", artifact, image, "--mode", "soft", "--top-k", "4"],
+        "top_k 4 is more than the artifact's 3 tasks",
+    ),
+    "inspect edited ranks": (
+        lambda root, config, artifact, image: ["inspect", _with_ranks_claimed(root, artifact, 7)],
+        "rank 7, but experts.safetensors holds rank-4 experts",
     ),
     "method option without a value": (
         _build_with("--method-option", "rank_fraction"),
@@ -145,6 +175,21 @@ def test_a_config_error_creates_no_folder_for_the_artifact(monkeypatch, capsys, 
 def test_a_good_command_still_works(monkeypatch, capsys, project):
     code, out, _ = _run(monkeypatch, capsys, "predict", project[2], project[3], "--json")
     assert code == 0 and '"task": "task' in out
+
+
+def test_routing_flags_reach_the_predictor(monkeypatch, capsys, project):
+    given = {}
+    load = Predictor.load
+
+    def recording_load(path, **routing):
+        given.update(routing)
+        return load(path, **routing)
+
+    monkeypatch.setattr(Predictor, "load", recording_load)
+    flags = ["--mode", "soft", "--top-k", "3", "--temperature", "0.5", "--route-once"]
+    code, out, _ = _run(monkeypatch, capsys, "predict", project[2], project[3], "--json", *flags)
+    assert code == 0 and '"task": "task' in out
+    assert given == {"mode": "soft", "top_k": 3, "temperature": 0.5, "route_once": True}
 
 
 def test_subprocess_one_line_error_and_debug_traceback(tmp_path):

@@ -6,13 +6,13 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 
 from esmpp.artifact import Artifact, load_artifact
 from esmpp.errors import ConfigError, EsmppError
 from esmpp.images import ImageInput, preprocess_images
+from esmpp.runtime.routing import RoutingMode, check_routing_options
 
 
 @dataclass
@@ -36,11 +36,12 @@ class Predictor:
         self,
         artifact: Artifact,
         device: str | torch.device = "cpu",
-        mode: Literal["hard", "soft"] = "hard",
+        mode: RoutingMode = "hard",
         top_k: int = 2,
         temperature: float = 0.05,
         route_once: bool = False,
     ) -> None:
+        check_routing_options(mode, top_k, temperature, route_once, len(artifact.tasks))
         self.artifact = artifact
         self.device = torch.device(device)
         self.model = artifact.to_model().to(self.device)
@@ -60,11 +61,15 @@ class Predictor:
         return cls(load_artifact(Path(path)), device=device, **routing)
 
     def _task_index(self, task: str | int) -> int:
-        if isinstance(task, int) and 0 <= task < len(self.task_names):
+        # bool is an int: task=True must not quietly mean task 1
+        if isinstance(task, int) and not isinstance(task, bool) and 0 <= task < len(self.task_names):
             return task
-        if task in self.task_names:
+        if isinstance(task, str) and task in self.task_names:
             return self.task_names.index(task)
-        raise ConfigError(f"unknown task {task!r}; this artifact serves {self.task_names}.")
+        raise ConfigError(
+            f"unknown task {task!r}; this artifact serves {self.task_names} (a name, or an index from 0 to "
+            f"{len(self.task_names) - 1})."
+        )
 
     def predict(
         self,

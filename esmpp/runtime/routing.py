@@ -7,11 +7,18 @@ tracing would freeze.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
-from typing import Literal
+from numbers import Integral, Real
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
+
+from esmpp.errors import ConfigError
+
+RoutingMode = Literal["hard", "soft"]
+ROUTING_MODES: tuple[str, ...] = get_args(RoutingMode)
 
 
 def routing_feature(tokens: torch.Tensor) -> torch.Tensor:
@@ -43,6 +50,25 @@ def soft_route(similarity: torch.Tensor, top_k: int, temperature: float) -> tupl
     return ids, torch.softmax(values / temperature, dim=-1)
 
 
+def check_routing_options(mode: str, top_k: int, temperature: float, route_once: bool, num_tasks: int) -> None:
+    """Refuse routing options the router cannot honour, with a ``ConfigError`` naming the option and the values
+    it takes: a mode the router does not know would fall back to hard routing, a temperature ≤ 0 gives NaN or
+    inverted weights, and soft routing cannot mix fewer than 1 or more than ``num_tasks`` experts."""
+    if mode not in ROUTING_MODES:
+        raise ConfigError(f"routing mode {mode!r} is not one of {list(ROUTING_MODES)}.")
+    if isinstance(top_k, bool) or not isinstance(top_k, Integral) or top_k < 1:
+        raise ConfigError(f"top_k {top_k!r} is not a whole number ≥ 1 (how many experts soft routing mixes).")
+    # Hard routing ignores top_k: the default 2 stays valid for a one-task artifact.
+    if mode == "soft" and top_k > num_tasks:
+        raise ConfigError(
+            f"top_k {top_k} is more than the artifact's {num_tasks} tasks; soft routing mixes 1 to {num_tasks} experts."
+        )
+    if isinstance(temperature, bool) or not isinstance(temperature, Real) or not 0 < temperature < math.inf:
+        raise ConfigError(f"temperature {temperature!r} is not a positive finite number (soft routing divides by it).")
+    if not isinstance(route_once, bool):
+        raise ConfigError(f"route_once {route_once!r} is not True or False.")
+
+
 def forced_route(task_ids: torch.Tensor) -> torch.Tensor:
     """Routing given by the caller: ``task_ids`` [B] → ids [B, 1] int64 (each at weight 1)."""
     return task_ids.reshape(-1, 1).long()
@@ -54,7 +80,7 @@ class RoutingControl:
     forward pass. One control belongs to one model; callers that share a model across threads serialise
     forwards (the Predictor holds a lock), because the decisions of a pass are stored here."""
 
-    mode: Literal["hard", "soft"] = "hard"
+    mode: RoutingMode = "hard"
     top_k: int = 2
     temperature: float = 0.05
     route_once: bool = False

@@ -46,6 +46,38 @@ def test_single_image_and_errors(predictor):
         predictor.predict([])
 
 
+def test_a_boolean_is_not_a_task_index(predictor):
+    with pytest.raises(ConfigError, match=r"unknown task True; .* \(a name, or an index from 0 to 2\)"):
+        predictor.predict(_images(1), task=True)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"mode": "Soft"}, r"routing mode 'Soft' is not one of \['hard', 'soft'\]"),
+        ({"mode": "top1"}, r"routing mode 'top1' is not one of \['hard', 'soft'\]"),
+        ({"mode": "soft", "top_k": 0}, r"top_k 0 is not a whole number ≥ 1"),
+        ({"mode": "soft", "top_k": -1}, r"top_k -1 is not a whole number ≥ 1"),
+        ({"mode": "soft", "top_k": True}, r"top_k True is not a whole number ≥ 1"),
+        ({"mode": "soft", "temperature": 0.0}, r"temperature 0.0 is not a positive finite number"),
+        ({"mode": "soft", "temperature": -1.0}, r"temperature -1.0 is not a positive finite number"),
+        ({"mode": "soft", "temperature": float("nan")}, r"temperature nan is not a positive finite number"),
+        ({"route_once": "no"}, r"route_once 'no' is not True or False"),
+    ],
+    ids=["Soft", "top1", "top_k 0", "top_k -1", "top_k True", "temperature 0", "temperature -1", "nan", "route_once"],
+)
+def test_invalid_routing_options_are_refused_at_construction(artifact, options, message):
+    with pytest.raises(ConfigError, match=message):
+        Predictor(artifact, **options)
+
+
+def test_soft_routing_mixes_at_most_every_task(artifact):
+    with pytest.raises(ConfigError, match=r"top_k 4 is more than the artifact's 3 tasks; soft routing mixes 1 to 3"):
+        Predictor(artifact, mode="soft", top_k=4)
+    every_task = Predictor(artifact, mode="soft", top_k=3).predict(_images(2))
+    assert all(0 < p.score <= 1 for p in every_task)
+
+
 def test_concurrent_predictions_equal_sequential_ones(predictor):
     requests = [_images(3, seed) for seed in range(16)]
     sequential = [predictor.predict(images) for images in requests]
