@@ -12,6 +12,7 @@ import errno
 import os
 import shutil
 import signal
+import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -77,6 +78,27 @@ def check_writable_folder(folder: Path, elsewhere: str) -> None:
     raise StorageError(f"cannot write under {folder}: {existing} {problem}. Nothing was written: {elsewhere}.")
 
 
+def _plain_folder_mode(parent: Path) -> int:
+    """The permission bits a plain ``mkdir`` gives a new folder in ``parent``: 0o777 less the umask (or what a
+    default ACL allows). Measured on a probe folder because ``os.umask`` can only be read by setting it, process-wide:
+    a file another thread created meanwhile would get the temporary umask."""
+    probe = parent / "mode-probe"
+    probe.mkdir(mode=0o777)
+    try:
+        return stat.S_IMODE(probe.stat().st_mode)
+    finally:
+        probe.rmdir()
+
+
+def _give_plain_modes(root: Path) -> None:
+    """Give every folder under ``root`` the mode of ``root`` and every file the mode a plain ``open`` would
+    (that mode's read and write bits): safetensors writes its files 0600 whatever the umask, and a server
+    running as another user must be able to read them."""
+    folder_mode = stat.S_IMODE(root.stat().st_mode)
+    for path in root.rglob("*"):
+        path.chmod(folder_mode if path.is_dir() else folder_mode & 0o666)
+
+
 def _fsync_tree(root: Path) -> None:
     for path in root.rglob("*"):
         if path.is_file():
@@ -103,6 +125,8 @@ def _staging_directory(destination: Path, overwrite: bool, elsewhere: str) -> It
             for stale in destination.parent.glob(f".{destination.name}.tmp-*"):
                 shutil.rmtree(stale, ignore_errors=True)
             staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.tmp-", dir=destination.parent))
+            # mkdtemp makes it 0700, a mode the rename would publish: readable by its owner alone.
+            staging.chmod(_plain_folder_mode(staging))
             yield staging
     finally:
         if staging is not None and staging.exists():
@@ -121,7 +145,8 @@ def check_destination(destination: Path, overwrite: bool = False, elsewhere: str
 def atomic_directory(
     destination: Path, overwrite: bool = False, elsewhere: str = "choose another --out"
 ) -> Iterator[Path]:
-    """Yield an empty temporary directory next to ``destination``; on success move it into place.
+    """Yield an empty temporary directory next to ``destination``; on success move it into place, with the
+    modes a plain ``mkdir`` and ``open`` would have given it and its files (the umask's).
 
     Raises ``EsmppError`` up front if ``destination`` exists and ``overwrite`` is false. On any error
     the temporary directory is removed and ``destination`` is left as it was; a failed write (a full disk,
@@ -131,6 +156,7 @@ def atomic_directory(
     destination = Path(destination)
     with _staging_directory(destination, overwrite, elsewhere) as staging:
         yield staging
+        _give_plain_modes(staging)
         _fsync_tree(staging)
         if destination.exists():
             retired = Path(tempfile.mkdtemp(prefix=f".{destination.name}.tmp-old-", dir=destination.parent))

@@ -68,6 +68,7 @@ def _check_size(image: Image.Image, name: str) -> None:
 
 
 def _to_rgb(image: Image.Image, name: str) -> Image.Image:
+    # export/serve_onnx.py repeats these rules for servers without esmpp: change both (tests/export/test_serve.py).
     _check_size(image, name)
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         image = Image.fromarray((np.asarray(image, dtype=np.uint32) >> 8).clip(0, 255).astype(np.uint8))

@@ -31,7 +31,7 @@ from torch import nn
 from esmpp.architecture import Architecture
 from esmpp.artifact import Artifact, describe_artifact, load_artifact, read_manifest
 from esmpp.atomic import atomic_directory
-from esmpp.errors import EsmppError
+from esmpp.errors import ConfigError, EsmppError
 from esmpp.images import normalise
 from esmpp.runtime.model import PADDED_LOGIT, RoutedEncoder
 
@@ -45,6 +45,11 @@ OUTPUT_NAMES = ("task_id", "logits", "embedding")
 EXAMPLE_BATCH = 2
 # Weights above this size go to an external data file (protobuf cannot hold more than 2 GB).
 EXTERNAL_DATA_BYTES = 1 << 30
+# The opsets the exporter writes as asked (torch 2.15, onnxscript 0.7; test_onnx exports at both ends). Below 18,
+# the first it has implementations for, it converts down or silently keeps 18; above 25 its version converter
+# fails and it writes a graph that onnxruntime refuses.
+MIN_OPSET = 18
+MAX_OPSET = 25
 
 
 @dataclass(frozen=True)
@@ -166,6 +171,16 @@ def export_metadata(artifact: Artifact, manifest: dict[str, Any], task_input: bo
     }
 
 
+def check_opset(opset: int | None) -> None:
+    """Raise :class:`ConfigError` for an opset outside ``MIN_OPSET``..``MAX_OPSET``; ``None`` is the exporter's
+    default."""
+    if opset is not None and not MIN_OPSET <= opset <= MAX_OPSET:
+        raise ConfigError(
+            f"--opset {opset} is not supported: the ONNX exporter writes opsets {MIN_OPSET} to {MAX_OPSET}; "
+            "pass one of those, or leave --opset out for its default."
+        )
+
+
 def trace_graph(
     module: nn.Module,
     args: tuple[torch.Tensor, ...],
@@ -173,8 +188,9 @@ def trace_graph(
     output_names: Sequence[str],
     opset: int | None = None,
 ) -> onnx.ModelProto:
-    """``module`` (eval mode) traced by the dynamo exporter on ``args``, axis 0 of every input being one
-    dynamic ``batch`` axis."""
+    """``module`` (eval mode) traced by the dynamo exporter on ``args`` at ``opset`` (see :func:`check_opset`),
+    axis 0 of every input being one dynamic ``batch`` axis."""
+    check_opset(opset)
     batch = torch.export.Dim("batch", min=1)
     # The exporter prints its progress on stdout; the CLI prints its own summary instead.
     with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
@@ -333,7 +349,9 @@ def export_tower(
     with onnxruntime on probe images. Returns the error (as in ``verify_parity``); raises ``EsmppError``
     above ``tolerance``."""
     size = arch.image_size
-    proto = trace_graph(visual.eval(), (torch.randn(EXAMPLE_BATCH, 3, size, size),), INPUT_NAMES[:1], OUTPUT_NAMES[2:])
+    proto = trace_graph(
+        visual.eval(), (torch.randn(EXAMPLE_BATCH, 3, size, size),), INPUT_NAMES[:1], OUTPUT_NAMES[2:], opset
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     write_model(proto, path)
     pixels = probe_images(arch, EXAMPLE_BATCH + 1)
@@ -359,7 +377,9 @@ def export_onnx(
 
     ``task_input``: the graph takes ``forced_task_id`` [batch] and skips routing. ``fp16``: weights and compute in
     float16, inputs and outputs float32. ``check``: onnxruntime parity with the PyTorch runtime before
-    anything is moved into place. Written atomically: a failure leaves ``out_dir`` as it was."""
+    anything is moved into place. Written atomically: a failure leaves ``out_dir`` as it was. An ``opset``
+    outside ``MIN_OPSET``..``MAX_OPSET`` is refused before the artifact is read."""
+    check_opset(opset)
     start = time.perf_counter()
     out_dir = Path(out_dir)
     artifact, manifest = _artifact_and_manifest(artifact)

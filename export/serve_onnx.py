@@ -29,9 +29,20 @@ def default_providers() -> list[str]:
     return ["CPUExecutionProvider"]
 
 
-def _rgb(source: ImageSource) -> Image.Image:
+def _rgb(source: ImageSource, name: str) -> Image.Image:
+    """``source`` as 8-bit RGB, converted as ``esmpp.images`` converts it (this kit runs without esmpp, so the
+    rules are repeated here; tests/export/test_serve.py feeds every mode to both)."""
     image = Image.open(source) if isinstance(source, (str, Path)) else source
     image.load()
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # The top 8 of 16 bits (32-bit values beyond 16 bits saturate): convert("RGB") would clip at 255 instead,
+        # turning most of a 16-bit image white.
+        image = Image.fromarray((np.asarray(image, dtype=np.uint32) >> 8).clip(0, 255).astype(np.uint8))
+    elif image.mode == "F":
+        pixels = np.asarray(image)
+        if not np.isfinite(pixels).all() or pixels.min() < 0 or pixels.max() > 1:
+            raise ValueError(f"{name}: float pixels must be finite and in [0, 1]; scale them, or save 8-bit.")
+        image = Image.fromarray(np.round(pixels * 255).astype(np.uint8))
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         # Transparent pixels are composited on white, as the esmpp runtime does.
         image = Image.alpha_composite(Image.new("RGBA", image.size, (255, 255, 255, 255)), image.convert("RGBA"))
@@ -39,14 +50,15 @@ def _rgb(source: ImageSource) -> Image.Image:
 
 
 def preprocess(images: Sequence[ImageSource], spec: dict) -> np.ndarray:
-    """Images → float32 [N, 3, S, S] following ``spec`` (the ``esmpp.preprocessing`` metadata): resize the
-    shortest side to S (bicubic), centre crop, scale to [0, 1], normalise — open_clip's evaluation transform."""
+    """Images → float32 [N, 3, S, S] following ``spec`` (the ``esmpp.preprocessing`` metadata): 8-bit RGB as
+    esmpp makes it, resize the shortest side to S (bicubic), centre crop, scale to [0, 1], normalise — open_clip's
+    evaluation transform. Float images out of [0, 1] raise ``ValueError``."""
     size = int(spec["image_size"])
     mean = np.asarray(spec["mean"], dtype=np.float32).reshape(3, 1, 1)
     std = np.asarray(spec["std"], dtype=np.float32).reshape(3, 1, 1)
     batch = []
-    for source in images:
-        image = _rgb(source)
+    for index, source in enumerate(images):
+        image = _rgb(source, str(source) if isinstance(source, (str, Path)) else f"image {index}")
         width, height = image.size
         short, long = min(width, height), max(width, height)
         resized_long = int(size * long / short)

@@ -4,6 +4,7 @@ routed artifacts built from it, and ``tiny_zoo``: the tiny zoo preset built once
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -71,6 +72,15 @@ def random_artifact(
     heads = [torch.randn(len(names), TINY_ARCH.embed_dim, generator=generator) for names in classes]
     tasks = [TaskInfo(f"task{t}", names) for t, names in enumerate(classes)]
     return Artifact(TINY_ARCH, tasks, backbone, experts, heads, {"method": "random", "alpha": 1.0})
+
+
+@pytest.fixture
+def umask(request: pytest.FixtureRequest) -> Iterator[int]:
+    """The process umask set to the test's indirect parameter (0o022 without one) for the test, then restored."""
+    mask = getattr(request, "param", 0o022)
+    previous = os.umask(mask)
+    yield mask
+    os.umask(previous)
 
 
 @pytest.fixture

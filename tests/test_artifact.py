@@ -1,11 +1,12 @@
 import hashlib
 import json
+import stat
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from esmpp.artifact import FORMAT_VERSION, load_artifact, read_manifest, save_artifact
+from esmpp.artifact import FORMAT_VERSION, MANIFEST, TENSOR_FILES, load_artifact, read_manifest, save_artifact
 from esmpp.errors import ArtifactError, EsmppError, StorageError
 from esmpp.runtime.model import Experts
 from tests.conftest import random_artifact
@@ -25,6 +26,14 @@ def test_save_and_load_give_bit_identical_outputs(tmp_path, artifact):
     manifest = read_manifest(path)
     assert manifest["format_version"] == FORMAT_VERSION
     assert [t["name"] for t in manifest["tasks"]] == ["task0", "task1", "task2"]
+
+
+def test_a_saved_artifact_is_readable_by_other_users_under_umask_022(tmp_path, artifact, umask):
+    path = save_artifact(artifact, tmp_path / "art")
+    assert stat.S_IMODE(path.stat().st_mode) == 0o755
+    assert {file.name: stat.S_IMODE(file.stat().st_mode) for file in path.iterdir()} == {
+        name: 0o644 for name in (*TENSOR_FILES, MANIFEST)
+    }
 
 
 def test_discriminant_router_biases_round_trip(tmp_path):

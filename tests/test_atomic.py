@@ -1,8 +1,11 @@
 import errno
 import re
+import stat
 
 import pytest
+import torch
 from safetensors import SafetensorError
+from safetensors.torch import save_file
 
 from esmpp import atomic
 from esmpp.atomic import atomic_directory, check_destination, check_writable_folder, free_mib, is_write_failure
@@ -74,3 +77,21 @@ def test_a_folder_that_could_not_be_written_is_refused_without_creating_anything
     with pytest.raises(StorageError, match=re.escape(f"{tmp_path} is not writable")):
         check_writable_folder(tmp_path / "new" / "work", "pass another --workdir")
     assert [path.name for path in tmp_path.iterdir()] == ["file"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027], indirect=True, ids=oct)
+def test_the_published_folder_and_its_files_get_the_modes_the_umask_gives(tmp_path, umask):
+    """Not mkdtemp's 0700 nor safetensors' 0600: a server running as another user reads what the umask lets it."""
+    destination = tmp_path / "artifact"
+    with atomic_directory(destination) as staging:
+        save_file({"weight": torch.zeros(2)}, staging / "weights.safetensors")
+        (staging / "sub").mkdir()
+        (staging / "sub" / "notes.txt").write_text("written by open()")
+    modes = {path.relative_to(tmp_path).as_posix(): stat.S_IMODE(path.stat().st_mode) for path in tmp_path.rglob("*")}
+    folder, file = 0o777 & ~umask, 0o666 & ~umask
+    assert modes == {
+        "artifact": folder,
+        "artifact/sub": folder,
+        "artifact/weights.safetensors": file,
+        "artifact/sub/notes.txt": file,
+    }

@@ -124,6 +124,10 @@ CASES = {
         lambda root, *_: ["bench", "--workdir", root / "bench-work", "--methods", "tsv", "--method-option", "x=1"],
         "'x' is an option of none of the methods",
     ),
+    "opset the exporter would not write": (
+        lambda root, config, artifact, image: ["export", artifact, "--out", root / "onnx", "--opset", "17"],
+        "--opset 17 is not supported: the ONNX exporter writes opsets 18 to 25",
+    ),
     "overwrite needed": (lambda root, config, artifact, image: ["build", config, "--out", artifact], "--overwrite"),
     "inspect missing": (lambda root, *_: ["inspect", root / "nothing"], "not an artifact directory"),
     # A report under a file: refused before the zoo or the workload is made (they would take minutes).

@@ -5,14 +5,23 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+import typer
 from onnx import numpy_helper
 from typer.testing import CliRunner
 
 import esmpp.onnx as esmpp_onnx
 from esmpp.artifact import load_artifact, read_manifest
 from esmpp.cli import app
-from esmpp.errors import ArtifactError, EsmppError
-from esmpp.onnx import FP32_TOLERANCE, REPORT_FILE, export_onnx, verify_parity
+from esmpp.errors import ArtifactError, ConfigError, EsmppError
+from esmpp.onnx import (
+    FP32_TOLERANCE,
+    MAX_OPSET,
+    MIN_OPSET,
+    REPORT_FILE,
+    export_onnx,
+    export_tower,
+    verify_parity,
+)
 from esmpp.runtime.model import PADDED_LOGIT, Experts
 from tests.conftest import random_artifact
 
@@ -112,6 +121,27 @@ def test_existing_output_needs_overwrite(exported, saved_artifact):
     _, out = exported
     with pytest.raises(EsmppError, match="--overwrite"):
         export_onnx(saved_artifact, out)
+
+
+def test_the_opset_range_is_what_the_exporter_writes_and_others_are_refused_before_any_work(
+    saved_artifact, tiny_visual, tiny_arch, tmp_path
+):
+    """Below the range the exporter silently wrote opset 18 instead; above it, a graph onnxruntime refuses."""
+    for opset in (MIN_OPSET, MAX_OPSET):
+        report = export_onnx(saved_artifact, tmp_path / f"opset{opset}", opset=opset)
+        assert report.opset == opset and report.parity.passed
+    for opset in (MIN_OPSET - 1, MAX_OPSET + 1):
+        with pytest.raises(ConfigError, match=f"--opset {opset} is not supported.*{MIN_OPSET} to {MAX_OPSET}"):
+            export_onnx(saved_artifact, tmp_path / "refused", opset=opset)
+        with pytest.raises(ConfigError, match=f"--opset {opset}"):
+            export_tower(tiny_visual, tiny_arch, tmp_path / "tower" / "model.onnx", opset=opset)
+    assert sorted(path.name for path in tmp_path.iterdir()) == [f"opset{MIN_OPSET}", f"opset{MAX_OPSET}"]
+
+
+def test_export_help_states_the_opset_range_and_the_default(exported):
+    report, _ = exported
+    options = {param.name: param for param in typer.main.get_command(app).commands["export"].params}
+    assert f"{MIN_OPSET} to {MAX_OPSET} (default: the exporter's, {report.opset})" in options["opset"].help
 
 
 def test_cli_exports_fp16_and_prints_parity_and_provider(saved_artifact, tmp_path):

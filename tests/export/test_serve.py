@@ -1,4 +1,5 @@
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +10,7 @@ import torch
 from PIL import Image
 
 from esmpp.architecture import Architecture
+from esmpp.errors import ImageError
 from esmpp.images import preprocess_images
 from esmpp.runtime.predictor import Predictor
 from export.serve_onnx import OnnxClassifier, preprocess
@@ -26,14 +28,47 @@ def image_files(tmp_path):
         paths.append(path)
     rgba = tmp_path / "alpha.png"
     Image.fromarray(rng.integers(0, 256, (20, 27, 4), dtype=np.uint8), mode="RGBA").save(rgba)
-    return [*paths, rgba]
+    grey = tmp_path / "grey.png"
+    Image.fromarray(rng.integers(0, 256, (19, 26), dtype=np.uint8)).save(grey)
+    return [*paths, rgba, grey]
+
+
+ARCH = Architecture(embed_dim=16, vision={"image_size": 16, "layers": 1, "width": 32, "patch_size": 8})
+SPEC = {"image_size": 16, "mean": list(ARCH.mean), "std": list(ARCH.std), "scale": 1 / 255}
 
 
 def test_numpy_preprocessing_matches_the_runtime(image_files):
-    arch = Architecture(embed_dim=16, vision={"image_size": 16, "layers": 1, "width": 32, "patch_size": 8})
-    spec = {"image_size": 16, "mean": list(arch.mean), "std": list(arch.std), "scale": 1 / 255}
-    expected = preprocess_images(image_files, arch).numpy()
-    np.testing.assert_allclose(preprocess(image_files, spec), expected, atol=1e-5, rtol=0)
+    expected = preprocess_images(image_files, ARCH).numpy()
+    np.testing.assert_allclose(preprocess(image_files, SPEC), expected, atol=1e-5, rtol=0)
+
+
+# Grey images of more than 8 bits, as PIL opens them (PNG keeps 16 bits; TIFF 32-bit integers and floats).
+WIDE_GREY = {
+    "I;16": (np.linspace(0, 65535, 23 * 41).reshape(23, 41).astype(np.uint16), "png"),
+    "I": (np.linspace(0, 70000, 23 * 41).reshape(23, 41).astype(np.int32), "tiff"),
+    "F": (np.linspace(0, 1, 23 * 41).reshape(23, 41).astype(np.float32), "tiff"),
+}
+
+
+@pytest.mark.parametrize("mode", sorted(WIDE_GREY))
+def test_wide_grey_images_are_preprocessed_as_the_runtime_does(tmp_path, mode):
+    """convert("RGB") clipped them at 255, where esmpp keeps the top 8 of 16 bits or scales floats from [0, 1]:
+    pixels moved by up to 3.7 after normalisation, enough to change the label."""
+    pixels, suffix = WIDE_GREY[mode]
+    path = tmp_path / f"grey.{suffix}"
+    Image.fromarray(pixels).save(path)
+    assert Image.open(path).mode == mode
+    expected = preprocess_images([path], ARCH).numpy()
+    np.testing.assert_allclose(preprocess([path], SPEC), expected, atol=1e-5, rtol=0)
+
+
+def test_float_images_out_of_0_1_are_refused_as_the_runtime_refuses_them(tmp_path):
+    path = tmp_path / "float.tiff"
+    Image.fromarray(np.full((16, 16), 2.0, dtype=np.float32)).save(path)
+    with pytest.raises(ImageError, match=r"float pixels must be finite and in \[0, 1\]"):
+        preprocess_images([path], ARCH)
+    with pytest.raises(ValueError, match=re.escape(f"{path}: float pixels must be finite and in [0, 1]")):
+        preprocess([path], SPEC)
 
 
 def test_predictions_match_the_torch_predictor(exported_model, artifact_path, image_files):
