@@ -79,6 +79,14 @@ class BuildConfig(BaseModel):
     proxy_images: int = 32
     options: OptionsConfig = Field(default_factory=OptionsConfig)
 
+    @model_validator(mode="after")
+    def _distinct_task_names(self) -> BuildConfig:
+        names = [task.name for task in self.tasks]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:  # the artifact refuses them (predict(task=name) would reach only the first): say so now
+            raise ValueError(f"task names {repeated} are used more than once; give each task its own name")
+        return self
+
 
 def load_config(path: Path) -> BuildConfig:
     """Parse and validate a YAML build config; relative paths become relative to its folder."""

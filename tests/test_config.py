@@ -68,6 +68,7 @@ def test_config_to_artifact(config_file):
         (lambda c: c["tasks"][0].pop("head"), "give `head:`"),
         (lambda c: c["options"].update(routed_kinds=["mlp"]), "routed_kinds"),
         (lambda c: c.update(colour="blue"), "colour"),
+        (lambda c: c["tasks"][1].update(name=c["tasks"][0]["name"]), r"task names \['task0'\] are used more than once"),
     ],
 )
 def test_invalid_configs_are_named(config_file, edit, message):
