@@ -4,7 +4,8 @@ Stages (each timed, each streaming over tasks with one fine-tuned checkpoint in 
 1. merge: the backbone's task vector with a static method (ESM by default);
 2. alpha: α given, or chosen on the tasks' labelled validation data (golden-section on [0, 2]);
 3. experts: per task, the rank-r ESD expert of the residual W_t − W_merged at each routed layer under the
-   task's own activations, and the task's prototypes (mean routed-layer input on its proxy images);
+   task's own activations (option ``rank_energy``: r per layer, the fewest directions that keep that share of
+   every task's residual shift), and the task's prototypes (mean routed-layer input on its proxy images);
 4. prototypes (option ``prototype_source="runtime"``): prototypes re-measured in the routed model itself
    with the task forced — the feature space the router actually sees;
 5. the router: the prototypes themselves (cosine router, the paper's), or a linear discriminant fitted on
@@ -30,7 +31,7 @@ from esmpp.artifact import Artifact, TaskInfo
 from esmpp.capture import capture_statistics
 from esmpp.checkpoints import Encoder, check_compatible
 from esmpp.errors import ConfigError
-from esmpp.experts import discriminant_router, residual_expert, task_prototypes, within_task_scatter
+from esmpp.experts import discriminant_router, rank_for_energy, residual_expert, task_prototypes, within_task_scatter
 from esmpp.merge import (
     TaskSource,
     apply_task_vector,
@@ -53,6 +54,7 @@ class BuildOptions:
     method_options: dict[str, Any] = field(default_factory=dict)
     alpha: float | None = None  # None: search on validation data (falls back to 1.0 without any)
     rank: int = 32
+    rank_energy: float | None = None  # r per layer by retained energy, at most ``rank``; None: ``rank`` everywhere
     routed_kinds: tuple[str, ...] = ("qkv", "fc")
     prototype_source: Literal["finetuned", "runtime"] = "finetuned"
     prototypes_per_task: int = 1
@@ -67,6 +69,8 @@ class BuildOptions:
             raise ConfigError(f"routed kinds {list(self.routed_kinds)}: choose from {list(ROUTED_KINDS)}.")
         if self.rank < 1:
             raise ConfigError(f"rank must be ≥ 1, got {self.rank}.")
+        if self.rank_energy is not None and not 0 < self.rank_energy <= 1:
+            raise ConfigError(f"rank_energy is a share of the residual's shift, in (0, 1]; got {self.rank_energy}.")
         if self.prototypes_per_task < 1:
             raise ConfigError(f"prototypes_per_task must be ≥ 1, got {self.prototypes_per_task}.")
         if self.prototype_source not in ("finetuned", "runtime"):
@@ -166,10 +170,11 @@ class _ExpertFactors:
     down: torch.Tensor
 
 
-def _stacked(parked: list[Parked[_ExpertFactors]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """One layer's T parked experts → up [T, d_out, r], down [T, r, d_in]."""
+def _stacked(parked: list[Parked[_ExpertFactors]], rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One layer's T parked experts, each cut to its first ``rank`` directions → up [T, d_out, rank], down
+    [T, rank, d_in]."""
     factors = [item.load() for item in parked]
-    return torch.stack([f.up for f in factors]), torch.stack([f.down for f in factors])
+    return torch.stack([f.up[:, :rank] for f in factors]), torch.stack([f.down[:rank] for f in factors])
 
 
 def _runtime_prototypes(
@@ -231,6 +236,7 @@ def build_artifact(
     # and would add to the peak, which is a fine-tuned model and its activation statistics.
     with SpillDirectory() as spill:
         parked: dict[str, list[Parked[_ExpertFactors]]] = {key: [] for key in routed}
+        layer_ranks = dict.fromkeys(routed, 1)  # with rank_energy: the most directions any task needs so far
         for t, task in enumerate(tqdm(tasks, desc="experts", unit="task", disable=not progress)):
             with stage("load"):
                 finetuned = task.load()
@@ -243,13 +249,19 @@ def build_artifact(
                 for key in routed:
                     residual = as_matrix(finetuned.state[key]).float() - as_matrix(backbone[key]).float()
                     expert = residual_expert(residual, stats[key].gram, stats[key].num_tokens, options.rank)
-                    parked[key].append(spill.park(_ExpertFactors(*expert)))
+                    parked[key].append(spill.park(_ExpertFactors(expert.up, expert.down)))
+                    needed = (
+                        rank_for_energy(expert.retained, options.rank_energy)
+                        if options.rank_energy is not None
+                        else expert.up.shape[1]
+                    )
+                    layer_ranks[key] = max(layer_ranks[key], needed)
             with stage("prototypes"):
                 prototypes.add(t, {key: stats[key].image_means for key in routed})
             del finetuned, stats
             release_free_memory()
         with stage("experts"):
-            factors = {key: _stacked(items) for key, items in parked.items()}
+            factors = {key: _stacked(items, layer_ranks[key]) for key, items in parked.items()}
     timings["experts"] = time.perf_counter() - start
 
     heads = [task.head.float() for task in tasks]
@@ -269,6 +281,7 @@ def build_artifact(
         "alpha": alpha,
         "alpha_history": history,
         "rank": options.rank,
+        "rank_energy": options.rank_energy,
         "routed_kinds": list(options.routed_kinds),
         "prototype_source": options.prototype_source,
         "prototypes_per_task": options.prototypes_per_task,

@@ -88,6 +88,13 @@ MethodOpt = Annotated[
 RankOpt = Annotated[
     int | None, typer.Option(help="Rank r of each task's low-rank expert (8 is already strong). (default: 32)")
 ]
+RankEnergyOpt = Annotated[
+    float | None,
+    typer.Option(
+        help="Choose r per routed layer by retained energy: the fewest directions (at most --rank) that keep this "
+        "share, in (0, 1], of every task's residual activation shift there, e.g. 0.9. (default: --rank everywhere)"
+    ),
+]
 KindsOpt = Annotated[
     str | None,
     typer.Option(
@@ -193,6 +200,7 @@ def build(
     tasks: Annotated[str | None, typer.Option(help="With --zoo: a comma-separated subset of its tasks.")] = None,
     method: MethodOpt = None,
     rank: RankOpt = None,
+    rank_energy: RankEnergyOpt = None,
     routed_kinds: KindsOpt = None,
     prototypes: ProtoOpt = None,
     prototypes_per_task: ProtoCountOpt = None,
@@ -213,6 +221,7 @@ def build(
     flags = {
         "method": method,
         "rank": rank,
+        "rank_energy": rank_energy,
         "routed_kinds": routed_kinds,
         "prototype_source": prototypes,
         "prototypes_per_task": prototypes_per_task,
@@ -251,9 +260,11 @@ def _print_summary(path: Path, artifact, seconds: float) -> None:
         + ")"
     )
     typer.echo(f"tasks: {', '.join(t.name for t in artifact.tasks)}")
+    ranks = sorted({int(layer.up.shape[2]) for layer in artifact.experts.values()})
     typer.echo(
-        f"backbone: {build['method']}, alpha {build['alpha']:.3f}; experts: rank {build['rank']} on "
-        f"{len(artifact.experts)} layers ({', '.join(build['routed_kinds'])})"
+        f"backbone: {build['method']}, alpha {build['alpha']:.3f}; experts: "
+        + (f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks[0]} to {ranks[-1]}")
+        + f" on {len(artifact.experts)} layers ({', '.join(build['routed_kinds'])})"
     )
     typer.echo("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in artifact.timings.items()) + f", total {seconds:.1f}")
 
@@ -351,6 +362,7 @@ def compare(
     out: Annotated[Path, typer.Option(help="JSON report path.")] = Path("esmpp-compare.json"),
     artifact_out: Annotated[Path | None, typer.Option("--artifact", help="Also save the ESM++ artifact here.")] = None,
     rank: RankOpt = None,
+    rank_energy: RankEnergyOpt = None,
     routed_kinds: KindsOpt = None,
     prototypes: ProtoOpt = None,
     prototypes_per_task: ProtoCountOpt = None,
@@ -368,6 +380,7 @@ def compare(
     given = _method_option_values(method_option)
     options = _build_options(
         rank=rank,
+        rank_energy=rank_energy,
         routed_kinds=routed_kinds,
         prototype_source=prototypes,
         prototypes_per_task=prototypes_per_task,

@@ -59,11 +59,9 @@ def evaluate_routed(
 def esmpp_label(options: BuildOptions) -> str:
     """A table label that names the ESM++ options which differ between variants."""
     kinds = "+".join(options.routed_kinds)
+    rank = f"r={options.rank}" if options.rank_energy is None else f"r≤{options.rank} at {options.rank_energy:g} energy"
     backbone = f" on {method_label(options.method, options.method_options)}" if options.method_options else ""
-    return (
-        f"ESM++ r={options.rank} {kinds} {options.prototype_source}×{options.prototypes_per_task} {options.router}"
-        + backbone
-    )
+    return f"ESM++ {rank} {kinds} {options.prototype_source}×{options.prototypes_per_task} {options.router}" + backbone
 
 
 def method_label(name: str, options: Mapping[str, Any]) -> str:

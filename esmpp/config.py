@@ -58,6 +58,7 @@ class OptionsConfig(BaseModel):
     method_options: dict[str, Any] = Field(default_factory=dict)
     alpha: float | None = _DEFAULTS.alpha
     rank: int = _DEFAULTS.rank
+    rank_energy: float | None = Field(_DEFAULTS.rank_energy, gt=0.0, le=1.0)
     routed_kinds: list[Literal["patch", "qkv", "out", "fc", "proj"]] = list(_DEFAULTS.routed_kinds)
     prototype_source: Literal["finetuned", "runtime"] = _DEFAULTS.prototype_source
     prototypes_per_task: int = _DEFAULTS.prototypes_per_task

@@ -24,11 +24,13 @@ class EssentialBasis:
     ``basis`` P: ``d_out × r`` orthonormal columns (r = d_out unless a rank was asked for), ordered by
     descending ``eigenvalues`` (``r``, the variances ``σ²/(N−1)`` of the activation shift along each
     column, zero on the completion). ``coordinates`` C = PᵀΔW: ``r × d_in``; ``ΔW = P C`` when r = d_out.
+    ``total_variance``: the sum of all d_out variances, of which ``eigenvalues`` are the leading share.
     """
 
     basis: Tensor
     eigenvalues: Tensor
     coordinates: Tensor
+    total_variance: float
 
 
 def essential_basis(
@@ -111,18 +113,17 @@ def essential_top(
     delta64 = delta.to(torch.float64)
     gram64 = second_moment(gram, num_tokens, centered, mean)
     if d_out <= d_in:
-        eigenvalues, basis = _leading_eigenpairs(delta64 @ gram64 @ delta64.T, rank)
-        return _essential(delta64, basis, eigenvalues, num_tokens)
+        return _essential(delta64, *_leading_eigenpairs(delta64 @ gram64 @ delta64.T, rank), num_tokens)
     # ΔW = Q R with Q left as Householder reflectors: applying them to the k eigenvectors (ormqr) costs
     # what Q @ top does, and forming Q (as linalg.qr does) would cost as much again as the factorisation.
     reflectors, tau = torch.geqrf(delta64)
     factor = reflectors[:d_in].triu()  # R: d_in × d_in
     filled = min(rank, d_in)
-    eigenvalues, top = _leading_eigenpairs(factor @ gram64 @ factor.T, filled)
+    eigenvalues, top, total = _leading_eigenpairs(factor @ gram64 @ factor.T, filled)
     complement = torch.eye(d_out - d_in, rank - filled, dtype=torch.float64, device=delta64.device)
     basis = torch.ormqr(reflectors, tau, torch.block_diag(top, complement))  # Q @ [top 0; 0 I]
     eigenvalues = torch.cat([eigenvalues, eigenvalues.new_zeros(rank - filled)])
-    return _essential(delta64, basis, eigenvalues, num_tokens)
+    return _essential(delta64, eigenvalues, basis, total, num_tokens)
 
 
 def essential_top_from_shift(
@@ -146,13 +147,12 @@ def essential_top_from_shift(
     moment = second_moment(shift_moment, num_tokens, centered, shift_mean)
     if rank > delta64.shape[0]:
         raise ValueError(f"rank {rank} exceeds d_out {delta64.shape[0]} of the shift's moment.")
-    eigenvalues, basis = _leading_eigenpairs(moment, rank)
-    return _essential(delta64, basis, eigenvalues, num_tokens)
+    return _essential(delta64, *_leading_eigenpairs(moment, rank), num_tokens)
 
 
-def _leading_eigenpairs(core: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+def _leading_eigenpairs(core: Tensor, rank: int) -> tuple[Tensor, Tensor, float]:
     """The ``rank`` largest eigenvalues of the symmetric PSD ``core`` (``n × n``), descending (``rank``),
-    and their eigenvectors (``n × rank``).
+    their eigenvectors (``n × rank``) and the sum of all n eigenvalues.
 
     Eigenvalues within the solver's rounding of 0 (≤ n·ε·λ_max) are returned as exactly 0: a rank-deficient
     ΔW (a LoRA fine-tune) or fewer proxy tokens than the rank budget leaves directions of eigenvalue 0, whose
@@ -164,13 +164,19 @@ def _leading_eigenpairs(core: Tensor, rank: int) -> tuple[Tensor, Tensor]:
     kept = slice(eigenvalues.shape[0] - rank, None)
     top = eigenvalues[kept].flip(-1)
     rounding = eigenvalues.shape[0] * torch.finfo(eigenvalues.dtype).eps * eigenvalues[-1].clamp(min=0)
-    return torch.where(top > rounding, top, torch.zeros_like(top)), vectors[:, kept].flip(-1)
+    total = float(eigenvalues.clamp(min=0).sum())
+    return torch.where(top > rounding, top, torch.zeros_like(top)), vectors[:, kept].flip(-1), total
 
 
-def _essential(delta64: Tensor, basis: Tensor, eigenvalues: Tensor, num_tokens: int) -> EssentialBasis:
+def _essential(delta64: Tensor, eigenvalues: Tensor, basis: Tensor, total: float, num_tokens: int) -> EssentialBasis:
     """The ESD of ``delta64`` kept on ``basis`` (``d_out × k``), whose directions' shift second moments
-    are ``eigenvalues`` (``k``; variances once divided by N − 1)."""
-    return EssentialBasis(basis=basis, eigenvalues=eigenvalues / (num_tokens - 1), coordinates=basis.T @ delta64)
+    are ``eigenvalues`` (``k``; variances once divided by N − 1) out of ``total`` over all directions."""
+    return EssentialBasis(
+        basis=basis,
+        eigenvalues=eigenvalues / (num_tokens - 1),
+        coordinates=basis.T @ delta64,
+        total_variance=total / (num_tokens - 1),
+    )
 
 
 def essential_basis_direct(delta: Tensor, inputs: Tensor, centered: bool = False) -> EssentialBasis:
@@ -197,7 +203,8 @@ def _from_left_singular(
     eigenvalues = torch.zeros(rank, dtype=torch.float64, device=delta64.device)
     kept = min(rank, singular_values.shape[0])
     eigenvalues[:kept] = singular_values[:kept].square() / (num_tokens - 1)
-    return EssentialBasis(basis=basis, eigenvalues=eigenvalues, coordinates=basis.T @ delta64)
+    total = float(singular_values.square().sum()) / (num_tokens - 1)
+    return EssentialBasis(basis=basis, eigenvalues=eigenvalues, coordinates=basis.T @ delta64, total_variance=total)
 
 
 def complete_orthonormal(columns: Tensor) -> Tensor:

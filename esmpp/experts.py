@@ -16,6 +16,8 @@ similarity cannot do.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import faiss
 import numpy as np
 import torch
@@ -24,14 +26,27 @@ import torch.nn.functional as F
 from esmpp.decompose import essential_top
 
 
-def residual_expert(
-    residual: torch.Tensor, gram: torch.Tensor, num_tokens: int, rank: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+class ResidualExpert(NamedTuple):
+    up: torch.Tensor  # A = P_r [d_out, r], float32
+    down: torch.Tensor  # B = P_rᵀ R [r, d_in], float32
+    retained: torch.Tensor  # [r] float64: share of the residual's activation shift kept by the first 1..r directions
+
+
+def residual_expert(residual: torch.Tensor, gram: torch.Tensor, num_tokens: int, rank: int) -> ResidualExpert:
     """Rank-``rank`` ESD expert of ``residual`` [d_out, d_in] under the task's activations (Gram ``gram``
-    [d_in, d_in] of ``num_tokens`` proxy tokens) → (``up`` A = P_r [d_out, r], ``down`` B = P_rᵀ R [r, d_in]),
-    float32. ``rank`` is clipped to d_out."""
+    [d_in, d_in] of ``num_tokens`` proxy tokens). ``rank`` is clipped to d_out."""
     esd = essential_top(residual, gram, num_tokens, min(rank, residual.shape[0]))
-    return esd.basis.float().contiguous(), esd.coordinates.float().contiguous()
+    # A residual that moves no activation keeps all of its (zero) shift with any rank.
+    retained = esd.eigenvalues.cumsum(0) / esd.total_variance if esd.total_variance > 0 else esd.eigenvalues + 1
+    return ResidualExpert(esd.basis.float().contiguous(), esd.coordinates.float().contiguous(), retained)
+
+
+def rank_for_energy(retained: torch.Tensor, share: float) -> int:
+    """The fewest leading directions whose cumulative share ``retained`` ([r], non-decreasing, see
+    :class:`ResidualExpert`) reaches ``share`` (0 < share ≤ 1); all r when none does. A relative slack of 1e-9
+    lets share = 1 be reached by rounding."""
+    reached = (retained >= share - 1e-9).nonzero()
+    return int(reached[0]) + 1 if reached.numel() else retained.shape[0]
 
 
 def routing_features(image_means: torch.Tensor) -> torch.Tensor:

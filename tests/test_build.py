@@ -165,6 +165,7 @@ def test_bad_build_inputs_are_named(pretrained, change, message):
     ("options", "message"),
     [
         (BuildOptions(routed_kinds=("mlp",)), "routed kinds"),
+        (BuildOptions(rank_energy=1.5), "rank_energy"),
         (BuildOptions(router="knn"), "router must be"),
         (BuildOptions(router="discriminant", prototype_source="runtime", router_shrinkage=1.5), "router_shrinkage"),
         (BuildOptions(router="discriminant"), "prototype_source='runtime'"),
@@ -186,9 +187,9 @@ def test_golden_section_finds_the_peak():
 
 def _reference_build(
     pretrained: Encoder, tasks: list[TaskSource], options: BuildOptions
-) -> tuple[dict[str, torch.Tensor], dict[str, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]]:
-    """Backbone and, per routed key, each task's (up, down, prototypes), computed with every block's
-    statistics of a task captured at once and every ESM summary in memory."""
+) -> tuple[dict[str, torch.Tensor], dict[str, list[tuple[torch.Tensor, ...]]]]:
+    """Backbone and, per routed key, each task's (up, down, prototypes, retained shares) at ``options.rank``,
+    computed with every block's statistics of a task captured at once and every ESM summary in memory."""
     keys = linear_keys(pretrained.arch)
     deltas: dict[str, list[torch.Tensor]] = {key: [] for key in pretrained.state}
     stats: dict[str, list[LayerStats]] = {key: [] for key in keys}
@@ -202,13 +203,15 @@ def _reference_build(
         for key in keys:
             stats[key].append(LayerStats(task_stats[key].gram, task_stats[key].mean, task_stats[key].num_tokens))
     backbone = apply_task_vector(pretrained.state, merge_task_vectors("esm", deltas, stats), options.alpha)
-    experts: dict[str, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
+    experts: dict[str, list[tuple[torch.Tensor, ...]]] = {}
     for key in linear_keys(pretrained.arch, options.routed_kinds):
         for task, task_stats in zip(tasks, captured, strict=True):
             residual = task.load().state[key] - backbone[key]
-            up, down = residual_expert(residual, task_stats[key].gram, task_stats[key].num_tokens, options.rank)
+            up, down, retained = residual_expert(
+                residual, task_stats[key].gram, task_stats[key].num_tokens, options.rank
+            )
             prototypes = task_prototypes(task_stats[key].image_means)
-            experts.setdefault(key, []).append((up, down, prototypes))
+            experts.setdefault(key, []).append((up, down, prototypes, retained))
     return backbone, experts
 
 
@@ -221,11 +224,29 @@ def test_lean_build_equals_the_in_memory_build(pretrained, tmp_path, monkeypatch
     for key, weight in backbone.items():
         torch.testing.assert_close(artifact.backbone[key], weight, msg=key)
     for key, per_task in experts.items():
-        for t, (up, down, prototypes) in enumerate(per_task):
+        for t, (up, down, prototypes, _) in enumerate(per_task):
             torch.testing.assert_close(artifact.experts[key].up[t], up)
             torch.testing.assert_close(artifact.experts[key].down[t], down)
             torch.testing.assert_close(artifact.experts[key].prototypes[t], prototypes)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_rank_energy_gives_each_layer_the_fewest_directions_that_every_task_needs(pretrained):
+    tasks = _tasks(3, pretrained)
+    options = BuildOptions(alpha=0.7, rank=12, rank_energy=0.9)
+    artifact = build_artifact(pretrained, tasks, options, progress=False)
+    _, experts = _reference_build(pretrained, tasks, options)  # every task's expert at rank 12
+    ranks = {}
+    for key, per_task in experts.items():
+        rank = ranks[key] = artifact.experts[key].up.shape[2]
+        shares = [float(retained[rank - 1]) for *_, retained in per_task]
+        fewer = [float(retained[rank - 2]) for *_, retained in per_task] if rank > 1 else [0.0]
+        assert min(shares) >= 0.9 - 1e-9 and min(fewer) < 0.9, (key, rank, shares, fewer)
+        for t, (up, down, *_) in enumerate(per_task):
+            torch.testing.assert_close(artifact.experts[key].up[t], up[:, :rank])
+            torch.testing.assert_close(artifact.experts[key].down[t], down[:rank])
+    assert max(ranks.values()) < 12, ranks  # the share is reached before the rank cap
+    assert artifact.build["rank_energy"] == 0.9
 
 
 def test_proxy_images_are_loaded_per_task_when_needed(pretrained):

@@ -58,6 +58,7 @@ def test_flags_override_the_config_options_only_when_given():
     assert kept.rank == 2 and kept.routed_kinds == ("fc",) and kept.method == "esm"
     changed = _build_options(base, rank=5, routed_kinds="qkv, proj", prototype_source=PrototypeSource.runtime)
     assert changed.rank == 5 and changed.routed_kinds == ("qkv", "proj") and changed.prototype_source == "runtime"
+    assert changed.rank_energy is None and _build_options(base, rank_energy=0.9).rank_energy == 0.9
 
 
 def test_method_options_from_the_command_line_join_the_configs():

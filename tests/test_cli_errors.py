@@ -78,6 +78,10 @@ CASES = {
     ),
     "unknown method": (_build_with("--method", "magic"), "Unknown merge method 'magic'"),
     "unknown routed kind": (_build_with("--routed-kinds", "mlp"), "routed kinds"),
+    "energy share above 1": (
+        _build_with("--rank-energy", "1.5"),
+        "rank energy: Input should be less than or equal to 1",
+    ),
     "missing artifact": (
         lambda root, config, artifact, image: ["predict", root / "nothing", image],
         "not an artifact directory",

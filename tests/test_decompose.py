@@ -190,6 +190,7 @@ def test_top_components_equal_the_truncated_full_decomposition(layer, rank, cent
     torch.testing.assert_close(top.basis.T @ top.basis, torch.eye(rank, dtype=torch.float64))
     scale = full.eigenvalues[0].item() + 1e-300
     torch.testing.assert_close(top.eigenvalues, full.eigenvalues[:rank], rtol=0, atol=1e-9 * scale)
+    assert top.total_variance == pytest.approx(float(full.eigenvalues.sum()), rel=1e-9, abs=1e-9 * scale)
     gap = full.eigenvalues[rank - 1] - full.eigenvalues[rank] if 0 < rank < delta.shape[0] else scale
     if gap > 1e-3 * scale:
         basis_k, coords_k = truncate(full, rank)
@@ -210,6 +211,7 @@ def test_top_components_from_the_shift_moment_equal_those_from_the_gram(layer, r
     from_shift = essential_top_from_shift(delta, shift.T @ shift, num_tokens, rank, centered, mean)
     scale = from_gram.eigenvalues[0].item() + 1e-300
     torch.testing.assert_close(from_shift.eigenvalues, from_gram.eigenvalues, rtol=0, atol=1e-9 * scale)
+    assert from_shift.total_variance == pytest.approx(from_gram.total_variance, rel=1e-9, abs=1e-9 * scale)
     full = essential_basis(delta, gram, num_tokens, centered, mean).eigenvalues
     gap = full[rank - 1] - full[rank] if rank < delta.shape[0] else scale
     if gap > 1e-3 * scale:

@@ -1,9 +1,11 @@
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from esmpp.experts import (
     discriminant_router,
+    rank_for_energy,
     residual_expert,
     routing_features,
     task_prototypes,
@@ -28,8 +30,32 @@ def test_full_rank_expert_restores_the_residual():
     generator = torch.Generator().manual_seed(1)
     residual = torch.randn(5, 4, generator=generator)
     inputs = torch.randn(20, 4, generator=generator, dtype=torch.float64)
-    up, down = residual_expert(residual, inputs.T @ inputs, 20, rank=5)
+    up, down, retained = residual_expert(residual, inputs.T @ inputs, 20, rank=5)
     torch.testing.assert_close(up @ down, residual, atol=1e-5, rtol=1e-5)
+    assert retained[3] == pytest.approx(1.0)  # rank 4 = d_in already keeps the whole shift
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), rank=st.integers(1, 6))
+def test_retained_shares_are_the_kept_part_of_the_shift(seed, rank):
+    """retained[i] is the share of Σ‖R x‖² over the proxy tokens that the expert's first i+1 directions
+    reproduce, measured on the tokens themselves."""
+    generator = torch.Generator().manual_seed(seed)
+    residual = torch.randn(6, 4, generator=generator, dtype=torch.float64)
+    inputs = torch.randn(15, 4, generator=generator, dtype=torch.float64)
+    up, down, retained = residual_expert(residual, inputs.T @ inputs, 15, rank=rank)
+    shift = inputs @ residual.T
+    for i in range(rank):
+        kept = inputs @ (up[:, : i + 1].double() @ down[: i + 1].double()).T
+        assert float(retained[i]) == pytest.approx(
+            1 - float((shift - kept).square().sum() / shift.square().sum()), abs=1e-5
+        )
+
+
+def test_rank_for_energy_is_the_fewest_directions_reaching_the_share():
+    retained = torch.tensor([0.5, 0.8, 0.95, 1.0], dtype=torch.float64)
+    assert [rank_for_energy(retained, share) for share in (0.3, 0.5, 0.81, 0.95, 1.0)] == [1, 1, 3, 3, 4]
+    assert rank_for_energy(retained[:2], 0.9) == 2  # not reached: every direction there is
 
 
 def _two_task_features(seed: int, n: int = 40) -> tuple[torch.Tensor, torch.Tensor]:
