@@ -195,7 +195,7 @@ def save_artifact(
     artifact.validate()
     path = Path(path)
     expert_tensors = _expert_tensors(artifact.experts)
-    with atomic_directory(path, overwrite=overwrite, elsewhere=elsewhere) as staging:
+    with atomic_directory(path, overwrite=overwrite, elsewhere=elsewhere, marker=MANIFEST) as staging:
         save_file(_contiguous(artifact.backbone), staging / "backbone.safetensors")
         save_file(_contiguous(expert_tensors), staging / "experts.safetensors")
         save_file(_contiguous({f"head.{t}": h for t, h in enumerate(artifact.heads)}), staging / "heads.safetensors")

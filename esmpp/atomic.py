@@ -106,13 +106,27 @@ def _fsync_tree(root: Path) -> None:
                 os.fsync(handle.fileno())
 
 
+def _check_replaceable(destination: Path, overwrite: bool, marker: str | None) -> None:
+    """Refuse to replace ``destination`` unless ``overwrite`` and it is a folder this writer made before (one
+    holding the file ``marker``): --overwrite on a mistyped path must not delete a user's folder or file."""
+    if not (destination.exists() or destination.is_symlink()):
+        return
+    if not overwrite:
+        raise EsmppError(f"{destination} already exists. Pass --overwrite to replace it, or choose another --out.")
+    if marker is None or not (destination.is_dir() and (destination / marker).is_file()):
+        kind = "a folder" if destination.is_dir() else "a file"
+        raise EsmppError(
+            f"{destination} is {kind} that esmpp did not write (it has no {marker or 'marker file'}), so it is not "
+            "replaced, --overwrite or not. Choose another --out, or remove it yourself."
+        )
+
+
 @contextlib.contextmanager
-def _staging_directory(destination: Path, overwrite: bool, elsewhere: str) -> Iterator[Path]:
+def _staging_directory(destination: Path, overwrite: bool, elsewhere: str, marker: str | None) -> Iterator[Path]:
     """An empty hidden sibling of ``destination`` for the duration of the block, removed after it; failed
     writes in the block, its own creation included, become a :class:`StorageError` (see
     :func:`atomic_directory`)."""
-    if destination.exists() and not overwrite:
-        raise EsmppError(f"{destination} already exists. Pass --overwrite to replace it, or choose another --out.")
+    _check_replaceable(destination, overwrite, marker)
 
     def describe(exc: Exception) -> str:
         advice = write_failure_advice(exc, destination, elsewhere)
@@ -133,28 +147,32 @@ def _staging_directory(destination: Path, overwrite: bool, elsewhere: str) -> It
             shutil.rmtree(staging, ignore_errors=True)
 
 
-def check_destination(destination: Path, overwrite: bool = False, elsewhere: str = "choose another --out") -> None:
+def check_destination(
+    destination: Path, overwrite: bool = False, elsewhere: str = "choose another --out", marker: str | None = None
+) -> None:
     """Fail now, before any long work, where :func:`atomic_directory` would fail at the end: ``destination``
-    exists and not ``overwrite``, or its folder cannot be created or written. Creates the missing parent
+    exists and may not be replaced, or its folder cannot be created or written. Creates the missing parent
     folders, as the write would."""
-    with _staging_directory(Path(destination), overwrite, elsewhere):
+    with _staging_directory(Path(destination), overwrite, elsewhere, marker):
         pass
 
 
 @contextlib.contextmanager
 def atomic_directory(
-    destination: Path, overwrite: bool = False, elsewhere: str = "choose another --out"
+    destination: Path, overwrite: bool = False, elsewhere: str = "choose another --out", marker: str | None = None
 ) -> Iterator[Path]:
     """Yield an empty temporary directory next to ``destination``; on success move it into place, with the
     modes a plain ``mkdir`` and ``open`` would have given it and its files (the umask's).
 
-    Raises ``EsmppError`` up front if ``destination`` exists and ``overwrite`` is false. On any error
+    Raises ``EsmppError`` up front if ``destination`` exists, unless ``overwrite`` and it is a folder holding
+    the file ``marker`` (what this writer writes, e.g. an artifact's manifest.json): anything else there is
+    the user's and is never replaced. On any error
     the temporary directory is removed and ``destination`` is left as it was; a failed write (a full disk,
     a forbidden folder) becomes a :class:`StorageError` that names ``destination``, the room left there
     when the disk is full, and how to write ``elsewhere``.
     """
     destination = Path(destination)
-    with _staging_directory(destination, overwrite, elsewhere) as staging:
+    with _staging_directory(destination, overwrite, elsewhere, marker) as staging:
         yield staging
         _give_plain_modes(staging)
         _fsync_tree(staging)

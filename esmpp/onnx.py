@@ -384,7 +384,7 @@ def export_onnx(
     out_dir = Path(out_dir)
     artifact, manifest = _artifact_and_manifest(artifact)
     model = artifact.to_model()
-    with atomic_directory(out_dir, overwrite=overwrite) as staging:
+    with atomic_directory(out_dir, overwrite=overwrite, marker=REPORT_FILE) as staging:
         proto = _trace(model, task_input, opset)
         onnx.helper.set_model_props(proto, export_metadata(artifact, manifest, task_input))
         if fp16:

@@ -59,9 +59,29 @@ def test_checking_a_destination_fails_where_the_write_would_and_leaves_only_its_
     existing.mkdir()
     with pytest.raises(EsmppError, match="--overwrite"):
         check_destination(existing)
-    check_destination(existing, overwrite=True)
+    (existing / "manifest.json").write_text("{}")
+    check_destination(existing, overwrite=True, marker="manifest.json")
     check_destination(tmp_path / "new" / "artifact")
-    assert sorted(path.name for path in tmp_path.rglob("*")) == ["existing", "file", "new"]
+    assert sorted(path.name for path in tmp_path.rglob("*")) == ["existing", "file", "manifest.json", "new"]
+
+
+@pytest.mark.parametrize("kind", ["folder", "file"])
+def test_overwrite_replaces_only_what_the_writer_made_before(tmp_path, kind):
+    """--overwrite on a mistyped --out must not delete the user's folder (or file): only a folder holding the
+    writer's marker (an artifact's manifest.json) is replaced."""
+    user = tmp_path / "thesis"
+    if kind == "folder":
+        (user / "chapters").mkdir(parents=True)
+        (user / "chapters" / "one.tex").write_text("years of work")
+    else:
+        user.write_text("years of work")
+    refused = pytest.raises(EsmppError, match=f"thesis is a {kind} that esmpp did not write.*remove it yourself")
+    with refused, atomic_directory(user, overwrite=True, marker="manifest.json") as staging:
+        (staging / "manifest.json").write_text("{}")
+    assert (user / "chapters" / "one.tex" if kind == "folder" else user).read_text() == "years of work"
+    with pytest.raises(EsmppError, match="did not write"):
+        check_destination(user, overwrite=True, marker="manifest.json")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["thesis"]
 
 
 def test_free_space_is_measured_where_a_missing_folder_would_be_made(tmp_path):

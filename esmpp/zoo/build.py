@@ -202,6 +202,10 @@ def build_zoo(
     if (root / MANIFEST).is_file() and not force:
         return Zoo.load(root)
     elsewhere = "set ESMPP_CACHE to another folder"
-    with atomic_directory(root, overwrite=True, elsewhere=elsewhere) as staging, deterministic(recipe.seed):
+    # Replaces an older zoo (--force, or a format this esmpp no longer reads), never a folder of the user's.
+    with (
+        atomic_directory(root, overwrite=True, elsewhere=elsewhere, marker=MANIFEST) as staging,
+        deterministic(recipe.seed),
+    ):
         _build_into(recipe, staging, progress)
     return Zoo.load(root)

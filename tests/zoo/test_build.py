@@ -8,7 +8,7 @@ import pytest
 from safetensors import SafetensorError, safe_open
 
 from esmpp.checkpoints import load_encoder
-from esmpp.errors import ConfigError, DatasetError, StorageError
+from esmpp.errors import ConfigError, DatasetError, EsmppError, StorageError
 from esmpp.zoo import Zoo, build_zoo, default_root, get_preset
 from esmpp.zoo import build as build_module
 from esmpp.zoo.presets import ZooPreset
@@ -89,6 +89,15 @@ def test_a_full_disk_leaves_no_zoo_and_says_where_else_to_build_it(tmp_path: Pat
     with pytest.raises(StorageError, match=r"could not write .*z .*free some space, or set ESMPP_CACHE to another"):
         build_zoo(_one_task_in_two_steps(), root=tmp_path / "z", progress=False)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_folder_of_the_users_is_never_replaced_by_a_zoo(tmp_path: Path) -> None:
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "holiday.jpg").write_bytes(b"memories")
+    for force in (False, True):
+        with pytest.raises(EsmppError, match="photos is a folder that esmpp did not write"):
+            build_zoo(_one_task_in_two_steps(), root=tmp_path / "photos", force=force, progress=False)
+    assert (tmp_path / "photos" / "holiday.jpg").read_bytes() == b"memories"
 
 
 def test_default_root_follows_esmpp_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
