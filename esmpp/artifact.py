@@ -43,6 +43,12 @@ _EXPERT_PARTS = ("up", "down", "prototypes")
 _OPTIONAL_EXPERT_PARTS = ("prototype_bias",)
 
 
+def repeated_names(names: list[str]) -> list[str]:
+    """The names used more than once in ``names``, sorted: an artifact's tasks need distinct names, since
+    ``predict(task=name)`` would only ever reach the first of them."""
+    return sorted({name for name in names if names.count(name) > 1})
+
+
 def _ranks(experts: dict[str, Experts]) -> dict[str, int]:
     """The rank of each routed layer's experts, as the manifest records it."""
     return {key: int(layer.up.shape[2]) for key, layer in experts.items()}
@@ -84,9 +90,8 @@ class Artifact:
         T = len(self.tasks)
         if T == 0:
             raise ArtifactError(f"{source}: no tasks. Rebuild it with `esmpp build`.")
-        names = [task.name for task in self.tasks]
-        repeated = sorted({name for name in names if names.count(name) > 1})
-        if repeated:  # predict(task=name) would only ever reach the first of them
+        repeated = repeated_names([task.name for task in self.tasks])
+        if repeated:
             raise ArtifactError(
                 f"{source}: task names {repeated} are used more than once. Give each task its own name and rebuild."
             )

@@ -166,10 +166,9 @@ def atomic_directory(
 
     Raises ``EsmppError`` up front if ``destination`` exists, unless ``overwrite`` and it is a folder holding
     the file ``marker`` (what this writer writes, e.g. an artifact's manifest.json): anything else there is
-    the user's and is never replaced. On any error
-    the temporary directory is removed and ``destination`` is left as it was; a failed write (a full disk,
-    a forbidden folder) becomes a :class:`StorageError` that names ``destination``, the room left there
-    when the disk is full, and how to write ``elsewhere``.
+    the user's and is never replaced. On any error the temporary directory is removed and ``destination`` is
+    left as it was; a failed write (a full disk, a forbidden folder) becomes a :class:`StorageError` that
+    names ``destination``, the room left there when the disk is full, and how to write ``elsewhere``.
     """
     destination = Path(destination)
     with _staging_directory(destination, overwrite, elsewhere, marker) as staging:

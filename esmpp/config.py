@@ -26,6 +26,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from esmpp.artifact import repeated_names
 from esmpp.build import BuildOptions
 from esmpp.errors import ConfigError
 
@@ -82,9 +83,8 @@ class BuildConfig(BaseModel):
 
     @model_validator(mode="after")
     def _distinct_task_names(self) -> BuildConfig:
-        names = [task.name for task in self.tasks]
-        repeated = sorted({name for name in names if names.count(name) > 1})
-        if repeated:  # the artifact refuses them (predict(task=name) would reach only the first): say so now
+        repeated = repeated_names([task.name for task in self.tasks])
+        if repeated:  # the artifact refuses them: say so before the build, not at its final save
             raise ValueError(f"task names {repeated} are used more than once; give each task its own name")
         return self
 

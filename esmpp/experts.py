@@ -37,7 +37,8 @@ def residual_expert(residual: torch.Tensor, gram: torch.Tensor, num_tokens: int,
     [d_in, d_in] of ``num_tokens`` proxy tokens). ``rank`` is clipped to d_out."""
     esd = essential_top(residual, gram, num_tokens, min(rank, residual.shape[0]))
     # A residual that moves no activation keeps all of its (zero) shift with any rank.
-    retained = esd.eigenvalues.cumsum(0) / esd.total_variance if esd.total_variance > 0 else esd.eigenvalues + 1
+    total = esd.total_variance
+    retained = esd.eigenvalues.cumsum(0) / total if total > 0 else torch.ones_like(esd.eigenvalues)
     return ResidualExpert(esd.basis.float().contiguous(), esd.coordinates.float().contiguous(), retained)
 
 
