@@ -7,14 +7,35 @@ import sys
 import time
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+from typer.core import TyperGroup
 
 from esmpp.atomic import check_destination, exit_on_terminate, storage_errors
-from esmpp.errors import EsmppError
+from esmpp.errors import ConfigError, EsmppError
+
+
+class OneLineValueErrors(TyperGroup):
+    """The commands, with a value typer refuses (not a number, below an option's ``min``, not a choice, missing)
+    reported as the one-line error every other user error is (exit 1), not as typer's usage panel (exit 2)."""
+
+    def invoke(self, ctx: typer.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except typer.BadParameter as exc:
+            from pydantic import ValidationError
+
+            # typer checks values with pydantic, whose messages ("Input should be greater than or equal to 1")
+            # leave out the value given.
+            cause = exc.__cause__
+            given = f" (got {cause.errors()[0]['input']!r})" if isinstance(cause, ValidationError) else ""
+            command = (exc.ctx or ctx).command_path
+            raise ConfigError(f"{exc.format_message().rstrip('.')}{given}. See `{command} --help`.") from exc
+
 
 app = typer.Typer(
+    cls=OneLineValueErrors,
     help="Merge fine-tuned CLIP vision encoders into one model with ESM and dynamic ESM++ routing.\n\n"
     "Typical flow: `esmpp zoo build` (offline demo models) → `esmpp build` (artifact) → "
     "`esmpp predict` / `esmpp export`. `esmpp demo` runs the whole chain on the offline zoo.",
@@ -505,16 +526,18 @@ def bench(
     methods: Annotated[
         str, typer.Option(help="'esm++' (full build) and static methods, comma-separated; '' for the runtime only.")
     ] = "esm++,esm,tsv,task_arithmetic",
-    proxy_images: Annotated[int, typer.Option(help="Proxy images per task.")] = 32,
-    rank: Annotated[int, typer.Option(help="Rank r of each task's low-rank expert.")] = 32,
-    build_repeats: Annotated[int, typer.Option(help="Builds per workload (median; each in a fresh process).")] = 1,
-    runtime_repeats: Annotated[int, typer.Option(help="Timed forwards per runtime figure (median).")] = 5,
+    proxy_images: Annotated[int, typer.Option(min=1, help="Proxy images per task.")] = 32,
+    rank: Annotated[int, typer.Option(min=1, help="Rank r of each task's low-rank expert.")] = 32,
+    build_repeats: Annotated[
+        int, typer.Option(min=1, help="Builds per workload (median; each in a fresh process).")
+    ] = 1,
+    runtime_repeats: Annotated[int, typer.Option(min=1, help="Timed forwards per runtime figure (median).")] = 5,
     batch_sizes: Annotated[str, typer.Option(help="Runtime batch sizes, comma-separated.")] = "1,32",
     runtime: Annotated[bool, typer.Option(help="Measure the routed vs plain runtime.")] = True,
     onnx: Annotated[
         bool, typer.Option(help="Also time both models in onnxruntime (exports them once per architecture).")
     ] = True,
-    threads: Annotated[int | None, typer.Option(help="Torch threads (default: torch's choice).")] = None,
+    threads: Annotated[int | None, typer.Option(min=1, help="Torch threads (default: torch's choice).")] = None,
     workdir: Annotated[Path, typer.Option(help="Where the synthetic checkpoints are written (reused).")] = Path(
         "esmpp-bench-work"
     ),
