@@ -517,6 +517,14 @@ def _csv(text: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in text.split(",") if item.strip())
 
 
+def _positive_integers(option: str, text: str) -> tuple[int, ...]:
+    """The comma-separated integers ``text`` given to ``option``: one or more, each at least 1."""
+    items = _csv(text)
+    if not items or not all(item.isdecimal() and int(item) >= 1 for item in items):
+        raise ConfigError(f"{option} takes one or more comma-separated integers ≥ 1, e.g. 1,8; got {text!r}.")
+    return tuple(int(item) for item in items)
+
+
 @app.command()
 def bench(
     arch: Annotated[
@@ -549,23 +557,22 @@ def bench(
     A --method-option goes to every method that has it, the ESM++ backbone's included."""
     from esmpp.bench import BenchConfig, format_report, run_bench
 
-    try:
-        config = BenchConfig(
-            archs=_csv(arch),
-            task_counts=tuple(int(t) for t in _csv(tasks)),
-            methods=_csv(methods),
-            proxy_images=proxy_images,
-            rank=rank,
-            build_repeats=build_repeats,
-            runtime_repeats=runtime_repeats,
-            batch_sizes=tuple(int(b) for b in _csv(batch_sizes)),
-            runtime=runtime,
-            onnx=onnx,
-            threads=threads,
-            method_options=_method_option_values(method_option),
-        )
-    except ValueError as exc:
-        raise EsmppError(f"--tasks and --batch-sizes take comma-separated integers ({exc}).") from exc
+    if not _csv(arch):
+        raise ConfigError(f"--arch takes one or more comma-separated open_clip names, e.g. ViT-B-32; got {arch!r}.")
+    config = BenchConfig(
+        archs=_csv(arch),
+        task_counts=_positive_integers("--tasks", tasks),
+        methods=_csv(methods),
+        proxy_images=proxy_images,
+        rank=rank,
+        build_repeats=build_repeats,
+        runtime_repeats=runtime_repeats,
+        batch_sizes=_positive_integers("--batch-sizes", batch_sizes),
+        runtime=runtime,
+        onnx=onnx,
+        threads=threads,
+        method_options=_method_option_values(method_option),
+    )
     _prepare_output(out)
     report = run_bench(config, workdir, log=lambda line: typer.echo(line, err=True))
     typer.echo(format_report(report))

@@ -194,6 +194,14 @@ BAD_BENCH_OPTIONS = {
         ["--runtime-repeats", "0"],
         ["'--runtime-repeats'", "(got '0')", "greater than or equal to 1"],
     ),
+    "no task count": (["--tasks", ""], ["--tasks takes one or more comma-separated integers ≥ 1", "got ''"]),
+    "no tasks": (["--tasks", "2,0"], ["--tasks takes one or more comma-separated integers ≥ 1", "got '2,0'"]),
+    "fraction of a task": (["--tasks", "2.5"], ["--tasks takes one or more comma-separated integers ≥ 1", "'2.5'"]),
+    "empty batch": (["--batch-sizes", "0"], ["--batch-sizes takes", "integers ≥ 1", "got '0'"]),
+    "negative batch": (["--batch-sizes", "1,-4"], ["--batch-sizes takes", "integers ≥ 1", "got '1,-4'"]),
+    "batch not a number": (["--batch-sizes", "1,x"], ["--batch-sizes takes", "integers ≥ 1", "got '1,x'"]),
+    "no batch size": (["--batch-sizes", " , "], ["--batch-sizes takes", "integers ≥ 1", "got ' , '"]),
+    "no architecture": (["--arch", ""], ["--arch takes one or more comma-separated open_clip names", "got ''"]),
 }
 
 
