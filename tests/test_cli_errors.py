@@ -202,6 +202,16 @@ BAD_BENCH_OPTIONS = {
     "batch not a number": (["--batch-sizes", "1,x"], ["--batch-sizes takes", "integers ≥ 1", "got '1,x'"]),
     "no batch size": (["--batch-sizes", " , "], ["--batch-sizes takes", "integers ≥ 1", "got ' , '"]),
     "no architecture": (["--arch", ""], ["--arch takes one or more comma-separated open_clip names", "got ''"]),
+    # Not when its turn comes, after the first architecture's benchmark.
+    "unknown second architecture": (
+        ["--arch", "ViT-B-32,ViT-X"],
+        ["--arch: Unknown architecture 'ViT-X'. Use an open_clip model name (e.g. "],
+    ),
+    # esm++ is a name of the bench's, not of the merge methods: the choices name it.
+    "unknown method": (
+        ["--methods", "esm++,magic"],
+        ["--methods 'esm++,magic': no method 'magic'. Choose from esm++, averaging, esm,"],
+    ),
 }
 
 
