@@ -581,7 +581,10 @@ def bench(
 
 
 def _prepare_output(out: Path) -> None:
-    """Create the folder of the report ``out`` before the long work, so that a bad --out fails at once."""
+    """Create the folder of the report ``out`` before the long work, so that a bad --out fails at once (a
+    folder there too: the report would be refused only when written, after the work)."""
+    if out.is_dir():
+        raise ConfigError(f"--out {out} is a folder: give the report's file name, e.g. {out / 'report.json'}.")
     with storage_errors(lambda exc: f"cannot create the folder of --out {out} ({exc}). Choose another --out."):
         out.parent.mkdir(parents=True, exist_ok=True)
 

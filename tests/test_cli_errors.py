@@ -159,6 +159,10 @@ CASES = {
         lambda root, config, *_: ["compare", "--zoo", "tiny", "--out", root / "r.json", "--artifact", config / "a"],
         "choose another folder for the artifact",
     ),
+    "compare report is a folder": (
+        lambda root, *_: ["compare", "--zoo", "tiny", "--out", root],
+        "is a folder: give the report's file name",
+    ),
     "bench workdir under a file": (
         lambda root, config, *_: ["bench", "--workdir", config / "work", "--tasks", "2", "--out", root / "b.json"],
         "is a file. Nothing was written: pass another --workdir",
@@ -207,6 +211,8 @@ BAD_BENCH_OPTIONS = {
         ["--arch", "ViT-B-32,ViT-X"],
         ["--arch: Unknown architecture 'ViT-X'. Use an open_clip model name (e.g. "],
     ),
+    # Not when the report is written, after the benchmark.
+    "report is a folder": (["--out", "."], ["--out . is a folder: give the report's file name, e.g. report.json"]),
     # esm++ is a name of the bench's, not of the merge methods: the choices name it.
     "unknown method": (
         ["--methods", "esm++,magic"],
