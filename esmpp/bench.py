@@ -42,9 +42,9 @@ from esmpp.atomic import (
 )
 from esmpp.build import BuildOptions, build_artifact
 from esmpp.checkpoints import Encoder, load_encoder, save_encoder
-from esmpp.errors import StorageError
+from esmpp.errors import ArchitectureError, ConfigError, StorageError
 from esmpp.merge import TaskSource, apply_task_vector, merge_streaming
-from esmpp.merging import check_run_options, get_method, options_share
+from esmpp.merging import available_methods, check_run_options, get_method, options_share
 from esmpp.profiling import StageProfile, recording, resident_bytes, stage
 from esmpp.runtime.model import Experts
 
@@ -454,7 +454,8 @@ def _version(package: str) -> str | None:
 
 def run_bench(config: BenchConfig, workdir: Path, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run every workload of ``config`` (checkpoints under ``workdir``) and return the JSON-able report."""
-    check_run_options([backbone_method(method) for method in config.methods], config.method_options)
+    check_methods(config.methods, config.method_options)
+    archs = architectures(config.archs)
     if config.methods:  # the builds write their checkpoints and outputs there
         check_writable_folder(workdir, WORKDIR_HINT)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -462,8 +463,8 @@ def run_bench(config: BenchConfig, workdir: Path, log: Callable[[str], None] = p
         torch.set_num_threads(config.threads)
     report: dict[str, Any] = {"config": asdict(config), "environment": environment(), "device": str(device)}
     report["build"], report["runtime"], report["targets"] = {}, {}, {}
-    for arch_name in config.archs:
-        arch = Architecture.from_name(arch_name)
+    for arch in archs:
+        arch_name = arch.name
         builds: dict[str, dict[str, Any]] = {}
         if config.methods:  # the runtime alone needs no checkpoints on disk
             log(f"{arch_name}: writing {max(config.task_counts)} synthetic fine-tunes under {workdir}")
@@ -482,6 +483,29 @@ def run_bench(config: BenchConfig, workdir: Path, log: Callable[[str], None] = p
         report["targets"][arch_name] = targets(builds, report["runtime"].get(arch_name), arch, config)
     report["environment"]["load_average_after"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     return report
+
+
+def check_methods(methods: Sequence[str], method_options: dict[str, Any]) -> None:
+    """Raise :class:`ConfigError` before any work when a name of ``methods`` (``--methods``) is neither
+    ``esm++`` nor a static merge method, or a ``--method-option`` is an option of none of them or has a value
+    one of them refuses."""
+    known = (ROUTED_METHOD, *available_methods())
+    unknown = [method for method in methods if method not in known]
+    if unknown:
+        raise ConfigError(
+            f"--methods {','.join(methods)!r}: no method {', '.join(map(repr, unknown))}. Choose from "
+            f"{', '.join(known)}, or give '' to measure the runtime only."
+        )
+    check_run_options([backbone_method(method) for method in methods], method_options)
+
+
+def architectures(names: Sequence[str]) -> list[Architecture]:
+    """The open_clip architectures ``names`` (``--arch``), all resolved before any work: a mistyped second
+    name would otherwise fail only after the first architecture's whole benchmark."""
+    try:
+        return [Architecture.from_name(name) for name in names]
+    except ArchitectureError as exc:
+        raise ArchitectureError(f"--arch: {exc}") from exc
 
 
 def backbone_method(method: str) -> str:

@@ -7,14 +7,35 @@ import sys
 import time
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+from typer.core import TyperGroup
 
 from esmpp.atomic import check_destination, exit_on_terminate, storage_errors
-from esmpp.errors import EsmppError
+from esmpp.errors import ConfigError, EsmppError
+
+
+class OneLineValueErrors(TyperGroup):
+    """The commands, with a value typer refuses (not a number, below an option's ``min``, not a choice, missing)
+    reported as the one-line error every other user error is (exit 1), not as typer's usage panel (exit 2)."""
+
+    def invoke(self, ctx: typer.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except typer.BadParameter as exc:
+            from pydantic import ValidationError
+
+            # typer checks values with pydantic, whose messages ("Input should be greater than or equal to 1")
+            # leave out the value given.
+            cause = exc.__cause__
+            given = f" (got {cause.errors()[0]['input']!r})" if isinstance(cause, ValidationError) else ""
+            command = (exc.ctx or ctx).command_path
+            raise ConfigError(f"{exc.format_message().rstrip('.')}{given}. See `{command} --help`.") from exc
+
 
 app = typer.Typer(
+    cls=OneLineValueErrors,
     help="Merge fine-tuned CLIP vision encoders into one model with ESM and dynamic ESM++ routing.\n\n"
     "Typical flow: `esmpp zoo build` (offline demo models) → `esmpp build` (artifact) → "
     "`esmpp predict` / `esmpp export`. `esmpp demo` runs the whole chain on the offline zoo.",
@@ -496,6 +517,14 @@ def _csv(text: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in text.split(",") if item.strip())
 
 
+def _positive_integers(option: str, text: str) -> tuple[int, ...]:
+    """The comma-separated integers ``text`` given to ``option``: one or more, each at least 1."""
+    items = _csv(text)
+    if not items or not all(item.isdecimal() and int(item) >= 1 for item in items):
+        raise ConfigError(f"{option} takes one or more comma-separated integers ≥ 1, e.g. 1,8; got {text!r}.")
+    return tuple(int(item) for item in items)
+
+
 @app.command()
 def bench(
     arch: Annotated[
@@ -505,16 +534,18 @@ def bench(
     methods: Annotated[
         str, typer.Option(help="'esm++' (full build) and static methods, comma-separated; '' for the runtime only.")
     ] = "esm++,esm,tsv,task_arithmetic",
-    proxy_images: Annotated[int, typer.Option(help="Proxy images per task.")] = 32,
-    rank: Annotated[int, typer.Option(help="Rank r of each task's low-rank expert.")] = 32,
-    build_repeats: Annotated[int, typer.Option(help="Builds per workload (median; each in a fresh process).")] = 1,
-    runtime_repeats: Annotated[int, typer.Option(help="Timed forwards per runtime figure (median).")] = 5,
+    proxy_images: Annotated[int, typer.Option(min=1, help="Proxy images per task.")] = 32,
+    rank: Annotated[int, typer.Option(min=1, help="Rank r of each task's low-rank expert.")] = 32,
+    build_repeats: Annotated[
+        int, typer.Option(min=1, help="Builds per workload (median; each in a fresh process).")
+    ] = 1,
+    runtime_repeats: Annotated[int, typer.Option(min=1, help="Timed forwards per runtime figure (median).")] = 5,
     batch_sizes: Annotated[str, typer.Option(help="Runtime batch sizes, comma-separated.")] = "1,32",
     runtime: Annotated[bool, typer.Option(help="Measure the routed vs plain runtime.")] = True,
     onnx: Annotated[
         bool, typer.Option(help="Also time both models in onnxruntime (exports them once per architecture).")
     ] = True,
-    threads: Annotated[int | None, typer.Option(help="Torch threads (default: torch's choice).")] = None,
+    threads: Annotated[int | None, typer.Option(min=1, help="Torch threads (default: torch's choice).")] = None,
     workdir: Annotated[Path, typer.Option(help="Where the synthetic checkpoints are written (reused).")] = Path(
         "esmpp-bench-work"
     ),
@@ -526,23 +557,22 @@ def bench(
     A --method-option goes to every method that has it, the ESM++ backbone's included."""
     from esmpp.bench import BenchConfig, format_report, run_bench
 
-    try:
-        config = BenchConfig(
-            archs=_csv(arch),
-            task_counts=tuple(int(t) for t in _csv(tasks)),
-            methods=_csv(methods),
-            proxy_images=proxy_images,
-            rank=rank,
-            build_repeats=build_repeats,
-            runtime_repeats=runtime_repeats,
-            batch_sizes=tuple(int(b) for b in _csv(batch_sizes)),
-            runtime=runtime,
-            onnx=onnx,
-            threads=threads,
-            method_options=_method_option_values(method_option),
-        )
-    except ValueError as exc:
-        raise EsmppError(f"--tasks and --batch-sizes take comma-separated integers ({exc}).") from exc
+    if not _csv(arch):
+        raise ConfigError(f"--arch takes one or more comma-separated open_clip names, e.g. ViT-B-32; got {arch!r}.")
+    config = BenchConfig(
+        archs=_csv(arch),
+        task_counts=_positive_integers("--tasks", tasks),
+        methods=_csv(methods),
+        proxy_images=proxy_images,
+        rank=rank,
+        build_repeats=build_repeats,
+        runtime_repeats=runtime_repeats,
+        batch_sizes=_positive_integers("--batch-sizes", batch_sizes),
+        runtime=runtime,
+        onnx=onnx,
+        threads=threads,
+        method_options=_method_option_values(method_option),
+    )
     _prepare_output(out)
     report = run_bench(config, workdir, log=lambda line: typer.echo(line, err=True))
     typer.echo(format_report(report))
@@ -551,7 +581,10 @@ def bench(
 
 
 def _prepare_output(out: Path) -> None:
-    """Create the folder of the report ``out`` before the long work, so that a bad --out fails at once."""
+    """Create the folder of the report ``out`` before the long work, so that a bad --out fails at once (a
+    folder there too: the report would be refused only when written, after the work)."""
+    if out.is_dir():
+        raise ConfigError(f"--out {out} is a folder: give the report's file name, e.g. {out / 'report.json'}.")
     with storage_errors(lambda exc: f"cannot create the folder of --out {out} ({exc}). Choose another --out."):
         out.parent.mkdir(parents=True, exist_ok=True)
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from esmpp import bench as bench_module
 from esmpp.artifact import save_artifact
 from esmpp.cli import run
 from esmpp.runtime.predictor import Predictor
@@ -133,6 +134,15 @@ CASES = {
         "--opset 17 is not supported: the ONNX exporter writes opsets 18 to 25",
     ),
     "overwrite needed": (lambda root, config, artifact, image: ["build", config, "--out", artifact], "--overwrite"),
+    # Values typer itself refuses: one line too, not its usage panel (exit 2).
+    "not a choice": (
+        lambda root, *_: ["build", "--zoo", "huge"],
+        "Invalid value for '--zoo': Value error, 'huge' is not one of 'tiny', 'mini'",
+    ),
+    "missing option": (
+        lambda root, config, artifact, image: ["export", artifact],
+        "Missing option '--out'. See `",
+    ),
     "inspect missing": (lambda root, *_: ["inspect", root / "nothing"], "not an artifact directory"),
     # A report under a file: refused before the zoo or the workload is made (they would take minutes).
     "report under a file": (
@@ -148,6 +158,10 @@ CASES = {
     "compare artifact under a file": (
         lambda root, config, *_: ["compare", "--zoo", "tiny", "--out", root / "r.json", "--artifact", config / "a"],
         "choose another folder for the artifact",
+    ),
+    "compare report is a folder": (
+        lambda root, *_: ["compare", "--zoo", "tiny", "--out", root],
+        "is a folder: give the report's file name",
     ),
     "bench workdir under a file": (
         lambda root, config, *_: ["bench", "--workdir", config / "work", "--tasks", "2", "--out", root / "b.json"],
@@ -171,6 +185,58 @@ def test_errors_are_one_line_and_exit_code_1(monkeypatch, capsys, project, case)
     assert expected in err
     assert directory_digest(project[2]) == before  # the existing artifact is untouched
     assert not (project[0] / "bench-work").exists()  # and no long work was started
+
+
+# Bench options refused, each naming the option, the value given and the valid range: (flags, parts of the error).
+BAD_BENCH_OPTIONS = {
+    "no threads": (["--threads", "0"], ["Invalid value for '--threads'", "(got '0')", "greater than or equal to 1"]),
+    "threads not a number": (["--threads", "two"], ["Invalid value for '--threads'", "(got 'two')", "integer"]),
+    "negative rank": (["--rank", "-2"], ["Invalid value for '--rank'", "(got '-2')", "greater than or equal to 1"]),
+    "no proxy images": (["--proxy-images", "0"], ["'--proxy-images'", "(got '0')", "greater than or equal to 1"]),
+    "no builds": (["--build-repeats", "0"], ["'--build-repeats'", "(got '0')", "greater than or equal to 1"]),
+    "no timed forwards": (
+        ["--runtime-repeats", "0"],
+        ["'--runtime-repeats'", "(got '0')", "greater than or equal to 1"],
+    ),
+    "no task count": (["--tasks", ""], ["--tasks takes one or more comma-separated integers ≥ 1", "got ''"]),
+    "no tasks": (["--tasks", "2,0"], ["--tasks takes one or more comma-separated integers ≥ 1", "got '2,0'"]),
+    "fraction of a task": (["--tasks", "2.5"], ["--tasks takes one or more comma-separated integers ≥ 1", "'2.5'"]),
+    "empty batch": (["--batch-sizes", "0"], ["--batch-sizes takes", "integers ≥ 1", "got '0'"]),
+    "negative batch": (["--batch-sizes", "1,-4"], ["--batch-sizes takes", "integers ≥ 1", "got '1,-4'"]),
+    "batch not a number": (["--batch-sizes", "1,x"], ["--batch-sizes takes", "integers ≥ 1", "got '1,x'"]),
+    "no batch size": (["--batch-sizes", " , "], ["--batch-sizes takes", "integers ≥ 1", "got ' , '"]),
+    "no architecture": (["--arch", ""], ["--arch takes one or more comma-separated open_clip names", "got ''"]),
+    # Not when its turn comes, after the first architecture's benchmark.
+    "unknown second architecture": (
+        ["--arch", "ViT-B-32,ViT-X"],
+        ["--arch: Unknown architecture 'ViT-X'. Use an open_clip model name (e.g. "],
+    ),
+    # Not when the report is written, after the benchmark.
+    "report is a folder": (["--out", "."], ["--out . is a folder: give the report's file name, e.g. report.json"]),
+    # esm++ is a name of the bench's, not of the merge methods: the choices name it.
+    "unknown method": (
+        ["--methods", "esm++,magic"],
+        ["--methods 'esm++,magic': no method 'magic'. Choose from esm++, averaging, esm,"],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_BENCH_OPTIONS))
+def test_bench_options_are_refused_in_one_line_before_any_work(monkeypatch, capsys, tmp_path, case):
+    flags, expected = BAD_BENCH_OPTIONS[case]
+
+    def started(*args, **kwargs):
+        raise AssertionError("the bench started working before it checked its options")
+
+    for work in ("write_workload", "run_runtime"):  # the workload's checkpoints, the runtime's models
+        monkeypatch.setattr(bench_module, work, started)
+    workdir = tmp_path / "work"
+    code, _, err = _run(monkeypatch, capsys, "bench", "--workdir", workdir, "--out", tmp_path / "b.json", *flags)
+    assert code == 1
+    assert err.startswith("error: ") and err.count("\n") == 1
+    for part in expected:
+        assert part in err
+    assert not workdir.exists()
 
 
 def test_a_config_error_creates_no_folder_for_the_artifact(monkeypatch, capsys, project):
