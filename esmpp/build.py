@@ -26,11 +26,11 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from esmpp.allocator import release_free_memory
-from esmpp.architecture import ROUTED_KINDS, as_matrix, routed_keys
+from esmpp.architecture import as_matrix, routed_keys
 from esmpp.artifact import Artifact, TaskInfo
 from esmpp.capture import capture_statistics
 from esmpp.checkpoints import Encoder, check_compatible
-from esmpp.errors import ConfigError
+from esmpp.errors import ConfigError, validation_problems
 from esmpp.experts import discriminant_router, rank_for_energy, residual_expert, task_prototypes, within_task_scatter
 from esmpp.merge import (
     TaskSource,
@@ -64,27 +64,49 @@ class BuildOptions:
     alpha_evaluations: int = 10
 
     def check(self) -> None:
-        unknown = [kind for kind in self.routed_kinds if kind not in ROUTED_KINDS]
-        if unknown or not self.routed_kinds:
-            raise ConfigError(f"routed kinds {list(self.routed_kinds)}: choose from {list(ROUTED_KINDS)}.")
-        if self.rank < 1:
-            raise ConfigError(f"rank must be ≥ 1, got {self.rank}.")
-        if self.rank_energy is not None and not 0 < self.rank_energy <= 1:
-            raise ConfigError(f"rank_energy is a share of the residual's shift, in (0, 1]; got {self.rank_energy}.")
-        if self.prototypes_per_task < 1:
-            raise ConfigError(f"prototypes_per_task must be ≥ 1, got {self.prototypes_per_task}.")
-        if self.prototype_source not in ("finetuned", "runtime"):
-            raise ConfigError(f"prototype_source must be 'finetuned' or 'runtime', got {self.prototype_source!r}.")
-        if self.router not in ("cosine", "discriminant"):
-            raise ConfigError(f"router must be 'cosine' or 'discriminant', got {self.router!r}.")
+        """Raise a one-line ConfigError naming each option out of its bounds (those of :class:`OptionsConfig`)."""
+        try:
+            OptionsConfig.model_validate({name: getattr(self, name) for name in OptionsConfig.model_fields})
+        except pydantic.ValidationError as exc:
+            raise ConfigError(f"invalid build options: {validation_problems(exc)}.") from exc
+
+
+_DEFAULTS = BuildOptions()
+
+
+class OptionsConfig(pydantic.BaseModel):
+    """BuildOptions' choices, validated: the one statement of their bounds, for a build config's `options:`,
+    the command line's flags and :meth:`BuildOptions.check` alike. Floats must be finite: a NaN or infinite α,
+    share or shrinkage would only show as a broken artifact after the build."""
+
+    model_config = pydantic.ConfigDict(extra="forbid", allow_inf_nan=False)
+    method: str = _DEFAULTS.method
+    method_options: dict[str, Any] = pydantic.Field(default_factory=dict)
+    alpha: float | None = _DEFAULTS.alpha
+    rank: int = pydantic.Field(_DEFAULTS.rank, ge=1)
+    rank_energy: float | None = pydantic.Field(_DEFAULTS.rank_energy, gt=0.0, le=1.0)
+    routed_kinds: list[Literal["patch", "qkv", "out", "fc", "proj"]] = pydantic.Field(
+        list(_DEFAULTS.routed_kinds), min_length=1
+    )
+    prototype_source: Literal["finetuned", "runtime"] = _DEFAULTS.prototype_source
+    prototypes_per_task: int = pydantic.Field(_DEFAULTS.prototypes_per_task, ge=1)
+    router: Literal["cosine", "discriminant"] = _DEFAULTS.router
+    router_shrinkage: float = pydantic.Field(_DEFAULTS.router_shrinkage, ge=0.0, le=1.0)
+
+    @pydantic.model_validator(mode="after")
+    def _discriminant_router_on_runtime_prototypes(self) -> OptionsConfig:
         if self.router == "discriminant" and self.prototype_source != "runtime":
-            raise ConfigError(
+            raise ValueError(
                 "the discriminant router is fitted on the features the routed model itself sees: use it with "
                 "prototype_source='runtime' (--prototypes runtime). Fitted on the fine-tuned models' features it "
-                "learns to tell the models apart rather than the images (28 % routing on the mini zoo)."
+                "learns to tell the models apart rather than the images (28 % routing on the mini zoo)"
             )
-        if not 0.0 <= self.router_shrinkage <= 1.0:
-            raise ConfigError(f"router_shrinkage must be in [0, 1], got {self.router_shrinkage}.")
+        return self
+
+    def to_build_options(self) -> BuildOptions:
+        data = self.model_dump()
+        data["routed_kinds"] = tuple(data["routed_kinds"])
+        return BuildOptions(**data)
 
 
 def _embed(visual: torch.nn.Module, images: torch.Tensor, batch_size: int) -> torch.Tensor:

@@ -59,8 +59,8 @@ def _build_options(base=None, **overrides):
     """Build options: the config's ``options:`` (or the defaults), with the flags that were given on top."""
     from pydantic import ValidationError
 
-    from esmpp.build import method_options
-    from esmpp.config import OptionsConfig
+    from esmpp.build import OptionsConfig, method_options
+    from esmpp.errors import validation_problems
 
     given = {key: value for key, value in overrides.items() if value is not None}
     if "routed_kinds" in given:
@@ -74,10 +74,7 @@ def _build_options(base=None, **overrides):
     try:
         options = OptionsConfig.model_validate(merged).to_build_options()
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{str(error['loc'][0]).replace('_', ' ')}: {error['msg']}" for error in exc.errors(include_url=False)
-        )
-        raise EsmppError(f"invalid build option ({problems}). See `esmpp build --help`.") from exc
+        raise EsmppError(f"invalid build option ({validation_problems(exc)}). See `esmpp build --help`.") from exc
     method_options(options)  # an unknown method or method option fails now, before the models load
     return options
 

@@ -5,6 +5,7 @@ import tempfile
 import weakref
 from functools import partial
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 import torch
@@ -56,6 +57,11 @@ def _tasks(num_tasks: int, pretrained: Encoder) -> list[TaskSource]:
             )
         )
     return tasks
+
+
+def _long_work(*args, **kwargs) -> NoReturn:
+    """Stands in for the build's long work in tests of errors that must come before it."""
+    raise AssertionError("the long work started before the inputs were checked")
 
 
 @pytest.fixture
@@ -164,14 +170,19 @@ def test_bad_build_inputs_are_named(pretrained, change, message):
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        (BuildOptions(routed_kinds=("mlp",)), "routed kinds"),
+        (BuildOptions(routed_kinds=("mlp",)), "routed_kinds.0: Input should be 'patch'"),
+        (BuildOptions(routed_kinds=()), "routed_kinds: List should have at least 1 item"),
         (BuildOptions(rank_energy=1.5), "rank_energy"),
-        (BuildOptions(router="knn"), "router must be"),
+        (BuildOptions(router="knn"), "router: Input should be 'cosine' or 'discriminant'"),
+        (BuildOptions(alpha=float("nan")), "alpha: Input should be a finite number"),
+        (BuildOptions(router_shrinkage=float("inf")), "router_shrinkage: Input should be a finite number"),
+        (BuildOptions(method_options={"scale_factor": float("inf")}), "scale_factor: Input should be a finite number"),
         (BuildOptions(router="discriminant", prototype_source="runtime", router_shrinkage=1.5), "router_shrinkage"),
         (BuildOptions(router="discriminant"), "prototype_source='runtime'"),
     ],
 )
-def test_bad_options_are_named(pretrained, options, message):
+def test_bad_options_are_named_before_the_merge(pretrained, options, message, monkeypatch):
+    monkeypatch.setattr("esmpp.build.merge_streaming", _long_work)
     with pytest.raises(ConfigError, match=message):
         build_artifact(pretrained, _tasks(1, pretrained), options, progress=False)
 

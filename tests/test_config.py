@@ -69,6 +69,15 @@ def test_config_to_artifact(config_file):
         (lambda c: c["options"].update(routed_kinds=["mlp"]), "routed_kinds"),
         (lambda c: c.update(colour="blue"), "colour"),
         (lambda c: c["tasks"][1].update(name=c["tasks"][0]["name"]), r"task names \['task0'\] are used more than once"),
+        (lambda c: c["options"].update(alpha=float("nan")), r"options\.alpha: Input should be a finite number"),
+        (lambda c: c["options"].update(alpha=float("inf")), r"options\.alpha: Input should be a finite number"),
+        (lambda c: c["options"].update(rank_energy=float("nan")), r"options\.rank_energy: .* finite number"),
+        (lambda c: c["options"].update(router_shrinkage=float("-inf")), r"options\.router_shrinkage: .* finite"),
+        (lambda c: c["options"].update(rank=0), r"options\.rank: Input should be greater than or equal to 1"),
+        (lambda c: c["options"].update(prototypes_per_task=0), r"options\.prototypes_per_task: .* equal to 1"),
+        (lambda c: c["options"].update(routed_kinds=[]), r"options\.routed_kinds: List should have at least 1"),
+        (lambda c: c.update(proxy_images=0), r"proxy_images: Input should be greater than or equal to 1"),
+        (lambda c: c.update(proxy_images=-2), r"proxy_images: Input should be greater than or equal to 1"),
     ],
 )
 def test_invalid_configs_are_named(config_file, edit, message):
