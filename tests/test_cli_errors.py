@@ -9,8 +9,10 @@ from typing import NoReturn
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from PIL import Image
+from safetensors.torch import save_file
 
 from esmpp.artifact import save_artifact
 from esmpp.cli import run
@@ -217,7 +219,24 @@ BUILD_INPUT_CASES = {
         lambda root: ["build", _variant(root, "proxy-count", lambda folder, config: config.update(proxy_images=-1))],
         "proxy_images: Input should be greater than or equal to 1",
     ),
+    "NaN in the last task's head": (
+        lambda root: ["build", _variant(root, "nan-head", _nan_head)],
+        "head1.safetensors: the head has NaN or infinite values",
+    ),
+    "undecodable image in the last task's proxy folder": (
+        lambda root: ["build", _variant(root, "bad-image", _truncated_proxy_image)],
+        "proxy1/2.png: cannot decode the image",
+    ),
 }
+
+
+def _nan_head(folder, config):
+    save_file({"head": torch.full((3, 16), float("nan"))}, folder / "head1.safetensors")
+
+
+def _truncated_proxy_image(folder, config):
+    image = folder / "proxy1" / "2.png"
+    image.write_bytes(image.read_bytes()[:60])
 
 
 def _long_work(*args, **kwargs) -> NoReturn:

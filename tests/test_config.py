@@ -1,6 +1,7 @@
 """A YAML build config with user files (checkpoints, image folders, head files) → task sources → artifact."""
 
 import dataclasses
+from typing import NoReturn
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from esmpp.architecture import build_visual
 from esmpp.build import build_artifact
 from esmpp.checkpoints import Encoder, save_encoder
 from esmpp.config import load_config
-from esmpp.errors import CheckpointError, ConfigError
+from esmpp.errors import CheckpointError, ConfigError, ImageError
 from esmpp.sources import config_sources
 from tests.conftest import TINY_ARCH
 
@@ -92,6 +93,28 @@ def test_empty_proxy_folder_is_named(config_file):
     for png in (config_file.parent / "proxy1").iterdir():
         png.unlink()
     with pytest.raises(ConfigError, match="proxy1: the proxy folder has no images"):
+        config_sources(load_config(config_file))
+
+
+def _slow_preparation(*args, **kwargs) -> NoReturn:
+    raise AssertionError("validation images were loaded before every task's files were checked")
+
+
+@pytest.mark.parametrize(("value", "dtype"), [(float("nan"), torch.float32), (1e300, torch.float64)])
+def test_a_head_with_nan_is_named_before_the_build(config_file, monkeypatch, value, dtype):
+    monkeypatch.setattr("esmpp.sources.load_labelled_folder", _slow_preparation)  # the first task's
+    head = torch.randn(2, 16, dtype=dtype)
+    head[1, 3] = value  # 1e300: finite in float64, infinite in the float32 the build uses
+    save_file({"head": head}, config_file.parent / "head1.safetensors", {"classes": "yes\nno"})
+    with pytest.raises(ConfigError, match=r"head1\.safetensors: the head has NaN or infinite values"):
+        config_sources(load_config(config_file))
+
+
+def test_an_undecodable_proxy_image_of_the_last_task_is_named_before_the_build(config_file, monkeypatch):
+    monkeypatch.setattr("esmpp.sources.load_labelled_folder", _slow_preparation)
+    image = config_file.parent / "proxy1" / "004.png"
+    image.write_bytes(image.read_bytes()[:60])  # a truncated download
+    with pytest.raises(ImageError, match=r"proxy1/004\.png: cannot decode the image"):
         config_sources(load_config(config_file))
 
 
