@@ -109,6 +109,18 @@ class OptionsConfig(pydantic.BaseModel):
         return BuildOptions(**data)
 
 
+def check_rank(options: BuildOptions, pretrained: Encoder) -> None:
+    """Refuse a ``rank`` above the largest min(d_in, d_out) of the routed layers of ``pretrained``: no expert
+    can have more directions than that, so the rest would be empty, and the build record would claim them."""
+    kinds = options.routed_kinds
+    largest = max(min(as_matrix(pretrained.state[key]).shape) for key in routed_keys(pretrained.arch, kinds))
+    if options.rank > largest:
+        raise ConfigError(
+            f"rank {options.rank} is more than the {largest} directions that the routed layers ({', '.join(kinds)}) "
+            f"of {pretrained.arch.name} have at most (min(d_in, d_out)): set `rank` (--rank) to at most {largest}."
+        )
+
+
 def _embed(visual: torch.nn.Module, images: torch.Tensor, batch_size: int) -> torch.Tensor:
     with torch.no_grad():
         return torch.cat([visual(batch) for batch in batches(images, batch_size)])
@@ -225,6 +237,7 @@ def build_artifact(
     """Run the ESM++ build (see module docstring) and return the artifact (not yet written)."""
     options = options or BuildOptions()
     options.check()
+    check_rank(options, pretrained)
     if not tasks:
         raise ConfigError("no tasks to merge: give at least one task with a fine-tuned checkpoint.")
     for task in tasks:

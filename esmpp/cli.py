@@ -241,7 +241,7 @@ def build(
 
         build_config = load_config(config)
         options = _build_options(build_config.options, **flags)
-        pretrained, sources = config_sources(build_config)
+        pretrained, sources = config_sources(build_config, options)
         check_destination(out, overwrite, marker=MANIFEST)  # the config's files are good: before the work
     artifact = build_artifact(pretrained, sources, options)
     save_artifact(artifact, out, overwrite=overwrite)

@@ -10,6 +10,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from esmpp.architecture import Architecture
+from esmpp.build import BuildOptions, check_rank
 from esmpp.checkpoints import Encoder, load_encoder, probe_checkpoint
 from esmpp.config import BuildConfig
 from esmpp.errors import ConfigError
@@ -80,12 +81,16 @@ def load_head(path: Path, classes: list[str] | None, embed_dim: int) -> tuple[to
     return head, names
 
 
-def config_sources(config: BuildConfig) -> tuple[Encoder, list[TaskSource]]:
-    """The pretrained encoder and the task sources of a build config. Every task's files are checked first,
-    before anything slow (a zero-shot head, validation images): the checkpoint (its header, see
-    :func:`probe_checkpoint`), the head file and the proxy images. Checkpoints and proxy images load lazily."""
+def config_sources(config: BuildConfig, options: BuildOptions | None = None) -> tuple[Encoder, list[TaskSource]]:
+    """The pretrained encoder and the task sources of a build config, for a build with ``options`` (default:
+    the config's own). Every task's files are checked first, before anything slow (a zero-shot head,
+    validation images): the checkpoint (its header, see :func:`probe_checkpoint`), the head file and the
+    proxy images; so are the bounds of ``options`` that depend on them (the rank on the layers' widths, the
+    prototypes per task on the proxy images). Checkpoints and proxy images load lazily."""
+    options = options or config.options.to_build_options()
     pretrained = load_encoder(config.pretrained, arch=config.architecture, allow_pickle=config.allow_pickle)
     arch = pretrained.arch
+    check_rank(options, pretrained)
     head_files: dict[str, tuple[torch.Tensor, list[str]]] = {}
     proxies: dict[str, list[Path]] = {}
     for task in config.tasks:
@@ -99,6 +104,15 @@ def config_sources(config: BuildConfig) -> tuple[Encoder, list[TaskSource]]:
         if task.head is not None:
             head_files[task.name] = load_head(task.head, task.classes, arch.embed_dim)
         proxies[task.name] = proxy_files(task.proxy, config.proxy_images)
+    # A prototype stands for a group of a task's proxy images: with more prototypes than images, some would repeat.
+    fewest = min(proxies, key=lambda name: len(proxies[name]))
+    available = len(proxies[fewest])
+    if options.prototypes_per_task > available:
+        raise ConfigError(
+            f"prototypes_per_task {options.prototypes_per_task} is more than the {available} proxy images of task "
+            f"{fewest!r}: set `prototypes_per_task` (--prototypes-per-task) to at most {available}, or give the task "
+            f"more proxy images (up to `proxy_images`, {config.proxy_images}, are used)."
+        )
     tasks = []
     for task in config.tasks:
         if task.name in head_files:

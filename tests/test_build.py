@@ -73,7 +73,7 @@ def pretrained() -> Encoder:
 @pytest.mark.parametrize("kinds", [("qkv", "out", "fc", "proj"), ("patch", "qkv", "out", "fc", "proj")])
 def test_one_task_with_full_rank_experts_reproduces_the_fine_tuned_model(pretrained, kinds):
     tasks = _tasks(1, pretrained)
-    options = BuildOptions(alpha=1.0, rank=10_000, routed_kinds=kinds)
+    options = BuildOptions(alpha=1.0, rank=TINY_ARCH.width, routed_kinds=kinds)  # min(d_in, d_out) of every layer
     artifact = build_artifact(pretrained, tasks, options, progress=False)
     finetuned = tasks[0].load().to_module()
     images = torch.randn(4, 3, 16, 16)
@@ -131,7 +131,7 @@ def test_patch_experts_restore_the_fine_tuned_patch_embedding_with_the_task_forc
     """At α = 0 the backbone is the pretrained model; a full-rank patch expert puts back the fine-tuned
     patch embedding exactly (up to the float32 ESD) when the task is forced."""
     tasks = _tasks(2, pretrained)
-    options = BuildOptions(alpha=0.0, rank=10_000, routed_kinds=("patch",))
+    options = BuildOptions(alpha=0.0, rank=TINY_ARCH.width, routed_kinds=("patch",))
     model = build_artifact(pretrained, tasks, options, progress=False).to_model()
     images = torch.randn(3, 3, 16, 16)
     outputs = []
@@ -179,6 +179,8 @@ def test_bad_build_inputs_are_named(pretrained, change, message):
         (BuildOptions(method_options={"scale_factor": float("inf")}), "scale_factor: Input should be a finite number"),
         (BuildOptions(router="discriminant", prototype_source="runtime", router_shrinkage=1.5), "router_shrinkage"),
         (BuildOptions(router="discriminant"), "prototype_source='runtime'"),
+        (BuildOptions(rank=33), r"rank 33 is more than the 32 directions .*: set `rank` \(--rank\) to at most 32"),
+        (BuildOptions(rank=100_000, routed_kinds=("patch",)), r"rank 100000 .* routed layers \(patch\)"),
     ],
 )
 def test_bad_options_are_named_before_the_merge(pretrained, options, message, monkeypatch):

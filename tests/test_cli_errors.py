@@ -219,6 +219,14 @@ BUILD_INPUT_CASES = {
         lambda root: ["build", _variant(root, "proxy-count", lambda folder, config: config.update(proxy_images=-1))],
         "proxy_images: Input should be greater than or equal to 1",
     ),
+    "--rank above the layers' width": (
+        lambda root: ["build", _variant(root, "rank-wide", _options()), "--rank", "100000"],
+        "rank 100000 is more than the 32 directions that the routed layers (qkv, fc) of tiny have at most",
+    ),
+    "more prototypes than proxy images": (
+        lambda root: ["build", _variant(root, "prototypes-4", _options(prototypes_per_task=4))],
+        "prototypes_per_task 4 is more than the 3 proxy images of task 'task0'",
+    ),
     "NaN in the last task's head": (
         lambda root: ["build", _variant(root, "nan-head", _nan_head)],
         "head1.safetensors: the head has NaN or infinite values",

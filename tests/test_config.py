@@ -118,6 +118,29 @@ def test_an_undecodable_proxy_image_of_the_last_task_is_named_before_the_build(c
         config_sources(load_config(config_file))
 
 
+def _with_options(config_file, **options):
+    config = yaml.safe_load(config_file.read_text())
+    config["options"].update(options)
+    config_file.write_text(yaml.safe_dump(config))
+    return load_config(config_file)
+
+
+def test_a_rank_above_the_layers_width_is_refused_before_the_tasks_load(config_file, monkeypatch):
+    monkeypatch.setattr("esmpp.sources.load_labelled_folder", _slow_preparation)
+    with pytest.raises(ConfigError, match=r"rank 100000 is more than the 32 directions .* at most 32"):
+        config_sources(_with_options(config_file, rank=100_000))
+
+
+def test_more_prototypes_than_a_tasks_proxy_images_are_refused_before_the_tasks_load(config_file, monkeypatch):
+    for name in ("003.png", "004.png"):
+        (config_file.parent / "proxy1" / name).unlink()
+    config = _with_options(config_file, prototypes_per_task=3)
+    assert len(config_sources(config)[1][1].proxy()) == 3  # as many prototypes as images: each image is one
+    monkeypatch.setattr("esmpp.sources.load_labelled_folder", _slow_preparation)
+    with pytest.raises(ConfigError, match=r"prototypes_per_task 4 is more than the 3 proxy images of task 'task1'"):
+        config_sources(_with_options(config_file, prototypes_per_task=4))
+
+
 def test_a_missing_checkpoint_is_named_before_any_task_loads(config_file):
     (config_file.parent / "task1.safetensors").unlink()  # the last task: found only after the others, before
     with pytest.raises(CheckpointError, match=r"task1\.safetensors does not exist"):
