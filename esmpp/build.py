@@ -2,7 +2,8 @@
 
 Stages (each timed, each streaming over tasks with one fine-tuned checkpoint in memory):
 1. merge: the backbone's task vector with a static method (ESM by default);
-2. alpha: α given, or chosen on the tasks' labelled validation data (golden-section on [0, 2]);
+2. alpha: α given, or chosen on the tasks' labelled validation data (golden-section on [0, 2]), or 1 when
+   no task has any (some tasks only is an error);
 3. experts: per task, the rank-r ESD expert of the residual W_t − W_merged at each routed layer under the
    task's own activations (option ``rank_energy``: r per layer, the fewest directions that keep that share of
    every task's residual shift), and the task's prototypes (mean routed-layer input on its proxy images);
@@ -16,7 +17,7 @@ Stages (each timed, each streaming over tasks with one fine-tuned checkpoint in 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -52,7 +53,7 @@ class BuildOptions:
 
     method: str = "esm"
     method_options: dict[str, Any] = field(default_factory=dict)
-    alpha: float | None = None  # None: search on validation data (falls back to 1.0 without any)
+    alpha: float | None = None  # None: search on every task's validation data (1.0 when no task has any)
     rank: int = 32
     rank_energy: float | None = None  # r per layer by retained energy, at most ``rank``; None: ``rank`` everywhere
     routed_kinds: tuple[str, ...] = ("qkv", "fc")
@@ -118,6 +119,18 @@ def check_rank(options: BuildOptions, pretrained: Encoder) -> None:
         raise ConfigError(
             f"rank {options.rank} is more than the {largest} directions that the routed layers ({', '.join(kinds)}) "
             f"of {pretrained.arch.name} have at most (min(d_in, d_out)): set `rank` (--rank) to at most {largest}."
+        )
+
+
+def check_alpha_search(options: BuildOptions, has_validation: Mapping[str, bool]) -> None:
+    """Refuse a build that would search α (none given) with validation data for only some of the tasks
+    (``has_validation``: task name → whether it has some). A search on some tasks would favour them; without
+    this, the build used to take α = 1 silently, as if no task had any."""
+    missing = [name for name, present in has_validation.items() if not present]
+    if options.alpha is None and 0 < len(missing) < len(has_validation):
+        raise ConfigError(
+            f"tasks {missing} have no validation data but the other tasks do, and α is chosen on every task's "
+            "validation data or on none: give each task a `validation:` folder, or set `alpha` (--alpha)."
         )
 
 
@@ -243,6 +256,7 @@ def build_artifact(
     for task in tasks:
         if task.head is None:
             raise ConfigError(f"task {task.name!r} has no head: give a head file or class names.")
+    check_alpha_search(options, {task.name: task.validation is not None for task in tasks})
     timings: dict[str, float] = {}
 
     start = time.perf_counter()

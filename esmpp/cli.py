@@ -125,7 +125,9 @@ ShrinkageOpt = Annotated[
 ]
 AlphaOpt = Annotated[
     float | None,
-    typer.Option(help="Scaling α of the merged task vector; default: search on validation data."),
+    typer.Option(
+        help="Scaling α of the merged task vector; default: searched on every task's validation data (1 without any)."
+    ),
 ]
 MethodOptionOpt = Annotated[
     list[str] | None,

@@ -11,7 +11,7 @@ Relative paths are resolved against the config file's folder. Example::
         classes: [audi, bmw, ...]      # optional with a head file that carries them; without a head file,
                                        # a zero-shot head is built with the pretrained CLIP's text tower
         proxy: proxy/cars              # a folder of unlabeled images (32 are used)
-        validation: val/cars           # optional: one subfolder per class, for choosing α
+        validation: val/cars           # optional (every task or none): one subfolder per class, for choosing α
     options:
       method: esm
       rank: 32

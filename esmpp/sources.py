@@ -10,7 +10,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from esmpp.architecture import Architecture
-from esmpp.build import BuildOptions, check_rank
+from esmpp.build import BuildOptions, check_alpha_search, check_rank
 from esmpp.checkpoints import Encoder, load_encoder, probe_checkpoint
 from esmpp.config import BuildConfig
 from esmpp.errors import ConfigError
@@ -85,9 +85,11 @@ def config_sources(config: BuildConfig, options: BuildOptions | None = None) -> 
     """The pretrained encoder and the task sources of a build config, for a build with ``options`` (default:
     the config's own). Every task's files are checked first, before anything slow (a zero-shot head,
     validation images): the checkpoint (its header, see :func:`probe_checkpoint`), the head file and the
-    proxy images; so are the bounds of ``options`` that depend on them (the rank on the layers' widths, the
-    prototypes per task on the proxy images). Checkpoints and proxy images load lazily."""
+    proxy images; so are the rules of ``options`` that depend on them (the rank on the layers' widths, the
+    prototypes per task on the proxy images, an α search on the validation data of every task). Checkpoints
+    and proxy images load lazily."""
     options = options or config.options.to_build_options()
+    check_alpha_search(options, {task.name: task.validation is not None for task in config.tasks})
     pretrained = load_encoder(config.pretrained, arch=config.architecture, allow_pickle=config.allow_pickle)
     arch = pretrained.arch
     check_rank(options, pretrained)

@@ -152,6 +152,17 @@ def test_alpha_search_uses_validation_data(pretrained):
     assert 0.0 <= artifact.build["alpha"] <= 2.0
 
 
+def test_validation_data_of_only_some_tasks_is_refused_before_the_merge_unless_alpha_is_given(pretrained, monkeypatch):
+    tasks = _tasks(3, pretrained)
+    tasks[1].validation = (_task_images(1, count=4, seed=2), torch.randint(0, 3, (4,)))
+    with monkeypatch.context() as patched:
+        patched.setattr("esmpp.build.merge_streaming", _long_work)
+        with pytest.raises(ConfigError, match=r"tasks \['task0', 'task2'\] have no validation data .*\(--alpha\)"):
+            build_artifact(pretrained, tasks, BuildOptions(rank=2), progress=False)
+    given = build_artifact(pretrained, tasks, BuildOptions(rank=2, alpha=0.5), progress=False)
+    assert given.build["alpha"] == 0.5 and given.build["alpha_history"] == []
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [

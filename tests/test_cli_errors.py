@@ -227,6 +227,10 @@ BUILD_INPUT_CASES = {
         lambda root: ["build", _variant(root, "prototypes-4", _options(prototypes_per_task=4))],
         "prototypes_per_task 4 is more than the 3 proxy images of task 'task0'",
     ),
+    "validation data for some tasks only": (
+        lambda root: ["build", _variant(root, "some-validation", _validation_for_the_first_task_only)],
+        "tasks ['task1'] have no validation data but the other tasks do",
+    ),
     "NaN in the last task's head": (
         lambda root: ["build", _variant(root, "nan-head", _nan_head)],
         "head1.safetensors: the head has NaN or infinite values",
@@ -236,6 +240,14 @@ BUILD_INPUT_CASES = {
         "proxy1/2.png: cannot decode the image",
     ),
 }
+
+
+def _validation_for_the_first_task_only(folder, config):
+    del config["options"]["alpha"]  # to be chosen on the validation data
+    for label in ("0", "1", "2"):  # the head's classes, unnamed
+        (folder / "val0" / label).mkdir(parents=True)
+        shutil.copy(folder / "proxy0" / f"{label}.png", folder / "val0" / label)
+    config["tasks"][0]["validation"] = "val0"
 
 
 def _nan_head(folder, config):

@@ -141,6 +141,18 @@ def test_more_prototypes_than_a_tasks_proxy_images_are_refused_before_the_tasks_
         config_sources(_with_options(config_file, prototypes_per_task=4))
 
 
+def test_validation_data_of_only_some_tasks_is_refused_before_the_tasks_load(config_file, monkeypatch):
+    config = yaml.safe_load(config_file.read_text())
+    del config["tasks"][1]["validation"]
+    config_file.write_text(yaml.safe_dump(config))
+    monkeypatch.setattr("esmpp.sources.load_labelled_folder", _slow_preparation)
+    with pytest.raises(ConfigError, match=r"tasks \['task1'\] have no validation data but the other tasks do"):
+        config_sources(load_config(config_file))
+    monkeypatch.undo()
+    tasks = config_sources(_with_options(config_file, alpha=0.5))[1]  # α given: the validation data is not needed
+    assert tasks[0].validation is not None and tasks[1].validation is None
+
+
 def test_a_missing_checkpoint_is_named_before_any_task_loads(config_file):
     (config_file.parent / "task1.safetensors").unlink()  # the last task: found only after the others, before
     with pytest.raises(CheckpointError, match=r"task1\.safetensors does not exist"):
