@@ -2,7 +2,8 @@
 
 Stages (each timed, each streaming over tasks with one fine-tuned checkpoint in memory):
 1. merge: the backbone's task vector with a static method (ESM by default);
-2. alpha: α given, or chosen on the tasks' labelled validation data (golden-section on [0, 2]);
+2. alpha: α given, or chosen on the tasks' labelled validation data (golden-section on [0, 2]), or 1 when
+   no task has any (some tasks only is an error);
 3. experts: per task, the rank-r ESD expert of the residual W_t − W_merged at each routed layer under the
    task's own activations (option ``rank_energy``: r per layer, the fewest directions that keep that share of
    every task's residual shift), and the task's prototypes (mean routed-layer input on its proxy images);
@@ -16,7 +17,7 @@ Stages (each timed, each streaming over tasks with one fine-tuned checkpoint in 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -26,11 +27,11 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from esmpp.allocator import release_free_memory
-from esmpp.architecture import ROUTED_KINDS, as_matrix, routed_keys
+from esmpp.architecture import as_matrix, routed_keys
 from esmpp.artifact import Artifact, TaskInfo
 from esmpp.capture import capture_statistics
 from esmpp.checkpoints import Encoder, check_compatible
-from esmpp.errors import ConfigError
+from esmpp.errors import ConfigError, validation_problems
 from esmpp.experts import discriminant_router, rank_for_energy, residual_expert, task_prototypes, within_task_scatter
 from esmpp.merge import (
     TaskSource,
@@ -52,7 +53,7 @@ class BuildOptions:
 
     method: str = "esm"
     method_options: dict[str, Any] = field(default_factory=dict)
-    alpha: float | None = None  # None: search on validation data (falls back to 1.0 without any)
+    alpha: float | None = None  # None: search on every task's validation data (1.0 when no task has any)
     rank: int = 32
     rank_energy: float | None = None  # r per layer by retained energy, at most ``rank``; None: ``rank`` everywhere
     routed_kinds: tuple[str, ...] = ("qkv", "fc")
@@ -64,27 +65,73 @@ class BuildOptions:
     alpha_evaluations: int = 10
 
     def check(self) -> None:
-        unknown = [kind for kind in self.routed_kinds if kind not in ROUTED_KINDS]
-        if unknown or not self.routed_kinds:
-            raise ConfigError(f"routed kinds {list(self.routed_kinds)}: choose from {list(ROUTED_KINDS)}.")
-        if self.rank < 1:
-            raise ConfigError(f"rank must be ≥ 1, got {self.rank}.")
-        if self.rank_energy is not None and not 0 < self.rank_energy <= 1:
-            raise ConfigError(f"rank_energy is a share of the residual's shift, in (0, 1]; got {self.rank_energy}.")
-        if self.prototypes_per_task < 1:
-            raise ConfigError(f"prototypes_per_task must be ≥ 1, got {self.prototypes_per_task}.")
-        if self.prototype_source not in ("finetuned", "runtime"):
-            raise ConfigError(f"prototype_source must be 'finetuned' or 'runtime', got {self.prototype_source!r}.")
-        if self.router not in ("cosine", "discriminant"):
-            raise ConfigError(f"router must be 'cosine' or 'discriminant', got {self.router!r}.")
+        """Raise a one-line ConfigError naming each option out of its bounds (those of :class:`OptionsConfig`)."""
+        try:
+            OptionsConfig.model_validate({name: getattr(self, name) for name in OptionsConfig.model_fields})
+        except pydantic.ValidationError as exc:
+            raise ConfigError(f"invalid build options: {validation_problems(exc)}.") from exc
+
+
+_DEFAULTS = BuildOptions()
+
+
+class OptionsConfig(pydantic.BaseModel):
+    """BuildOptions' choices, validated: the one statement of their bounds, for a build config's `options:`,
+    the command line's flags and :meth:`BuildOptions.check` alike. Floats must be finite: a NaN or infinite α,
+    share or shrinkage would only show as a broken artifact after the build."""
+
+    model_config = pydantic.ConfigDict(extra="forbid", allow_inf_nan=False)
+    method: str = _DEFAULTS.method
+    method_options: dict[str, Any] = pydantic.Field(default_factory=dict)
+    alpha: float | None = _DEFAULTS.alpha
+    rank: int = pydantic.Field(_DEFAULTS.rank, ge=1)
+    rank_energy: float | None = pydantic.Field(_DEFAULTS.rank_energy, gt=0.0, le=1.0)
+    routed_kinds: list[Literal["patch", "qkv", "out", "fc", "proj"]] = pydantic.Field(
+        list(_DEFAULTS.routed_kinds), min_length=1
+    )
+    prototype_source: Literal["finetuned", "runtime"] = _DEFAULTS.prototype_source
+    prototypes_per_task: int = pydantic.Field(_DEFAULTS.prototypes_per_task, ge=1)
+    router: Literal["cosine", "discriminant"] = _DEFAULTS.router
+    router_shrinkage: float = pydantic.Field(_DEFAULTS.router_shrinkage, ge=0.0, le=1.0)
+
+    @pydantic.model_validator(mode="after")
+    def _discriminant_router_on_runtime_prototypes(self) -> OptionsConfig:
         if self.router == "discriminant" and self.prototype_source != "runtime":
-            raise ConfigError(
+            raise ValueError(
                 "the discriminant router is fitted on the features the routed model itself sees: use it with "
                 "prototype_source='runtime' (--prototypes runtime). Fitted on the fine-tuned models' features it "
-                "learns to tell the models apart rather than the images (28 % routing on the mini zoo)."
+                "learns to tell the models apart rather than the images (28 % routing on the mini zoo)"
             )
-        if not 0.0 <= self.router_shrinkage <= 1.0:
-            raise ConfigError(f"router_shrinkage must be in [0, 1], got {self.router_shrinkage}.")
+        return self
+
+    def to_build_options(self) -> BuildOptions:
+        data = self.model_dump()
+        data["routed_kinds"] = tuple(data["routed_kinds"])
+        return BuildOptions(**data)
+
+
+def check_rank(options: BuildOptions, pretrained: Encoder) -> None:
+    """Refuse a ``rank`` above the largest min(d_in, d_out) of the routed layers of ``pretrained``: no expert
+    can have more directions than that, so the rest would be empty, and the build record would claim them."""
+    kinds = options.routed_kinds
+    largest = max(min(as_matrix(pretrained.state[key]).shape) for key in routed_keys(pretrained.arch, kinds))
+    if options.rank > largest:
+        raise ConfigError(
+            f"rank {options.rank} is more than the {largest} directions that the routed layers ({', '.join(kinds)}) "
+            f"of {pretrained.arch.name} have at most (min(d_in, d_out)): set `rank` (--rank) to at most {largest}."
+        )
+
+
+def check_alpha_search(options: BuildOptions, has_validation: Mapping[str, bool]) -> None:
+    """Refuse a build that would search α (none given) with validation data for only some of the tasks
+    (``has_validation``: task name → whether it has some). A search on some tasks would favour them; without
+    this, the build used to take α = 1 silently, as if no task had any."""
+    missing = [name for name, present in has_validation.items() if not present]
+    if options.alpha is None and 0 < len(missing) < len(has_validation):
+        raise ConfigError(
+            f"tasks {missing} have no validation data but the other tasks do, and α is chosen on every task's "
+            "validation data or on none: give each task a `validation:` folder, or set `alpha` (--alpha)."
+        )
 
 
 def _embed(visual: torch.nn.Module, images: torch.Tensor, batch_size: int) -> torch.Tensor:
@@ -203,11 +250,13 @@ def build_artifact(
     """Run the ESM++ build (see module docstring) and return the artifact (not yet written)."""
     options = options or BuildOptions()
     options.check()
+    check_rank(options, pretrained)
     if not tasks:
         raise ConfigError("no tasks to merge: give at least one task with a fine-tuned checkpoint.")
     for task in tasks:
         if task.head is None:
             raise ConfigError(f"task {task.name!r} has no head: give a head file or class names.")
+    check_alpha_search(options, {task.name: task.validation is not None for task in tasks})
     timings: dict[str, float] = {}
 
     start = time.perf_counter()

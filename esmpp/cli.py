@@ -80,8 +80,8 @@ def _build_options(base=None, **overrides):
     """Build options: the config's ``options:`` (or the defaults), with the flags that were given on top."""
     from pydantic import ValidationError
 
-    from esmpp.build import method_options
-    from esmpp.config import OptionsConfig
+    from esmpp.build import OptionsConfig, method_options
+    from esmpp.errors import validation_problems
 
     given = {key: value for key, value in overrides.items() if value is not None}
     if "routed_kinds" in given:
@@ -95,10 +95,7 @@ def _build_options(base=None, **overrides):
     try:
         options = OptionsConfig.model_validate(merged).to_build_options()
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{str(error['loc'][0]).replace('_', ' ')}: {error['msg']}" for error in exc.errors(include_url=False)
-        )
-        raise EsmppError(f"invalid build option ({problems}). See `esmpp build --help`.") from exc
+        raise EsmppError(f"invalid build option ({validation_problems(exc)}). See `esmpp build --help`.") from exc
     method_options(options)  # an unknown method or method option fails now, before the models load
     return options
 
@@ -149,7 +146,9 @@ ShrinkageOpt = Annotated[
 ]
 AlphaOpt = Annotated[
     float | None,
-    typer.Option(help="Scaling α of the merged task vector; default: search on validation data."),
+    typer.Option(
+        help="Scaling α of the merged task vector; default: searched on every task's validation data (1 without any)."
+    ),
 ]
 MethodOptionOpt = Annotated[
     list[str] | None,
@@ -265,7 +264,7 @@ def build(
 
         build_config = load_config(config)
         options = _build_options(build_config.options, **flags)
-        pretrained, sources = config_sources(build_config)
+        pretrained, sources = config_sources(build_config, options)
         check_destination(out, overwrite, marker=MANIFEST)  # the config's files are good: before the work
     artifact = build_artifact(pretrained, sources, options)
     save_artifact(artifact, out, overwrite=overwrite)

@@ -11,7 +11,7 @@ Relative paths are resolved against the config file's folder. Example::
         classes: [audi, bmw, ...]      # optional with a head file that carries them; without a head file,
                                        # a zero-shot head is built with the pretrained CLIP's text tower
         proxy: proxy/cars              # a folder of unlabeled images (32 are used)
-        validation: val/cars           # optional: one subfolder per class, for choosing α
+        validation: val/cars           # optional (every task or none): one subfolder per class, for choosing α
     options:
       method: esm
       rank: 32
@@ -21,14 +21,13 @@ Relative paths are resolved against the config file's folder. Example::
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from esmpp.artifact import repeated_names
-from esmpp.build import BuildOptions
-from esmpp.errors import ConfigError
+from esmpp.build import OptionsConfig
+from esmpp.errors import ConfigError, validation_problems
 
 
 class TaskConfig(BaseModel):
@@ -47,38 +46,13 @@ class TaskConfig(BaseModel):
         return self
 
 
-# The defaults live in BuildOptions (the build's own description); the config only validates them.
-_DEFAULTS = BuildOptions()
-
-
-class OptionsConfig(BaseModel):
-    """The `options:` section of a build config: BuildOptions' fields, validated, with its defaults."""
-
-    model_config = ConfigDict(extra="forbid")
-    method: str = _DEFAULTS.method
-    method_options: dict[str, Any] = Field(default_factory=dict)
-    alpha: float | None = _DEFAULTS.alpha
-    rank: int = _DEFAULTS.rank
-    rank_energy: float | None = Field(_DEFAULTS.rank_energy, gt=0.0, le=1.0)
-    routed_kinds: list[Literal["patch", "qkv", "out", "fc", "proj"]] = list(_DEFAULTS.routed_kinds)
-    prototype_source: Literal["finetuned", "runtime"] = _DEFAULTS.prototype_source
-    prototypes_per_task: int = _DEFAULTS.prototypes_per_task
-    router: Literal["cosine", "discriminant"] = _DEFAULTS.router
-    router_shrinkage: float = Field(_DEFAULTS.router_shrinkage, ge=0.0, le=1.0)
-
-    def to_build_options(self) -> BuildOptions:
-        data = self.model_dump()
-        data["routed_kinds"] = tuple(data["routed_kinds"])
-        return BuildOptions(**data)
-
-
 class BuildConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     architecture: str | None = None
     pretrained: Path
     tasks: list[TaskConfig] = Field(min_length=1)
     allow_pickle: bool = False
-    proxy_images: int = 32
+    proxy_images: int = Field(32, ge=1)  # a count ≤ 0 would slice the proxy folder's list from its end
     options: OptionsConfig = Field(default_factory=OptionsConfig)
 
     @model_validator(mode="after")
@@ -101,8 +75,7 @@ def load_config(path: Path) -> BuildConfig:
     try:
         config = BuildConfig.model_validate(data)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        raise ConfigError(f"{path}: {problems}.") from exc
+        raise ConfigError(f"{path}: {validation_problems(exc)}.") from exc
     base = path.parent
     config.pretrained = base / config.pretrained
     for task in config.tasks:

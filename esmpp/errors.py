@@ -6,6 +6,11 @@ Every message names the file or input, what was expected, and how to fix it. The
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # pydantic is imported by what validates, not by every command that may raise
+    from pydantic import ValidationError
+
 
 class EsmppError(Exception):
     """Base class: a problem with the user's input, files or options (not a bug in esmpp)."""
@@ -37,3 +42,12 @@ class DatasetError(EsmppError):
 
 class StorageError(EsmppError):
     """Working files cannot be written where esmpp puts them (a full disk, no permission)."""
+
+
+def validation_problems(error: ValidationError) -> str:
+    """pydantic's findings as one line: ``where: what`` for each, ``where`` the dotted field path (e.g.
+    ``options.rank: Input should be greater than or equal to 1``)."""
+    return "; ".join(
+        f"{'.'.join(map(str, problem['loc']))}: {problem['msg']}" if problem["loc"] else problem["msg"]
+        for problem in error.errors(include_url=False)
+    )

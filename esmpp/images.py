@@ -6,7 +6,8 @@ Two doors: ``preprocess_uint8`` for datasets already at the model's size (the zo
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -81,24 +82,38 @@ def _to_rgb(image: Image.Image, name: str) -> Image.Image:
     return image.convert("RGB")
 
 
+@contextmanager
+def _decoded(path: Path, name: str) -> Iterator[Image.Image]:
+    """The image file ``path`` opened and decoded (its size checked from the header first); a missing or
+    undecodable file, or one that fails in the block, raises ``ImageError`` naming it."""
+    if not path.is_file():
+        raise ImageError(f"{path}: no such image file.")
+    try:
+        with Image.open(path) as opened:
+            _check_size(opened, name)
+            opened.load()
+            yield opened
+    except ImageError:
+        raise
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise ImageError(f"{path}: cannot decode the image ({exc}). Is it a valid PNG/JPEG file?") from exc
+
+
+def check_image_file(path: Path) -> None:
+    """Raise now the ``ImageError`` that :func:`load_image` would raise for ``path`` later. The file is decoded
+    in full: PIL's ``verify()`` is cheaper but checks only a PNG's chunk checksums and passes a truncated JPEG."""
+    with _decoded(Path(path), str(path)):
+        pass
+
+
 def load_image(source: ImageInput, name: str | None = None) -> Image.Image:
     """Any supported input → an RGB PIL image. Paths, PIL images (any mode: grayscale, RGBA composited on
     white, 16-bit, palette), numpy arrays ([H,W], [H,W,3|4], [3,H,W]; uint8, uint16, bool or float in
     [0, 1]) and tensors ([3,H,W] float in [0, 1]). Anything else raises ``ImageError`` naming the input."""
     name = name or (str(source) if isinstance(source, (str, Path)) else type(source).__name__)
     if isinstance(source, (str, Path)):
-        path = Path(source)
-        if not path.is_file():
-            raise ImageError(f"{path}: no such image file.")
-        try:
-            with Image.open(path) as opened:
-                _check_size(opened, name)
-                opened.load()
-                return _to_rgb(opened, name)
-        except ImageError:
-            raise
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-            raise ImageError(f"{path}: cannot decode the image ({exc}). Is it a valid PNG/JPEG file?") from exc
+        with _decoded(Path(source), name) as opened:
+            return _to_rgb(opened, name)
     if isinstance(source, Image.Image):
         _check_size(source, name)
         try:

@@ -10,11 +10,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from esmpp.architecture import Architecture
+from esmpp.build import BuildOptions, check_alpha_search, check_rank
 from esmpp.checkpoints import Encoder, load_encoder, probe_checkpoint
 from esmpp.config import BuildConfig
 from esmpp.errors import ConfigError
 from esmpp.heads import zero_shot_head
-from esmpp.images import preprocess_images, preprocess_uint8
+from esmpp.images import check_image_file, preprocess_images, preprocess_uint8
 from esmpp.merge import TaskSource
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -28,13 +29,16 @@ def image_files(folder: Path) -> list[Path]:
 
 
 def proxy_files(folder: Path, count: int) -> list[Path]:
-    """The first ``count`` images of ``folder`` (sorted by name); at least one, else a ConfigError."""
+    """The first ``count`` images of ``folder`` (sorted by name): at least one, else a ConfigError, and each
+    one decodable, else the ImageError naming it (now, not when the build reaches the task)."""
     files = image_files(folder)[:count]
     if not files:
         raise ConfigError(
             f"{folder}: the proxy folder has no images ({', '.join(sorted(IMAGE_SUFFIXES))}). "
             "Put a few unlabeled training images of the task there (32 are used)."
         )
+    for file in files:
+        check_image_file(file)
     return files
 
 
@@ -71,15 +75,26 @@ def load_head(path: Path, classes: list[str] | None, embed_dim: int) -> tuple[to
         raise ConfigError(
             f"{path}: head has shape {tuple(head.shape)}, expected ({len(names)}, {embed_dim}) (classes × embed_dim)."
         )
-    return head.float(), names
+    head = head.float()  # as the build uses it: a float64 value beyond float32's range is infinite here
+    if not torch.isfinite(head).all():  # the artifact refuses it: say so before the build, naming this file
+        raise ConfigError(f"{path}: the head has NaN or infinite values. Export the task's classifier head again.")
+    return head, names
 
 
-def config_sources(config: BuildConfig) -> tuple[Encoder, list[TaskSource]]:
-    """The pretrained encoder and the task sources of a build config (checkpoints and proxy images load
-    lazily; the checkpoint paths and the proxy folders are checked now)."""
+def config_sources(config: BuildConfig, options: BuildOptions | None = None) -> tuple[Encoder, list[TaskSource]]:
+    """The pretrained encoder and the task sources of a build config, for a build with ``options`` (default:
+    the config's own). Every task's files are checked first, before anything slow (a zero-shot head,
+    validation images): the checkpoint (its header, see :func:`probe_checkpoint`), the head file and the
+    proxy images; so are the rules of ``options`` that depend on them (the rank on the layers' widths, the
+    prototypes per task on the proxy images, an α search on the validation data of every task). Checkpoints
+    and proxy images load lazily."""
+    options = options or config.options.to_build_options()
+    check_alpha_search(options, {task.name: task.validation is not None for task in config.tasks})
     pretrained = load_encoder(config.pretrained, arch=config.architecture, allow_pickle=config.allow_pickle)
     arch = pretrained.arch
-    tasks = []
+    check_rank(options, pretrained)
+    head_files: dict[str, tuple[torch.Tensor, list[str]]] = {}
+    proxies: dict[str, list[Path]] = {}
     for task in config.tasks:
         probe_checkpoint(
             task.checkpoint,
@@ -89,14 +104,28 @@ def config_sources(config: BuildConfig) -> tuple[Encoder, list[TaskSource]]:
             allow_pickle=config.allow_pickle,
         )
         if task.head is not None:
-            head, classes = load_head(task.head, task.classes, arch.embed_dim)
+            head_files[task.name] = load_head(task.head, task.classes, arch.embed_dim)
+        proxies[task.name] = proxy_files(task.proxy, config.proxy_images)
+    # A prototype stands for a group of a task's proxy images: with more prototypes than images, some would repeat.
+    fewest = min(proxies, key=lambda name: len(proxies[name]))
+    available = len(proxies[fewest])
+    if options.prototypes_per_task > available:
+        raise ConfigError(
+            f"prototypes_per_task {options.prototypes_per_task} is more than the {available} proxy images of task "
+            f"{fewest!r}: set `prototypes_per_task` (--prototypes-per-task) to at most {available}, or give the task "
+            f"more proxy images (up to `proxy_images`, {config.proxy_images}, are used)."
+        )
+    tasks = []
+    for task in config.tasks:
+        if task.name in head_files:
+            head, classes = head_files[task.name]
         else:
             head, classes = zero_shot_head(config.pretrained, arch.name, task.classes), task.classes
         tasks.append(
             TaskSource(
                 name=task.name,
                 load=partial(load_encoder, task.checkpoint, arch, config.allow_pickle),
-                proxy=partial(preprocess_images, proxy_files(task.proxy, config.proxy_images), arch),
+                proxy=partial(preprocess_images, proxies[task.name], arch),
                 head=head,
                 classes=classes,
                 validation=load_labelled_folder(task.validation, classes, arch) if task.validation else None,

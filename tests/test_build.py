@@ -5,6 +5,7 @@ import tempfile
 import weakref
 from functools import partial
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 import torch
@@ -58,6 +59,11 @@ def _tasks(num_tasks: int, pretrained: Encoder) -> list[TaskSource]:
     return tasks
 
 
+def _long_work(*args, **kwargs) -> NoReturn:
+    """Stands in for the build's long work in tests of errors that must come before it."""
+    raise AssertionError("the long work started before the inputs were checked")
+
+
 @pytest.fixture
 def pretrained() -> Encoder:
     torch.manual_seed(0)
@@ -67,7 +73,7 @@ def pretrained() -> Encoder:
 @pytest.mark.parametrize("kinds", [("qkv", "out", "fc", "proj"), ("patch", "qkv", "out", "fc", "proj")])
 def test_one_task_with_full_rank_experts_reproduces_the_fine_tuned_model(pretrained, kinds):
     tasks = _tasks(1, pretrained)
-    options = BuildOptions(alpha=1.0, rank=10_000, routed_kinds=kinds)
+    options = BuildOptions(alpha=1.0, rank=TINY_ARCH.width, routed_kinds=kinds)  # min(d_in, d_out) of every layer
     artifact = build_artifact(pretrained, tasks, options, progress=False)
     finetuned = tasks[0].load().to_module()
     images = torch.randn(4, 3, 16, 16)
@@ -125,7 +131,7 @@ def test_patch_experts_restore_the_fine_tuned_patch_embedding_with_the_task_forc
     """At α = 0 the backbone is the pretrained model; a full-rank patch expert puts back the fine-tuned
     patch embedding exactly (up to the float32 ESD) when the task is forced."""
     tasks = _tasks(2, pretrained)
-    options = BuildOptions(alpha=0.0, rank=10_000, routed_kinds=("patch",))
+    options = BuildOptions(alpha=0.0, rank=TINY_ARCH.width, routed_kinds=("patch",))
     model = build_artifact(pretrained, tasks, options, progress=False).to_model()
     images = torch.randn(3, 3, 16, 16)
     outputs = []
@@ -146,6 +152,17 @@ def test_alpha_search_uses_validation_data(pretrained):
     assert 0.0 <= artifact.build["alpha"] <= 2.0
 
 
+def test_validation_data_of_only_some_tasks_is_refused_before_the_merge_unless_alpha_is_given(pretrained, monkeypatch):
+    tasks = _tasks(3, pretrained)
+    tasks[1].validation = (_task_images(1, count=4, seed=2), torch.randint(0, 3, (4,)))
+    with monkeypatch.context() as patched:
+        patched.setattr("esmpp.build.merge_streaming", _long_work)
+        with pytest.raises(ConfigError, match=r"tasks \['task0', 'task2'\] have no validation data .*\(--alpha\)"):
+            build_artifact(pretrained, tasks, BuildOptions(rank=2), progress=False)
+    given = build_artifact(pretrained, tasks, BuildOptions(rank=2, alpha=0.5), progress=False)
+    assert given.build["alpha"] == 0.5 and given.build["alpha_history"] == []
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [
@@ -164,14 +181,21 @@ def test_bad_build_inputs_are_named(pretrained, change, message):
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        (BuildOptions(routed_kinds=("mlp",)), "routed kinds"),
+        (BuildOptions(routed_kinds=("mlp",)), "routed_kinds.0: Input should be 'patch'"),
+        (BuildOptions(routed_kinds=()), "routed_kinds: List should have at least 1 item"),
         (BuildOptions(rank_energy=1.5), "rank_energy"),
-        (BuildOptions(router="knn"), "router must be"),
+        (BuildOptions(router="knn"), "router: Input should be 'cosine' or 'discriminant'"),
+        (BuildOptions(alpha=float("nan")), "alpha: Input should be a finite number"),
+        (BuildOptions(router_shrinkage=float("inf")), "router_shrinkage: Input should be a finite number"),
+        (BuildOptions(method_options={"scale_factor": float("inf")}), "scale_factor: Input should be a finite number"),
         (BuildOptions(router="discriminant", prototype_source="runtime", router_shrinkage=1.5), "router_shrinkage"),
         (BuildOptions(router="discriminant"), "prototype_source='runtime'"),
+        (BuildOptions(rank=33), r"rank 33 is more than the 32 directions .*: set `rank` \(--rank\) to at most 32"),
+        (BuildOptions(rank=100_000, routed_kinds=("patch",)), r"rank 100000 .* routed layers \(patch\)"),
     ],
 )
-def test_bad_options_are_named(pretrained, options, message):
+def test_bad_options_are_named_before_the_merge(pretrained, options, message, monkeypatch):
+    monkeypatch.setattr("esmpp.build.merge_streaming", _long_work)
     with pytest.raises(ConfigError, match=message):
         build_artifact(pretrained, _tasks(1, pretrained), options, progress=False)
 

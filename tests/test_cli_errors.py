@@ -5,10 +5,14 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+from typing import NoReturn
 
 import numpy as np
 import pytest
+import torch
+import yaml
 from PIL import Image
+from safetensors.torch import save_file
 
 from esmpp import bench as bench_module
 from esmpp.artifact import save_artifact
@@ -78,10 +82,10 @@ CASES = {
         "taskz",
     ),
     "unknown method": (_build_with("--method", "magic"), "Unknown merge method 'magic'"),
-    "unknown routed kind": (_build_with("--routed-kinds", "mlp"), "routed kinds"),
+    "unknown routed kind": (_build_with("--routed-kinds", "mlp"), "routed_kinds.0: Input should be 'patch'"),
     "energy share above 1": (
         _build_with("--rank-energy", "1.5"),
-        "rank energy: Input should be less than or equal to 1",
+        "rank_energy: Input should be less than or equal to 1",
     ),
     "missing artifact": (
         lambda root, config, artifact, image: ["predict", root / "nothing", image],
@@ -221,6 +225,71 @@ BAD_BENCH_OPTIONS = {
 }
 
 
+def _variant(root, name, edit):
+    """A fresh project under ``root / name`` edited by ``edit(folder, config)`` (the config as a dict, written
+    back after); returns its config path."""
+    path = write_project(root / name)
+    config = yaml.safe_load(path.read_text())
+    edit(path.parent, config)
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _options(**options):
+    """An edit of a project's config: these ``options:``."""
+    return lambda folder, config: config["options"].update(options)
+
+
+# `esmpp build` arguments (but --out) on a project under the given root, and the error's text: each is refused
+# before the build starts (and before --out's folder is made).
+BUILD_INPUT_CASES = {
+    "alpha NaN in the config": (
+        lambda root: ["build", _variant(root, "nan-alpha", _options(alpha=float("nan")))],
+        "options.alpha: Input should be a finite number",
+    ),
+    "infinite --alpha": (
+        lambda root: ["build", _variant(root, "inf-alpha", _options()), "--alpha", "inf"],
+        "alpha: Input should be a finite number",
+    ),
+    "infinite method option": (
+        lambda root: ["build", _variant(root, "inf-option", _options()), "--method-option", "scale_factor=.inf"],
+        "merge method 'esm': scale_factor: Input should be a finite number",
+    ),
+    "--rank 0": (
+        lambda root: ["build", _variant(root, "rank-0", _options()), "--rank", "0"],
+        "rank: Input should be greater than or equal to 1",
+    ),
+    "--prototypes-per-task 0": (
+        lambda root: ["build", _variant(root, "prototypes-0", _options()), "--prototypes-per-task", "0"],
+        "prototypes_per_task: Input should be greater than or equal to 1",
+    ),
+    "negative proxy_images": (
+        lambda root: ["build", _variant(root, "proxy-count", lambda folder, config: config.update(proxy_images=-1))],
+        "proxy_images: Input should be greater than or equal to 1",
+    ),
+    "--rank above the layers' width": (
+        lambda root: ["build", _variant(root, "rank-wide", _options()), "--rank", "100000"],
+        "rank 100000 is more than the 32 directions that the routed layers (qkv, fc) of tiny have at most",
+    ),
+    "more prototypes than proxy images": (
+        lambda root: ["build", _variant(root, "prototypes-4", _options(prototypes_per_task=4))],
+        "prototypes_per_task 4 is more than the 3 proxy images of task 'task0'",
+    ),
+    "validation data for some tasks only": (
+        lambda root: ["build", _variant(root, "some-validation", _validation_for_the_first_task_only)],
+        "tasks ['task1'] have no validation data but the other tasks do",
+    ),
+    "NaN in the last task's head": (
+        lambda root: ["build", _variant(root, "nan-head", _nan_head)],
+        "head1.safetensors: the head has NaN or infinite values",
+    ),
+    "undecodable image in the last task's proxy folder": (
+        lambda root: ["build", _variant(root, "bad-image", _truncated_proxy_image)],
+        "proxy1/2.png: cannot decode the image",
+    ),
+}
+
+
 @pytest.mark.parametrize("case", sorted(BAD_BENCH_OPTIONS))
 def test_bench_options_are_refused_in_one_line_before_any_work(monkeypatch, capsys, tmp_path, case):
     flags, expected = BAD_BENCH_OPTIONS[case]
@@ -237,6 +306,38 @@ def test_bench_options_are_refused_in_one_line_before_any_work(monkeypatch, caps
     for part in expected:
         assert part in err
     assert not workdir.exists()
+
+
+def _validation_for_the_first_task_only(folder, config):
+    del config["options"]["alpha"]  # to be chosen on the validation data
+    for label in ("0", "1", "2"):  # the head's classes, unnamed
+        (folder / "val0" / label).mkdir(parents=True)
+        shutil.copy(folder / "proxy0" / f"{label}.png", folder / "val0" / label)
+    config["tasks"][0]["validation"] = "val0"
+
+
+def _nan_head(folder, config):
+    save_file({"head": torch.full((3, 16), float("nan"))}, folder / "head1.safetensors")
+
+
+def _truncated_proxy_image(folder, config):
+    image = folder / "proxy1" / "2.png"
+    image.write_bytes(image.read_bytes()[:60])
+
+
+def _long_work(*args, **kwargs) -> NoReturn:
+    raise AssertionError("the build started before its inputs were checked")
+
+
+@pytest.mark.parametrize("case", sorted(BUILD_INPUT_CASES))
+def test_build_inputs_are_refused_before_the_build(monkeypatch, capsys, tmp_path, case):
+    monkeypatch.setattr("esmpp.build.build_artifact", _long_work)
+    make_args, expected = BUILD_INPUT_CASES[case]
+    out = tmp_path / "new" / "artifact"
+    code, _, err = _run(monkeypatch, capsys, *make_args(tmp_path), "--out", out)
+    assert code == 1 and err.startswith("error: ") and err.count("\n") == 1
+    assert expected in err
+    assert not out.parent.exists()
 
 
 def test_a_config_error_creates_no_folder_for_the_artifact(monkeypatch, capsys, project):

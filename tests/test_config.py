@@ -1,6 +1,7 @@
 """A YAML build config with user files (checkpoints, image folders, head files) → task sources → artifact."""
 
 import dataclasses
+from typing import NoReturn
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from esmpp.architecture import build_visual
 from esmpp.build import build_artifact
 from esmpp.checkpoints import Encoder, save_encoder
 from esmpp.config import load_config
-from esmpp.errors import CheckpointError, ConfigError
+from esmpp.errors import CheckpointError, ConfigError, ImageError
 from esmpp.sources import config_sources
 from tests.conftest import TINY_ARCH
 
@@ -69,6 +70,15 @@ def test_config_to_artifact(config_file):
         (lambda c: c["options"].update(routed_kinds=["mlp"]), "routed_kinds"),
         (lambda c: c.update(colour="blue"), "colour"),
         (lambda c: c["tasks"][1].update(name=c["tasks"][0]["name"]), r"task names \['task0'\] are used more than once"),
+        (lambda c: c["options"].update(alpha=float("nan")), r"options\.alpha: Input should be a finite number"),
+        (lambda c: c["options"].update(alpha=float("inf")), r"options\.alpha: Input should be a finite number"),
+        (lambda c: c["options"].update(rank_energy=float("nan")), r"options\.rank_energy: .* finite number"),
+        (lambda c: c["options"].update(router_shrinkage=float("-inf")), r"options\.router_shrinkage: .* finite"),
+        (lambda c: c["options"].update(rank=0), r"options\.rank: Input should be greater than or equal to 1"),
+        (lambda c: c["options"].update(prototypes_per_task=0), r"options\.prototypes_per_task: .* equal to 1"),
+        (lambda c: c["options"].update(routed_kinds=[]), r"options\.routed_kinds: List should have at least 1"),
+        (lambda c: c.update(proxy_images=0), r"proxy_images: Input should be greater than or equal to 1"),
+        (lambda c: c.update(proxy_images=-2), r"proxy_images: Input should be greater than or equal to 1"),
     ],
 )
 def test_invalid_configs_are_named(config_file, edit, message):
@@ -84,6 +94,63 @@ def test_empty_proxy_folder_is_named(config_file):
         png.unlink()
     with pytest.raises(ConfigError, match="proxy1: the proxy folder has no images"):
         config_sources(load_config(config_file))
+
+
+def _slow_preparation(*args, **kwargs) -> NoReturn:
+    raise AssertionError("validation images were loaded before every task's files were checked")
+
+
+@pytest.mark.parametrize(("value", "dtype"), [(float("nan"), torch.float32), (1e300, torch.float64)])
+def test_a_head_with_nan_is_named_before_the_build(config_file, monkeypatch, value, dtype):
+    monkeypatch.setattr("esmpp.sources.load_labelled_folder", _slow_preparation)  # the first task's
+    head = torch.randn(2, 16, dtype=dtype)
+    head[1, 3] = value  # 1e300: finite in float64, infinite in the float32 the build uses
+    save_file({"head": head}, config_file.parent / "head1.safetensors", {"classes": "yes\nno"})
+    with pytest.raises(ConfigError, match=r"head1\.safetensors: the head has NaN or infinite values"):
+        config_sources(load_config(config_file))
+
+
+def test_an_undecodable_proxy_image_of_the_last_task_is_named_before_the_build(config_file, monkeypatch):
+    monkeypatch.setattr("esmpp.sources.load_labelled_folder", _slow_preparation)
+    image = config_file.parent / "proxy1" / "004.png"
+    image.write_bytes(image.read_bytes()[:60])  # a truncated download
+    with pytest.raises(ImageError, match=r"proxy1/004\.png: cannot decode the image"):
+        config_sources(load_config(config_file))
+
+
+def _with_options(config_file, **options):
+    config = yaml.safe_load(config_file.read_text())
+    config["options"].update(options)
+    config_file.write_text(yaml.safe_dump(config))
+    return load_config(config_file)
+
+
+def test_a_rank_above_the_layers_width_is_refused_before_the_tasks_load(config_file, monkeypatch):
+    monkeypatch.setattr("esmpp.sources.load_labelled_folder", _slow_preparation)
+    with pytest.raises(ConfigError, match=r"rank 100000 is more than the 32 directions .* at most 32"):
+        config_sources(_with_options(config_file, rank=100_000))
+
+
+def test_more_prototypes_than_a_tasks_proxy_images_are_refused_before_the_tasks_load(config_file, monkeypatch):
+    for name in ("003.png", "004.png"):
+        (config_file.parent / "proxy1" / name).unlink()
+    config = _with_options(config_file, prototypes_per_task=3)
+    assert len(config_sources(config)[1][1].proxy()) == 3  # as many prototypes as images: each image is one
+    monkeypatch.setattr("esmpp.sources.load_labelled_folder", _slow_preparation)
+    with pytest.raises(ConfigError, match=r"prototypes_per_task 4 is more than the 3 proxy images of task 'task1'"):
+        config_sources(_with_options(config_file, prototypes_per_task=4))
+
+
+def test_validation_data_of_only_some_tasks_is_refused_before_the_tasks_load(config_file, monkeypatch):
+    config = yaml.safe_load(config_file.read_text())
+    del config["tasks"][1]["validation"]
+    config_file.write_text(yaml.safe_dump(config))
+    monkeypatch.setattr("esmpp.sources.load_labelled_folder", _slow_preparation)
+    with pytest.raises(ConfigError, match=r"tasks \['task1'\] have no validation data but the other tasks do"):
+        config_sources(load_config(config_file))
+    monkeypatch.undo()
+    tasks = config_sources(_with_options(config_file, alpha=0.5))[1]  # α given: the validation data is not needed
+    assert tasks[0].validation is not None and tasks[1].validation is None
 
 
 def test_a_missing_checkpoint_is_named_before_any_task_loads(config_file):

@@ -29,7 +29,7 @@ import pydantic
 import torch
 from torch import Tensor
 
-from esmpp.errors import ConfigError
+from esmpp.errors import ConfigError, validation_problems
 from esmpp.spill import Parked, SpillDirectory
 
 Item = TypeVar("Item")
@@ -51,10 +51,15 @@ class LayerStats:
     projected: bool = False
 
 
-class NoOptions(pydantic.BaseModel):
-    """Options of a method that has none."""
+class MethodOptions(pydantic.BaseModel):
+    """Base of every method's ``Options``: unknown keys refused, values frozen, and floats finite (a NaN or
+    infinite option would only show as a broken merge, after the build)."""
 
-    model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
+    model_config = pydantic.ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+class NoOptions(MethodOptions):
+    """Options of a method that has none."""
 
 
 class MergeMethod(ABC):
@@ -86,8 +91,7 @@ class MergeMethod(ABC):
         except pydantic.ValidationError as exc:
             fields = ", ".join(cls.Options.model_fields) or "none"
             raise ConfigError(
-                f"Invalid options for merge method {cls.name!r}: {exc.errors(include_url=False)}. "
-                f"Known options: {fields}."
+                f"Invalid options for merge method {cls.name!r}: {validation_problems(exc)}. Known options: {fields}."
             ) from exc
 
     @abstractmethod

@@ -28,7 +28,7 @@ from torch import Tensor
 from esmpp.architecture import linear_kind
 from esmpp.decompose import essential_top, essential_top_from_shift, isotropic_product, polar_factor
 from esmpp.errors import ConfigError
-from esmpp.merging.base import LayerStats, MergeMethod, append_summary
+from esmpp.merging.base import LayerStats, MergeMethod, MethodOptions, append_summary
 from esmpp.merging.registry import register_method
 from esmpp.merging.tsv import TaskSingularVectorsMerging
 from esmpp.spill import unpark
@@ -36,9 +36,7 @@ from esmpp.spill import unpark
 LinearKind = Literal["qkv", "out", "fc", "proj"]
 
 
-class EsmOptions(pydantic.BaseModel):
-    model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
-
+class EsmOptions(MethodOptions):
     esd_kinds: tuple[LinearKind, ...] = pydantic.Field(
         ("qkv", "fc", "proj"), description="Linear kinds merged with ESD; other 2-D weights use TSV-M."
     )

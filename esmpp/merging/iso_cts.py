@@ -21,14 +21,12 @@ import torch
 from torch import Tensor
 
 from esmpp.decompose import truncated_svd
-from esmpp.merging.base import LayerStats, MergeMethod, TaskSum, add_to_sum, append_summary
+from esmpp.merging.base import LayerStats, MergeMethod, MethodOptions, TaskSum, add_to_sum, append_summary
 from esmpp.merging.registry import register_method
 from esmpp.merging.tsv import SingularTriplets, merge_singular_vectors, task_singular_vectors
 
 
-class IsoCtsOptions(pydantic.BaseModel):
-    model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
-
+class IsoCtsOptions(MethodOptions):
     common_fraction: float = pydantic.Field(
         0.8, ge=0, le=1, description="Share of the min(d_out, d_in) directions given to the common subspace."
     )

@@ -15,13 +15,11 @@ import pydantic
 import torch
 from torch import Tensor
 
-from esmpp.merging.base import LayerStats, MergeMethod
+from esmpp.merging.base import LayerStats, MergeMethod, MethodOptions
 from esmpp.merging.registry import register_method
 
 
-class TiesOptions(pydantic.BaseModel):
-    model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
-
+class TiesOptions(MethodOptions):
     keep_fraction: float = pydantic.Field(0.2, gt=0, le=1, description="Share of entries kept per task.")
 
 

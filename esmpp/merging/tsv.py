@@ -15,13 +15,11 @@ import torch
 from torch import Tensor
 
 from esmpp.decompose import polar_factor, truncated_svd
-from esmpp.merging.base import LayerStats, MergeMethod, TaskSum, add_to_sum, append_summary
+from esmpp.merging.base import LayerStats, MergeMethod, MethodOptions, TaskSum, add_to_sum, append_summary
 from esmpp.merging.registry import register_method
 
 
-class TsvOptions(pydantic.BaseModel):
-    model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
-
+class TsvOptions(MethodOptions):
     rank_per_task: int | None = pydantic.Field(
         None, ge=1, description="Singular triplets kept per task; None: ⌊min(d_out, d_in)/T⌋ (at least 1)."
     )
