@@ -56,6 +56,8 @@ _TORCH_LEGACY_MAGIC = b"\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19."
 _OPEN_CLIP_DEFAULT_HEAD_WIDTH = 64
 _HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 _OPEN_CLIP_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+# How users name a checkpoint's architecture: a build config key or a Python keyword (no command takes it).
+_ARCHITECTURE_SETTING = "`architecture: ViT-B-16` in the build config, arch='ViT-B-16' in Python"
 _SUPPORTED = (
     "Expected an open_clip or Hugging Face CLIP checkpoint: a .safetensors or torch (.pt/.pth/.bin) file, "
     "or a Hugging Face model directory"
@@ -179,7 +181,7 @@ def check_state(
     with torch.device("meta"):
         expected = {key: tuple(value.shape) for key, value in build_visual(arch).state_dict().items()}
     fix = fix or (
-        "Pass the architecture the checkpoint was trained with (arch=... / --arch, e.g. ViT-B-16), "
+        f"Name the architecture the checkpoint was trained with ({_ARCHITECTURE_SETTING}), "
         "or leave it out to infer it from the weights"
     )
     # Shapes first: a wrong architecture shows as a different width before it shows as missing layers.
@@ -490,7 +492,7 @@ def _metadata_architecture(metadata: dict[str, str], source: str) -> Architectur
     except json.JSONDecodeError as exc:
         raise CheckpointError(
             f"{source}: metadata key {ENCODER_METADATA_KEY} is not valid JSON ({exc}). "
-            "Pass the architecture explicitly (arch=... / --arch) or re-save the encoder."
+            f"Name the architecture ({_ARCHITECTURE_SETTING}) or re-save the encoder."
         ) from exc
     if version != FORMAT_VERSION:
         raise CheckpointError(
@@ -502,7 +504,7 @@ def _metadata_architecture(metadata: dict[str, str], source: str) -> Architectur
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(
             f"{source}: metadata key {ENCODER_METADATA_KEY} holds no valid architecture ({exc}). "
-            "Pass the architecture explicitly (arch=... / --arch) or re-save the encoder."
+            f"Name the architecture ({_ARCHITECTURE_SETTING}) or re-save the encoder."
         ) from exc
 
 
@@ -521,8 +523,8 @@ def _read_torch(path: Path, allow_pickle: bool, shapes_only: bool = False) -> _F
         if not allow_pickle:
             raise CheckpointError(
                 f"{path} holds pickled Python objects (such as a whole model), not just tensors. Unpickling "
-                "can run arbitrary code, so it is off by default. If you trust the file, pass "
-                "--allow-pickle (allow_pickle=True); or re-save it as a state dict."
+                "can run arbitrary code, so it is off by default. If you trust the file, set `allow_pickle: true` "
+                "in the build config (allow_pickle=True in Python); or re-save it as a state dict."
             ) from exc
         content = _unpickle(path)
     # torch's parsers fail on damaged bytes in many ways (RuntimeError, EOFError, IndexError from the
