@@ -39,7 +39,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from esmpp.architecture import Architecture, block_index, build_visual, linear_key
-from esmpp.errors import CheckpointError
+from esmpp.errors import ArchitectureError, CheckpointError
 from esmpp.hf_convert import HF_MARKER_KEY, HF_PROJECTION_KEY, apply_hf_config, hf_to_open_clip
 from esmpp.legacy_pickle import load_pickled, module_hints
 
@@ -91,6 +91,8 @@ class _Found:
     hf: bool = False  # converted from Hugging Face names
     arch: Architecture | None = None
     hints: dict[str, Any] = field(default_factory=dict)  # infer_architecture keywords
+    # Why the architecture the file names is unusable: raised only if the caller names none (naming one is the fix).
+    arch_error: CheckpointError | None = None
 
 
 @dataclass(frozen=True)
@@ -120,6 +122,8 @@ def load_encoder(
     if isinstance(arch, str):
         arch = Architecture.from_name(arch)
     if arch is None:
+        if found.arch_error is not None:
+            raise found.arch_error
         arch = found.arch or infer_architecture(found.state, source=source, **found.hints)
     check_state(found.state, arch, source)
     return Encoder(arch=arch, state=found.state, source=source)
@@ -481,7 +485,10 @@ def _read_safetensors(paths: list[Path], source: str, shapes_only: bool = False)
         metadata = handles[0].metadata() or {}
     found = _canonical(layout, tensors, source)
     if ENCODER_METADATA_KEY in metadata:
-        found.arch = _metadata_architecture(metadata, source)
+        try:
+            found.arch = _metadata_architecture(metadata, source)
+        except CheckpointError as exc:
+            found.arch_error = exc
     return found
 
 
@@ -501,7 +508,7 @@ def _metadata_architecture(metadata: dict[str, str], source: str) -> Architectur
         )
     try:
         return Architecture.from_dict(entry["architecture"])
-    except (KeyError, TypeError, ValueError) as exc:
+    except (ArchitectureError, KeyError, TypeError, ValueError) as exc:  # from_dict says which key, not which file
         raise CheckpointError(
             f"{source}: metadata key {ENCODER_METADATA_KEY} holds no valid architecture ({exc}). "
             f"Name the architecture ({_ARCHITECTURE_SETTING}) or re-save the encoder."

@@ -559,6 +559,20 @@ def test_corrupted_architecture_metadata_is_reported(tmp_path, tiny_visual):
         load_encoder(path)
 
 
+@pytest.mark.parametrize("entry", ["{not json", '{"format": "99"}', '{"format": "1", "architecture": {}}'])
+def test_a_named_architecture_is_the_fix_for_unusable_metadata(tmp_path, tiny_arch, tiny_visual, entry):
+    """The metadata error tells to name the architecture: doing so loads the file."""
+    path = tmp_path / "meta.safetensors"
+    save_file(tiny_visual.state_dict(), path, {"esmpp.encoder": entry})
+    with pytest.raises(CheckpointError, match=r"meta\.safetensors.*esmpp\.encoder"):
+        load_encoder(path)
+
+    encoder = load_encoder(path, arch=tiny_arch)
+
+    assert encoder.arch == tiny_arch
+    assert_same_state(encoder.state, tiny_visual.state_dict())
+
+
 def test_the_advice_names_build_config_keys_and_keywords_that_exist(
     tmp_path, tiny_arch, tiny_visual, pickled_image_encoder
 ):
