@@ -313,8 +313,11 @@ def predict(
     """Predict images with an artifact; without --task the router picks each image's task."""
     from dataclasses import asdict
 
+    from esmpp.images import check_image_file
     from esmpp.runtime.predictor import Predictor
 
+    for path in images:  # a mistyped path fails now, not after the artifact loads and the batches before it run
+        check_image_file(path)
     # Only the flags given: the Predictor holds the defaults and checks the values (one-line ConfigError).
     given = {"mode": mode, "top_k": top_k, "temperature": temperature}
     routing = {name: value for name, value in given.items() if value is not None}

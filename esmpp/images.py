@@ -81,6 +81,14 @@ def _to_rgb(image: Image.Image, name: str) -> Image.Image:
     return image.convert("RGB")
 
 
+def check_image_file(path: Path) -> Path:
+    """``path``, or the ``ImageError`` that loading it would raise if it is no file (a cheap check that a
+    caller can make for every image before long work)."""
+    if not path.is_file():
+        raise ImageError(f"{path}: no such image file.")
+    return path
+
+
 def load_image(source: ImageInput, name: str | None = None) -> Image.Image:
     """Any supported input → an RGB PIL image. Paths, PIL images (any mode: grayscale, RGBA composited on
     white, 16-bit, palette), numpy arrays ([H,W], [H,W,3|4], [3,H,W]; uint8, uint16, bool or float in
@@ -89,9 +97,7 @@ def load_image(source: ImageInput, name: str | None = None) -> Image.Image:
     # A path names its file best, whatever the caller calls it (a position in a batch means nothing to a user).
     name = str(source) if isinstance(source, (str, Path)) else name or type(source).__name__
     if isinstance(source, (str, Path)):
-        path = Path(source)
-        if not path.is_file():
-            raise ImageError(f"{path}: no such image file.")
+        path = check_image_file(Path(source))
         try:
             with Image.open(path) as opened:
                 _check_size(opened, name)

@@ -94,6 +94,11 @@ CASES = {
         lambda root, config, artifact, image: ["predict", artifact, root / "missing.png"],
         "no such image",
     ),
+    # Every path is checked before the artifact loads (it is missing here) and before any batch runs.
+    "bad image path, checked first": (
+        lambda root, config, artifact, image: ["predict", root / "nothing", image, root / "missing.png"],
+        "missing.png: no such image file",
+    ),
     "not an image": (lambda root, config, artifact, image: ["predict", artifact, config], "cannot decode"),
     "unknown task": (
         lambda root, config, artifact, image: ["predict", artifact, image, "--task", "cars"],
