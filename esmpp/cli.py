@@ -167,13 +167,26 @@ def zoo_build(
     ] = Preset.mini,
     out: Annotated[
         Path | None,
-        typer.Option(help="Zoo directory (default: ~/.cache/esmpp/zoo/PRESET or $ESMPP_CACHE)."),
+        typer.Option(
+            help="Zoo directory. (default: $ESMPP_CACHE/zoo/PRESET, or ~/.cache/esmpp/zoo/PRESET without ESMPP_CACHE: "
+            "the only place the other commands' --zoo PRESET reads. For a zoo they read elsewhere, set ESMPP_CACHE "
+            "instead of --out, for this command and theirs.)"
+        ),
     ] = None,
     force: Annotated[bool, typer.Option(help="Rebuild even if a complete zoo is cached.")] = False,
 ) -> None:
     """Build (or reuse) the offline zoo: pretrain a small ViT, fine-tune one expert per task."""
+    from esmpp.zoo import default_root
+
     zoo = _zoo(preset, out, force)
     typer.echo(f"zoo '{preset.value}' at {zoo.root}: {len(zoo.tasks)} tasks ({', '.join(zoo.tasks)})")
+    read_by_the_others = default_root(preset.value)
+    if zoo.root.resolve() != read_by_the_others.resolve():
+        typer.echo(
+            f"note: the other commands' --zoo {preset.value} read {read_by_the_others}, not this zoo. To build one "
+            f"they read, set ESMPP_CACHE=DIR instead of --out (the zoo goes to DIR/zoo/{preset.value}), and run them "
+            "with the same ESMPP_CACHE."
+        )
 
 
 @app.command()
