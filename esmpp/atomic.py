@@ -106,9 +106,14 @@ def _fsync_tree(root: Path) -> None:
                 os.fsync(handle.fileno())
 
 
-def _check_replaceable(destination: Path, overwrite: bool, marker: str | None) -> None:
+# Whether a folder that holds the marker file is really the writer's: a zoo and an artifact both write manifest.json.
+Owner = Callable[[Path], bool]
+
+
+def _check_replaceable(destination: Path, overwrite: bool, marker: str | None, owns: Owner | None) -> None:
     """Refuse to replace ``destination`` unless ``overwrite`` and it is a folder this writer made before (one
-    holding the file ``marker``): --overwrite on a mistyped path must not delete a user's folder or file."""
+    holding the file ``marker``, and that ``owns`` accepts, if given): --overwrite on a mistyped path must not
+    delete a user's folder or file, nor another kind of esmpp folder."""
     if not (destination.exists() or destination.is_symlink()):
         return
     if not overwrite:
@@ -119,14 +124,21 @@ def _check_replaceable(destination: Path, overwrite: bool, marker: str | None) -
             f"{destination} is {kind} that esmpp did not write (it has no {marker or 'marker file'}), so it is not "
             "replaced, --overwrite or not. Choose another --out, or remove it yourself."
         )
+    if owns is not None and not owns(destination):
+        raise EsmppError(
+            f"{destination} holds a {marker} that this command did not write (it is another kind of esmpp folder, "
+            "such as an artifact), so it is not replaced. Choose another --out, or remove it yourself."
+        )
 
 
 @contextlib.contextmanager
-def _staging_directory(destination: Path, overwrite: bool, elsewhere: str, marker: str | None) -> Iterator[Path]:
+def _staging_directory(
+    destination: Path, overwrite: bool, elsewhere: str, marker: str | None, owns: Owner | None
+) -> Iterator[Path]:
     """An empty hidden sibling of ``destination`` for the duration of the block, removed after it; failed
     writes in the block, its own creation included, become a :class:`StorageError` (see
     :func:`atomic_directory`)."""
-    _check_replaceable(destination, overwrite, marker)
+    _check_replaceable(destination, overwrite, marker, owns)
 
     def describe(exc: Exception) -> str:
         advice = write_failure_advice(exc, destination, elsewhere)
@@ -148,30 +160,39 @@ def _staging_directory(destination: Path, overwrite: bool, elsewhere: str, marke
 
 
 def check_destination(
-    destination: Path, overwrite: bool = False, elsewhere: str = "choose another --out", marker: str | None = None
+    destination: Path,
+    overwrite: bool = False,
+    elsewhere: str = "choose another --out",
+    marker: str | None = None,
+    owns: Owner | None = None,
 ) -> None:
     """Fail now, before any long work, where :func:`atomic_directory` would fail at the end: ``destination``
     exists and may not be replaced, or its folder cannot be created or written. Creates the missing parent
     folders, as the write would."""
-    with _staging_directory(Path(destination), overwrite, elsewhere, marker):
+    with _staging_directory(Path(destination), overwrite, elsewhere, marker, owns):
         pass
 
 
 @contextlib.contextmanager
 def atomic_directory(
-    destination: Path, overwrite: bool = False, elsewhere: str = "choose another --out", marker: str | None = None
+    destination: Path,
+    overwrite: bool = False,
+    elsewhere: str = "choose another --out",
+    marker: str | None = None,
+    owns: Owner | None = None,
 ) -> Iterator[Path]:
     """Yield an empty temporary directory next to ``destination``; on success move it into place, with the
     modes a plain ``mkdir`` and ``open`` would have given it and its files (the umask's).
 
     Raises ``EsmppError`` up front if ``destination`` exists, unless ``overwrite`` and it is a folder holding
-    the file ``marker`` (what this writer writes, e.g. an artifact's manifest.json): anything else there is
-    the user's and is never replaced. On any error the temporary directory is removed and ``destination`` is
+    the file ``marker`` (what this writer writes, e.g. an artifact's manifest.json) and, with ``owns``, one
+    that ``owns`` recognises as this writer's (another writer may write a file of the same name): anything else
+    there is never replaced. On any error the temporary directory is removed and ``destination`` is
     left as it was; a failed write (a full disk, a forbidden folder) becomes a :class:`StorageError` that
     names ``destination``, the room left there when the disk is full, and how to write ``elsewhere``.
     """
     destination = Path(destination)
-    with _staging_directory(destination, overwrite, elsewhere, marker) as staging:
+    with _staging_directory(destination, overwrite, elsewhere, marker, owns) as staging:
         yield staging
         _give_plain_modes(staging)
         _fsync_tree(staging)

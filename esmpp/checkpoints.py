@@ -39,7 +39,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from esmpp.architecture import Architecture, block_index, build_visual, linear_key
-from esmpp.errors import CheckpointError
+from esmpp.errors import ArchitectureError, CheckpointError
 from esmpp.hf_convert import HF_MARKER_KEY, HF_PROJECTION_KEY, apply_hf_config, hf_to_open_clip
 from esmpp.legacy_pickle import load_pickled, module_hints
 
@@ -56,6 +56,8 @@ _TORCH_LEGACY_MAGIC = b"\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19."
 _OPEN_CLIP_DEFAULT_HEAD_WIDTH = 64
 _HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 _OPEN_CLIP_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+# How users name a checkpoint's architecture: a build config key or a Python keyword (no command takes it).
+_ARCHITECTURE_SETTING = "`architecture: ViT-B-16` in the build config, arch='ViT-B-16' in Python"
 _SUPPORTED = (
     "Expected an open_clip or Hugging Face CLIP checkpoint: a .safetensors or torch (.pt/.pth/.bin) file, "
     "or a Hugging Face model directory"
@@ -89,6 +91,8 @@ class _Found:
     hf: bool = False  # converted from Hugging Face names
     arch: Architecture | None = None
     hints: dict[str, Any] = field(default_factory=dict)  # infer_architecture keywords
+    # Why the architecture the file names is unusable: raised only if the caller names none (naming one is the fix).
+    arch_error: CheckpointError | None = None
 
 
 @dataclass(frozen=True)
@@ -118,6 +122,8 @@ def load_encoder(
     if isinstance(arch, str):
         arch = Architecture.from_name(arch)
     if arch is None:
+        if found.arch_error is not None:
+            raise found.arch_error
         arch = found.arch or infer_architecture(found.state, source=source, **found.hints)
     check_state(found.state, arch, source)
     return Encoder(arch=arch, state=found.state, source=source)
@@ -179,7 +185,7 @@ def check_state(
     with torch.device("meta"):
         expected = {key: tuple(value.shape) for key, value in build_visual(arch).state_dict().items()}
     fix = fix or (
-        "Pass the architecture the checkpoint was trained with (arch=... / --arch, e.g. ViT-B-16), "
+        f"Name the architecture the checkpoint was trained with ({_ARCHITECTURE_SETTING}), "
         "or leave it out to infer it from the weights"
     )
     # Shapes first: a wrong architecture shows as a different width before it shows as missing layers.
@@ -479,7 +485,10 @@ def _read_safetensors(paths: list[Path], source: str, shapes_only: bool = False)
         metadata = handles[0].metadata() or {}
     found = _canonical(layout, tensors, source)
     if ENCODER_METADATA_KEY in metadata:
-        found.arch = _metadata_architecture(metadata, source)
+        try:
+            found.arch = _metadata_architecture(metadata, source)
+        except CheckpointError as exc:
+            found.arch_error = exc
     return found
 
 
@@ -490,7 +499,7 @@ def _metadata_architecture(metadata: dict[str, str], source: str) -> Architectur
     except json.JSONDecodeError as exc:
         raise CheckpointError(
             f"{source}: metadata key {ENCODER_METADATA_KEY} is not valid JSON ({exc}). "
-            "Pass the architecture explicitly (arch=... / --arch) or re-save the encoder."
+            f"Name the architecture ({_ARCHITECTURE_SETTING}) or re-save the encoder."
         ) from exc
     if version != FORMAT_VERSION:
         raise CheckpointError(
@@ -499,10 +508,10 @@ def _metadata_architecture(metadata: dict[str, str], source: str) -> Architectur
         )
     try:
         return Architecture.from_dict(entry["architecture"])
-    except (KeyError, TypeError, ValueError) as exc:
+    except (ArchitectureError, KeyError, TypeError, ValueError) as exc:  # from_dict says which key, not which file
         raise CheckpointError(
             f"{source}: metadata key {ENCODER_METADATA_KEY} holds no valid architecture ({exc}). "
-            "Pass the architecture explicitly (arch=... / --arch) or re-save the encoder."
+            f"Name the architecture ({_ARCHITECTURE_SETTING}) or re-save the encoder."
         ) from exc
 
 
@@ -521,8 +530,8 @@ def _read_torch(path: Path, allow_pickle: bool, shapes_only: bool = False) -> _F
         if not allow_pickle:
             raise CheckpointError(
                 f"{path} holds pickled Python objects (such as a whole model), not just tensors. Unpickling "
-                "can run arbitrary code, so it is off by default. If you trust the file, pass "
-                "--allow-pickle (allow_pickle=True); or re-save it as a state dict."
+                "can run arbitrary code, so it is off by default. If you trust the file, set `allow_pickle: true` "
+                "in the build config (allow_pickle=True in Python); or re-save it as a state dict."
             ) from exc
         content = _unpickle(path)
     # torch's parsers fail on damaged bytes in many ways (RuntimeError, EOFError, IndexError from the

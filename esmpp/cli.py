@@ -187,13 +187,26 @@ def zoo_build(
     ] = Preset.mini,
     out: Annotated[
         Path | None,
-        typer.Option(help="Zoo directory (default: ~/.cache/esmpp/zoo/PRESET or $ESMPP_CACHE)."),
+        typer.Option(
+            help="Zoo directory. (default: $ESMPP_CACHE/zoo/PRESET, or ~/.cache/esmpp/zoo/PRESET without ESMPP_CACHE: "
+            "the only place the other commands' --zoo PRESET reads. For a zoo they read elsewhere, set ESMPP_CACHE "
+            "instead of --out, for this command and theirs.)"
+        ),
     ] = None,
     force: Annotated[bool, typer.Option(help="Rebuild even if a complete zoo is cached.")] = False,
 ) -> None:
     """Build (or reuse) the offline zoo: pretrain a small ViT, fine-tune one expert per task."""
+    from esmpp.zoo import default_root
+
     zoo = _zoo(preset, out, force)
     typer.echo(f"zoo '{preset.value}' at {zoo.root}: {len(zoo.tasks)} tasks ({', '.join(zoo.tasks)})")
+    read_by_the_others = default_root(preset.value)
+    if zoo.root.resolve() != read_by_the_others.resolve():
+        typer.echo(
+            f"note: the other commands' --zoo {preset.value} read {read_by_the_others}, not this zoo. To build one "
+            f"they read, set ESMPP_CACHE=DIR instead of --out (the zoo goes to DIR/zoo/{preset.value}), and run them "
+            "with the same ESMPP_CACHE."
+        )
 
 
 @app.command()
@@ -333,8 +346,11 @@ def predict(
     """Predict images with an artifact; without --task the router picks each image's task."""
     from dataclasses import asdict
 
+    from esmpp.images import check_image_exists
     from esmpp.runtime.predictor import Predictor
 
+    for path in images:  # a mistyped path fails now, not after the artifact loads and the batches before it run
+        check_image_exists(path)
     # Only the flags given: the Predictor holds the defaults and checks the values (one-line ConfigError).
     given = {"mode": mode, "top_k": top_k, "temperature": temperature}
     routing = {name: value for name, value in given.items() if value is not None}

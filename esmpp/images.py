@@ -82,12 +82,19 @@ def _to_rgb(image: Image.Image, name: str) -> Image.Image:
     return image.convert("RGB")
 
 
+def check_image_exists(path: Path) -> Path:
+    """``path``, or the ``ImageError`` that loading it would raise if it is no file: a check cheap enough to make
+    for every image of a long list before the long work (:func:`check_image_file` decodes it too)."""
+    if not path.is_file():
+        raise ImageError(f"{path}: no such image file.")
+    return path
+
+
 @contextmanager
 def _decoded(path: Path, name: str) -> Iterator[Image.Image]:
     """The image file ``path`` opened and decoded (its size checked from the header first); a missing or
     undecodable file, or one that fails in the block, raises ``ImageError`` naming it."""
-    if not path.is_file():
-        raise ImageError(f"{path}: no such image file.")
+    check_image_exists(path)
     try:
         with Image.open(path) as opened:
             _check_size(opened, name)
@@ -109,8 +116,10 @@ def check_image_file(path: Path) -> None:
 def load_image(source: ImageInput, name: str | None = None) -> Image.Image:
     """Any supported input → an RGB PIL image. Paths, PIL images (any mode: grayscale, RGBA composited on
     white, 16-bit, palette), numpy arrays ([H,W], [H,W,3|4], [3,H,W]; uint8, uint16, bool or float in
-    [0, 1]) and tensors ([3,H,W] float in [0, 1]). Anything else raises ``ImageError`` naming the input."""
-    name = name or (str(source) if isinstance(source, (str, Path)) else type(source).__name__)
+    [0, 1]) and tensors ([3,H,W] float in [0, 1]). Anything else raises ``ImageError`` naming the input: a
+    file by its path, anything else by ``name`` (default: its type)."""
+    # A path names its file best, whatever the caller calls it (a position in a batch means nothing to a user).
+    name = str(source) if isinstance(source, (str, Path)) else name or type(source).__name__
     if isinstance(source, (str, Path)):
         with _decoded(Path(source), name) as opened:
             return _to_rgb(opened, name)
@@ -137,7 +146,9 @@ def image_preprocessor(arch: Architecture) -> Callable[[Image.Image], torch.Tens
     return image_transform(arch.image_size, is_train=False, mean=arch.mean, std=arch.std)
 
 
-def preprocess_images(images: Sequence[ImageInput], arch: Architecture) -> torch.Tensor:
-    """User images of any supported kind → normalised batch [N, 3, H, W] for ``arch``."""
+def preprocess_images(images: Sequence[ImageInput], arch: Architecture, first_index: int = 0) -> torch.Tensor:
+    """User images of any supported kind → normalised batch [N, 3, H, W] for ``arch``. Errors name a file by
+    its path, another input as ``image N``, its position counted from ``first_index`` (a caller that sends its
+    images in batches passes the batch's offset)."""
     transform = image_preprocessor(arch)
-    return torch.stack([transform(load_image(image, f"image {i}")) for i, image in enumerate(images)])
+    return torch.stack([transform(load_image(image, f"image {first_index + i}")) for i, image in enumerate(images)])

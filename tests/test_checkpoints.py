@@ -2,7 +2,9 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import inspect
 import json
+import re
 import sys
 import types
 from pathlib import Path
@@ -25,6 +27,7 @@ from esmpp.checkpoints import (
     probe_checkpoint,
     save_encoder,
 )
+from esmpp.config import BuildConfig
 from esmpp.errors import ArchitectureError, CheckpointError
 
 TINY_TEXT = {"context_length": 8, "vocab_size": 50, "width": 16, "heads": 2, "layers": 1}
@@ -398,9 +401,12 @@ def pickled_image_encoder(tmp_path, tiny_arch, tiny_images):
 
 def test_pickled_model_needs_allow_pickle(pickled_image_encoder, tiny_arch):
     path, _, _ = pickled_image_encoder
-    with pytest.raises(CheckpointError, match=r"finetuned\.pt.*arbitrary code.*--allow-pickle.*allow_pickle=True"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"finetuned\.pt.*arbitrary code.*`allow_pickle: true` in the build config.*allow_pickle=True",
+    ):
         load_encoder(path)
-    with pytest.raises(CheckpointError, match=r"finetuned\.pt.*arbitrary code.*--allow-pickle"):
+    with pytest.raises(CheckpointError, match=r"finetuned\.pt.*arbitrary code.*`allow_pickle: true`"):
         probe_checkpoint(path, tiny_arch)
     probe_checkpoint(path, tiny_arch, allow_pickle=True)  # unpickled, and checked, only when it loads
 
@@ -426,7 +432,7 @@ def test_missing_and_extra_keys_are_named(tmp_path, tiny_arch, tiny_visual):
     torch.save(missing, tmp_path / "missing.pt")
     torch.save({**state, "head.weight": torch.zeros(3, 16)}, tmp_path / "extra.pt")
 
-    with pytest.raises(CheckpointError, match=r"missing\.pt.*missing.*ln_post\.bias.*--arch"):
+    with pytest.raises(CheckpointError, match=r"missing\.pt.*missing.*ln_post\.bias.*`architecture: "):
         load_encoder(tmp_path / "missing.pt", arch=tiny_arch)
     with pytest.raises(CheckpointError, match=r"extra\.pt.*not part of.*head\.weight"):
         load_encoder(tmp_path / "extra.pt")
@@ -549,8 +555,47 @@ def test_probing_a_torch_file_reads_no_weights(tmp_path, tiny_arch, tiny_visual,
 def test_corrupted_architecture_metadata_is_reported(tmp_path, tiny_visual):
     path = tmp_path / "meta.safetensors"
     save_file(tiny_visual.state_dict(), path, {"esmpp.encoder": "{not json"})
-    with pytest.raises(CheckpointError, match=r"meta\.safetensors.*esmpp\.encoder.*--arch"):
+    with pytest.raises(CheckpointError, match=r"meta\.safetensors.*esmpp\.encoder.*`architecture: "):
         load_encoder(path)
+
+
+@pytest.mark.parametrize("entry", ["{not json", '{"format": "99"}', '{"format": "1", "architecture": {}}'])
+def test_a_named_architecture_is_the_fix_for_unusable_metadata(tmp_path, tiny_arch, tiny_visual, entry):
+    """The metadata error tells to name the architecture: doing so loads the file."""
+    path = tmp_path / "meta.safetensors"
+    save_file(tiny_visual.state_dict(), path, {"esmpp.encoder": entry})
+    with pytest.raises(CheckpointError, match=r"meta\.safetensors.*esmpp\.encoder"):
+        load_encoder(path)
+
+    encoder = load_encoder(path, arch=tiny_arch)
+
+    assert encoder.arch == tiny_arch
+    assert_same_state(encoder.state, tiny_visual.state_dict())
+
+
+def test_the_advice_names_build_config_keys_and_keywords_that_exist(
+    tmp_path, tiny_arch, tiny_visual, pickled_image_encoder
+):
+    """No command has --arch or --allow-pickle: the messages name the build config's keys and the Python
+    keywords, and those must exist."""
+    pickled, _, _ = pickled_image_encoder
+    without_bias = {k: v for k, v in tiny_visual.state_dict().items() if k != "ln_post.bias"}
+    torch.save(without_bias, tmp_path / "missing.pt")
+    save_file(tiny_visual.state_dict(), tmp_path / "meta.safetensors", {"esmpp.encoder": "{not json"})
+    attempts = {
+        "pickle": lambda: load_encoder(pickled),
+        "keys": lambda: load_encoder(tmp_path / "missing.pt", arch=tiny_arch),
+        "metadata": lambda: load_encoder(tmp_path / "meta.safetensors"),
+    }
+    for name, load in attempts.items():
+        with pytest.raises(CheckpointError) as error:
+            load()
+        message = str(error.value)
+        config_keys = set(re.findall(r"`(\w+):", message))
+        python_keywords = set(re.findall(r"(\w+)=\S+ in Python", message))
+        assert config_keys and config_keys <= BuildConfig.model_fields.keys(), (name, message)
+        assert python_keywords and python_keywords <= inspect.signature(load_encoder).parameters.keys(), name
+        assert not re.search(r"--\w", message), (name, message)
 
 
 def test_paths_are_accepted_as_strings(tmp_path, tiny_visual):

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import typer
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -42,6 +43,22 @@ def test_build_inspect_predict_eval(cache, tmp_path):
 
     table = _invoke("eval", out, "--zoo", "tiny")
     assert "task_given" in table and "routing" in table
+
+
+def test_zoo_build_out_help_states_the_real_default_and_how_the_other_commands_find_a_zoo():
+    command = typer.main.get_command(app).commands["zoo"].commands["build"]
+    help_text = next(param.help for param in command.params if param.name == "out")
+    assert "$ESMPP_CACHE/zoo/PRESET" in help_text and "~/.cache/esmpp/zoo/PRESET without ESMPP_CACHE" in help_text
+    assert "set ESMPP_CACHE instead of --out" in help_text
+
+
+def test_zoo_build_out_elsewhere_says_the_other_commands_will_not_read_it(tiny_zoo, monkeypatch, tmp_path):
+    monkeypatch.setenv("ESMPP_CACHE", str(tmp_path))  # the other commands read tmp_path/zoo/tiny
+    note = _invoke("zoo", "build", "--preset", "tiny", "--out", tiny_zoo.root)  # reused, not rebuilt
+    assert f"the other commands' --zoo tiny read {tmp_path / 'zoo' / 'tiny'}, not this zoo" in note
+    assert "set ESMPP_CACHE=DIR instead of --out" in note
+    monkeypatch.setenv("ESMPP_CACHE", str(tiny_zoo.root.parent.parent))
+    assert "note" not in _invoke("zoo", "build", "--preset", "tiny", "--out", tiny_zoo.root)
 
 
 def test_build_needs_exactly_one_source(tmp_path):

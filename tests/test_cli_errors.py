@@ -99,6 +99,11 @@ CASES = {
         lambda root, config, artifact, image: ["predict", artifact, root / "missing.png"],
         "no such image",
     ),
+    # Every path is checked before the artifact loads (it is missing here) and before any batch runs.
+    "bad image path, checked first": (
+        lambda root, config, artifact, image: ["predict", root / "nothing", image, root / "missing.png"],
+        "missing.png: no such image file",
+    ),
     "not an image": (lambda root, config, artifact, image: ["predict", artifact, config], "cannot decode"),
     "unknown task": (
         lambda root, config, artifact, image: ["predict", artifact, image, "--task", "cars"],
@@ -350,6 +355,16 @@ def test_a_config_error_creates_no_folder_for_the_artifact(monkeypatch, capsys, 
 def test_a_good_command_still_works(monkeypatch, capsys, project):
     code, out, _ = _run(monkeypatch, capsys, "predict", project[2], project[3], "--json")
     assert code == 0 and '"task": "task' in out
+
+
+def test_an_unusable_image_in_a_later_batch_is_named_by_its_file(monkeypatch, capsys, project, tmp_path):
+    """Predictions run in batches of 64: an image past the first batch used to be called `image 1`."""
+    _, _, artifact, image = project
+    unusable = tmp_path / "float-pixels.tiff"  # decodes, but its pixels are out of [0, 1]
+    Image.fromarray(np.full((16, 16), 2.0, np.float32)).save(unusable)
+    code, out, err = _run(monkeypatch, capsys, "predict", artifact, *[image] * 65, unusable)
+    assert code == 1 and out == ""
+    assert err.startswith(f"error: {unusable}: float pixels must be finite and in [0, 1]")
 
 
 def test_routing_flags_reach_the_predictor(monkeypatch, capsys, project):

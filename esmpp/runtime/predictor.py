@@ -86,7 +86,8 @@ class Predictor:
         forced = None if task is None else self._task_index(task)
         results: list[Prediction] = []
         for start in range(0, len(images), batch_size):
-            pixels = preprocess_images(images[start : start + batch_size], self.artifact.arch).to(self.device)
+            batch = preprocess_images(images[start : start + batch_size], self.artifact.arch, first_index=start)
+            pixels = batch.to(self.device)
             task_ids = None if forced is None else torch.full((pixels.shape[0],), forced, dtype=torch.long)
             with self._lock, torch.no_grad():
                 output = self.model(pixels, None if task_ids is None else task_ids.to(self.device))

@@ -36,6 +36,7 @@ from esmpp.zoo.store import (
     MANIFEST,
     PRETRAINED,
     Zoo,
+    is_zoo,
 )
 from esmpp.zoo.training import Batch, class_mean_head, shifted, train
 
@@ -202,9 +203,10 @@ def build_zoo(
     if (root / MANIFEST).is_file() and not force:
         return Zoo.load(root)
     elsewhere = "set ESMPP_CACHE to another folder"
-    # Replaces an older zoo (--force, or a format this esmpp no longer reads), never a folder of the user's.
+    # Replaces an older zoo (--force, or a format this esmpp no longer reads), never a folder of the user's nor
+    # an artifact (it has a manifest.json too).
     with (
-        atomic_directory(root, overwrite=True, elsewhere=elsewhere, marker=MANIFEST) as staging,
+        atomic_directory(root, overwrite=True, elsewhere=elsewhere, marker=MANIFEST, owns=is_zoo) as staging,
         deterministic(recipe.seed),
     ):
         _build_into(recipe, staging, progress)

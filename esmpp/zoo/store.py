@@ -52,7 +52,12 @@ class Zoo:
             raise DatasetError(
                 f"No zoo in {root}: {MANIFEST} is missing. Build one with `esmpp zoo build` (or esmpp.zoo.build_zoo)."
             )
-        manifest = json.loads(path.read_text())
+        manifest = _zoo_manifest(root)
+        if manifest is None:
+            raise DatasetError(
+                f"No zoo in {root}: its {MANIFEST} is not a zoo's, or not readable (is the folder an esmpp "
+                "artifact?). Build the zoo in another folder."
+            )
         if manifest.get("format_version") != FORMAT_VERSION:
             raise DatasetError(
                 f"The zoo in {root} has format version {manifest.get('format_version')!r}, this esmpp reads "
@@ -90,6 +95,27 @@ class Zoo:
         path = self._task_dir(task) / DATA
         data = _read_npz(path, path.stat().st_mtime_ns)
         return data[f"{split}_images"], data[f"{split}_labels"]
+
+
+def _zoo_manifest(root: Path) -> dict[str, Any] | None:
+    """The manifest of the zoo in ``root``, or None where its manifest.json is missing, unreadable or another
+    folder's: a zoo's names the preset it was built from and its tasks by name (an artifact's lists its tasks)."""
+    try:
+        manifest = json.loads((root / MANIFEST).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if (
+        isinstance(manifest, dict)
+        and isinstance(manifest.get("preset"), dict)
+        and isinstance(manifest.get("tasks"), dict)
+    ):
+        return manifest
+    return None
+
+
+def is_zoo(root: Path) -> bool:
+    """Whether ``root`` holds a zoo (of any format version): the only kind of folder a zoo build replaces."""
+    return _zoo_manifest(root) is not None
 
 
 @cache

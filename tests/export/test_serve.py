@@ -105,6 +105,37 @@ def test_command_line_prints_one_json_line_per_image(exported_model, image_files
     assert not task_input or all(r["task"] == "task2" for r in results)
 
 
+def _serve(*args) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "export.serve_onnx", *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+
+
+def test_command_line_errors_are_one_line_naming_the_fault(exported_model, image_files, tmp_path):
+    """A missing file, a file that is no image and a wrong --task used to end in a Python traceback."""
+    model_path, task_input = exported_model
+    missing, not_an_image = tmp_path / "missing.png", tmp_path / "notes.png"
+    not_an_image.write_text("not pixels")
+    good_task = ["--task", "task1"] if task_input else []  # so that only the fault at hand is wrong
+    wrong_task = (["--task", "cars"], "pass one of ['task0', 'task1', 'task2']")
+    if not task_input:
+        wrong_task = (["--task", "task0"], "this model routes each image itself: give no task")
+    cases = {
+        "missing image": ([model_path, image_files[0], missing, *good_task], f"error: {missing}: no such image file"),
+        "not an image": ([model_path, not_an_image, *good_task], f"error: {not_an_image}: cannot decode the image"),
+        "wrong task": ([model_path, image_files[0], *wrong_task[0]], wrong_task[1]),
+        "missing model": (
+            [tmp_path / "model.onnx", image_files[0]],
+            f"error: {tmp_path / 'model.onnx'}: no such model",
+        ),
+    }
+    for name, (args, expected) in cases.items():
+        output = _serve(*args)
+        assert output.returncode == 1, (name, output.stderr)
+        assert output.stderr.startswith("error: ") and output.stderr.count("\n") == 1, (name, output.stderr)
+        assert expected in output.stderr, (name, output.stderr)
+        assert output.stdout == "", name
+
+
 def test_serving_kit_does_not_import_torch():
     code = "import sys, export.serve_onnx, export.triton; print('torch' in sys.modules)"
     output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)

@@ -92,7 +92,7 @@ def test_pickles_are_not_run_by_default_and_the_error_explains(tmp_path, payload
     assert isinstance(error, CheckpointError)
     message = str(error)
     assert str(path) in message and "arbitrary code" in message
-    assert "--allow-pickle" in message and "allow_pickle=True" in message
+    assert "`allow_pickle: true`" in message and "allow_pickle=True" in message
 
 
 @pytest.mark.parametrize("payload", sorted(PAYLOADS))

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from esmpp.artifact import save_artifact
-from esmpp.errors import ConfigError, EsmppError
+from esmpp.errors import ConfigError, EsmppError, ImageError
 from esmpp.runtime.predictor import Predictor
 
 
@@ -44,6 +44,12 @@ def test_single_image_and_errors(predictor):
         predictor.predict(_images(1), task="cars")
     with pytest.raises(EsmppError, match="no images"):
         predictor.predict([])
+
+
+def test_an_unusable_image_is_named_by_its_place_among_all_the_images(predictor):
+    images = [*_images(3), np.full((16, 16), 2.0)]  # float pixels out of [0, 1]
+    with pytest.raises(ImageError, match=r"^image 3: float pixels"):
+        predictor.predict(images, batch_size=2)
 
 
 def test_a_boolean_is_not_a_task_index(predictor):

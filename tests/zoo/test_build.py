@@ -7,11 +7,14 @@ from pathlib import Path
 import pytest
 from safetensors import SafetensorError, safe_open
 
+from esmpp.artifact import save_artifact
 from esmpp.checkpoints import load_encoder
 from esmpp.errors import ConfigError, DatasetError, EsmppError, StorageError
 from esmpp.zoo import Zoo, build_zoo, default_root, get_preset
 from esmpp.zoo import build as build_module
 from esmpp.zoo.presets import ZooPreset
+from tests.conftest import random_artifact
+from tests.reliability.project import directory_digest
 
 
 def _checkpoint_hashes(zoo: Zoo) -> dict[str, str]:
@@ -98,6 +101,27 @@ def test_a_folder_of_the_users_is_never_replaced_by_a_zoo(tmp_path: Path) -> Non
         with pytest.raises(EsmppError, match="photos is a folder that esmpp did not write"):
             build_zoo(_one_task_in_two_steps(), root=tmp_path / "photos", force=force, progress=False)
     assert (tmp_path / "photos" / "holiday.jpg").read_bytes() == b"memories"
+
+
+def test_an_artifact_is_never_replaced_by_a_zoo(tmp_path: Path) -> None:
+    """An artifact has a manifest.json too: `zoo build --out ARTIFACT --force` replaced it."""
+    artifact = save_artifact(random_artifact(), tmp_path / "artifact")
+    before = directory_digest(artifact)
+    with pytest.raises(DatasetError, match=r"artifact: its manifest\.json is not a zoo's"):
+        build_zoo(_one_task_in_two_steps(), root=artifact, progress=False)
+    with pytest.raises(EsmppError, match=r"artifact holds a manifest\.json that this command did not write"):
+        build_zoo(_one_task_in_two_steps(), root=artifact, force=True, progress=False)
+    assert directory_digest(artifact) == before
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["artifact"]
+
+
+def test_force_replaces_a_zoo_of_a_format_this_esmpp_no_longer_reads(tmp_path: Path) -> None:
+    small = _one_task_in_two_steps()
+    old = build_zoo(small, root=tmp_path / "z", progress=False)
+    (old.root / "manifest.json").write_text(json.dumps({**old.manifest, "format_version": 0}))
+    with pytest.raises(DatasetError, match=r"format version 0.*--force"):
+        Zoo.load(old.root)
+    assert build_zoo(small, root=old.root, force=True, progress=False).manifest["format_version"] == 1
 
 
 def test_default_root_follows_esmpp_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
