@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 
 import esmpp
 from esmpp.architecture import PATCH_KEY, Architecture, block_index, build_visual, routed_kind
-from esmpp.atomic import atomic_directory
+from esmpp.atomic import atomic_directory, check_destination
 from esmpp.errors import ArchitectureError, ArtifactError
 from esmpp.runtime.model import Experts, RoutedEncoder
 
@@ -192,6 +192,22 @@ def describe_artifact(artifact: Artifact) -> dict[str, Any]:
     }
 
 
+def is_artifact(path: Path) -> bool:
+    """Whether ``path`` holds an esmpp artifact's manifest (of any format version): the only kind of folder an
+    artifact write replaces. A zoo has a manifest.json too."""
+    try:
+        manifest = json.loads((Path(path) / MANIFEST).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        return False
+    return isinstance(manifest, dict) and manifest.get("format") == "esmpp-artifact"
+
+
+def check_artifact_destination(path: Path, overwrite: bool = False, elsewhere: str = "choose another --out") -> None:
+    """Fail now, before the long work, where :func:`save_artifact` would fail at the end (see
+    :func:`check_destination`): ``path`` exists and is not an artifact to replace, or cannot be written."""
+    check_destination(path, overwrite, elsewhere, marker=MANIFEST, owns=is_artifact)
+
+
 def save_artifact(
     artifact: Artifact, path: Path, overwrite: bool = False, elsewhere: str = "choose another --out"
 ) -> Path:
@@ -200,7 +216,7 @@ def save_artifact(
     artifact.validate()
     path = Path(path)
     expert_tensors = _expert_tensors(artifact.experts)
-    with atomic_directory(path, overwrite=overwrite, elsewhere=elsewhere, marker=MANIFEST) as staging:
+    with atomic_directory(path, overwrite, elsewhere, marker=MANIFEST, owns=is_artifact) as staging:
         save_file(_contiguous(artifact.backbone), staging / "backbone.safetensors")
         save_file(_contiguous(expert_tensors), staging / "experts.safetensors")
         save_file(_contiguous({f"head.{t}": h for t, h in enumerate(artifact.heads)}), staging / "heads.safetensors")

@@ -122,7 +122,7 @@ def _check_replaceable(destination: Path, overwrite: bool, marker: str | None, o
         kind = "a folder" if destination.is_dir() else "a file"
         raise EsmppError(
             f"{destination} is {kind} that esmpp did not write (it has no {marker or 'marker file'}), so it is not "
-            "replaced, --overwrite or not. Choose another --out, or remove it yourself."
+            "replaced whatever the flags say. Choose another --out, or remove it yourself."
         )
     if owns is not None and not owns(destination):
         raise EsmppError(

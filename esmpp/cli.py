@@ -12,7 +12,7 @@ from typing import Annotated, Any
 import typer
 from typer.core import TyperGroup
 
-from esmpp.atomic import check_destination, exit_on_terminate, storage_errors
+from esmpp.atomic import exit_on_terminate, storage_errors
 from esmpp.errors import ConfigError, EsmppError
 
 
@@ -246,7 +246,7 @@ def build(
     """Build an ESM++ artifact: merged backbone + low-rank expert per task + task prototypes.
 
     Command-line options override the config's `options:` section."""
-    from esmpp.artifact import MANIFEST, save_artifact
+    from esmpp.artifact import check_artifact_destination, save_artifact
     from esmpp.build import build_artifact
 
     if (config is None) == (zoo is None):
@@ -268,7 +268,7 @@ def build(
         from esmpp.sources import zoo_sources
 
         options = _build_options(**flags)
-        check_destination(out, overwrite, marker=MANIFEST)  # before the long work: the zoo may be built
+        check_artifact_destination(out, overwrite)  # before the long work: the zoo may be built
         subset = [name.strip() for name in tasks.split(",")] if tasks else None
         pretrained, sources = zoo_sources(_zoo(zoo, None), subset)
     else:
@@ -278,7 +278,7 @@ def build(
         build_config = load_config(config)
         options = _build_options(build_config.options, **flags)
         pretrained, sources = config_sources(build_config, options)
-        check_destination(out, overwrite, marker=MANIFEST)  # the config's files are good: before the work
+        check_artifact_destination(out, overwrite)  # the config's files are good: before the work
     artifact = build_artifact(pretrained, sources, options)
     save_artifact(artifact, out, overwrite=overwrite)
     _print_summary(out, artifact, time.perf_counter() - start)
@@ -431,7 +431,7 @@ def _compare(zoo: Preset, methods_: str, out: Path, artifact_out: Path | None, v
     """Run the comparison, print the tables and routing, write the JSON report; save the last ESM++
     variant's artifact to ``artifact_out`` when given. ``method_options`` go to the static methods that
     have them. Returns the zoo."""
-    from esmpp.artifact import MANIFEST, save_artifact
+    from esmpp.artifact import check_artifact_destination, save_artifact
     from esmpp.compare import compare_on_zoo
     from esmpp.evaluation import format_table, summarize_rows
     from esmpp.merging import available_methods, check_run_options
@@ -442,7 +442,7 @@ def _compare(zoo: Preset, methods_: str, out: Path, artifact_out: Path | None, v
     _prepare_output(out)
     artifact_elsewhere = "choose another folder for the artifact"  # --artifact of compare, --out of demo
     if artifact_out is not None:
-        check_destination(artifact_out, overwrite=True, elsewhere=artifact_elsewhere, marker=MANIFEST)
+        check_artifact_destination(artifact_out, overwrite=True, elsewhere=artifact_elsewhere)
     z = _zoo(zoo, None)
     report = compare_on_zoo(z, names, variants, run_options=method_options)
     artifacts = report.pop("artifacts")

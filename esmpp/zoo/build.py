@@ -199,10 +199,11 @@ def build_zoo(
     """Build the zoo of ``preset`` (a name or a ``ZooPreset``) into ``root`` (default ``default_root``),
     or open the complete build already there unless ``force``."""
     recipe = get_preset(preset) if isinstance(preset, str) else preset
+    # A zoo that cannot be written is moved by the setting that placed it: ESMPP_CACHE, or the root given.
+    elsewhere = "set ESMPP_CACHE to another folder" if root is None else "choose another folder for the zoo"
     root = Path(root) if root is not None else default_root(recipe.name)
     if (root / MANIFEST).is_file() and not force:
         return Zoo.load(root)
-    elsewhere = "set ESMPP_CACHE to another folder"
     # Replaces an older zoo (--force, or a format this esmpp no longer reads), never a folder of the user's nor
     # an artifact (it has a manifest.json too).
     with (

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from safetensors import SafetensorError, safe_open
 
-from esmpp.artifact import save_artifact
+from esmpp.artifact import check_artifact_destination, save_artifact
 from esmpp.checkpoints import load_encoder
 from esmpp.errors import ConfigError, DatasetError, EsmppError, StorageError
 from esmpp.zoo import Zoo, build_zoo, default_root, get_preset
@@ -84,14 +84,24 @@ def test_force_rebuilds_in_place(tmp_path: Path) -> None:
     assert second.tasks == ["stripes"]
 
 
-def test_a_full_disk_leaves_no_zoo_and_says_where_else_to_build_it(tmp_path: Path, monkeypatch) -> None:
+@pytest.mark.parametrize(
+    ("root", "elsewhere"),
+    [(None, "set ESMPP_CACHE to another folder"), ("z", "choose another folder for the zoo")],
+    ids=["in the cache", "at a root given"],
+)
+def test_a_full_disk_leaves_no_zoo_and_says_where_else_to_build_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, root: str | None, elsewhere: str
+) -> None:
+    """The advice names the setting that placed the zoo: ESMPP_CACHE means nothing to a zoo built at --out."""
+
     def disk_full(*args, **kwargs):
         raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
+    monkeypatch.setenv("ESMPP_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(build_module, "save_file", disk_full)  # the task heads
-    with pytest.raises(StorageError, match=r"could not write .*z .*free some space, or set ESMPP_CACHE to another"):
-        build_zoo(_one_task_in_two_steps(), root=tmp_path / "z", progress=False)
-    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(StorageError, match=rf"could not write .*free some space, or {elsewhere}"):
+        build_zoo(_one_task_in_two_steps(), root=tmp_path / root if root else None, progress=False)
+    assert [path for path in tmp_path.rglob("*") if path.is_file()] == []
 
 
 def test_a_folder_of_the_users_is_never_replaced_by_a_zoo(tmp_path: Path) -> None:
@@ -139,3 +149,18 @@ def test_missing_zoo_says_how_to_build_it(tmp_path: Path) -> None:
 def test_unknown_preset_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="tiny"):
         build_zoo("huge")
+
+
+def test_a_zoo_is_never_replaced_by_an_artifact(tmp_path: Path) -> None:
+    """A zoo has a manifest.json too: `esmpp build --out ZOO --overwrite` and `compare --artifact ZOO` replaced it."""
+    zoo = build_zoo(_one_task_in_two_steps(), root=tmp_path / "zoo", progress=False)
+    before = directory_digest(zoo.root)
+    refused = r"zoo holds a manifest\.json that this command did not write"
+    with pytest.raises(EsmppError, match=refused):
+        check_artifact_destination(zoo.root, overwrite=True)
+    with pytest.raises(EsmppError, match=refused):
+        save_artifact(random_artifact(), zoo.root, overwrite=True)
+    assert directory_digest(zoo.root) == before
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["zoo"]
+    artifact = save_artifact(random_artifact(), tmp_path / "artifact")
+    assert save_artifact(random_artifact(), artifact, overwrite=True) == artifact  # an artifact still is
