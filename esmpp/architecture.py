@@ -87,6 +87,12 @@ class Architecture:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Architecture:
+        """The architecture a manifest or checkpoint metadata describes; anything else (a number, a list, a dict
+        missing keys or with invalid values) raises ``ArchitectureError``, as these come from files."""
+        if not isinstance(data, dict):
+            raise ArchitectureError(
+                f"Invalid architecture description {data!r}: expected a mapping with keys 'embed_dim' and 'vision'."
+            )
         try:
             mean = tuple(float(v) for v in data.get("mean", OPENAI_DATASET_MEAN))
             std = tuple(float(v) for v in data.get("std", OPENAI_DATASET_STD))
