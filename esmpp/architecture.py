@@ -70,8 +70,8 @@ class Architecture:
         if config is None:
             known = ", ".join(n for n in open_clip.list_models() if n.startswith("ViT"))[:400]
             raise ArchitectureError(
-                f"Unknown architecture {name!r}. Use an open_clip model name (e.g. {known}, ...) "
-                "or pass a JSON config with 'embed_dim' and 'vision_cfg'."
+                f"Unknown architecture {name!r}. Use an open_clip model name (e.g. {known}, ...); in Python, "
+                "an esmpp.architecture.Architecture describes a custom one."
             )
         return cls(
             embed_dim=int(config["embed_dim"]),
