@@ -341,7 +341,7 @@ def eval_encoder(
     if checkpoint.is_dir():
         from esmpp.artifact import load_artifact
 
-        results = evaluate_routed(load_artifact(checkpoint).to_model(), z)
+        results = evaluate_routed(load_artifact(checkpoint), z)
         rows = [{"method": f"{checkpoint.name} {k}", "accuracy": v} for k, v in results.items()]
     else:
         rows = [

@@ -3,10 +3,13 @@
 import json
 
 import pytest
+import torch
 from PIL import Image
 from typer.testing import CliRunner
 
+from esmpp.artifact import load_artifact
 from esmpp.cli import app
+from esmpp.images import preprocess_uint8
 
 runner = CliRunner()
 
@@ -42,6 +45,29 @@ def test_build_inspect_predict_eval(cache, tmp_path):
 
     table = _invoke("eval", out, "--zoo", "tiny")
     assert "task_given" in table and "routing" in table
+
+
+def _accuracy_table(output: str) -> dict[str, dict[str, str]]:
+    """The first markdown table of ``output`` as {method: {task: cell}}."""
+    table = output.split("\n\n")[1]
+    header, _, *rows = ([cell.strip() for cell in line.strip("|").split("|")] for line in table.splitlines())
+    return {row[0]: dict(zip(header[1:], row[1:])) for row in rows}
+
+
+def test_eval_measures_each_artifact_task_on_the_zoo_task_of_its_name(cache, tmp_path):
+    order = ["stripes", "digits"]  # two of the zoo's four tasks, in another order than the zoo's
+    out = tmp_path / "subset"
+    _invoke("build", "--zoo", "tiny", "--tasks", ",".join(order), "--out", out, "--rank", 4, "--alpha", 0.5)
+    table = _accuracy_table(_invoke("eval", out, "--zoo", "tiny"))
+    model = load_artifact(out).to_model()
+    for index, task in enumerate(order):
+        images, labels = cache.split(task, "test")
+        pixels = preprocess_uint8(images, cache.arch)
+        with torch.inference_mode():
+            given = model(pixels, torch.full((len(labels),), index)).logits.argmax(-1)
+            routed = model(pixels).task
+        assert table["subset task_given"][task] == f"{100 * (given.numpy() == labels).mean():.1f}"
+        assert table["subset routing"][task] == f"{100 * (routed.numpy() == index).mean():.1f}"
 
 
 def test_build_needs_exactly_one_source(tmp_path):
