@@ -149,6 +149,27 @@ CASES = {
         lambda root, config, *_: ["compare", "--zoo", "tiny", "--out", root / "r.json", "--artifact", config / "a"],
         "choose another folder for the artifact",
     ),
+    # The argument of eval is read and checked against the zoo's preset before the zoo is built (minutes).
+    "eval missing checkpoint": (
+        lambda root, *_: ["eval", root / "missing.safetensors", "--zoo", "tiny"],
+        "missing.safetensors does not exist",
+    ),
+    "eval folder that is not an artifact": (
+        lambda root, *_: ["eval", root / "proxy0", "--zoo", "tiny"],
+        "is not a complete esmpp artifact",
+    ),
+    "eval checkpoint of another architecture": (
+        lambda root, *_: ["eval", root / "task0.safetensors", "--zoo", "tiny"],
+        "architecture 'zoo-tiny' expects",
+    ),
+    "eval artifact of another image size": (
+        lambda root, config, artifact, image: ["eval", artifact, "--zoo", "mini"],
+        "takes 16×16 images, the mini zoo's are 32×32. Evaluate it on the zoo it was built from",
+    ),
+    "eval artifact task the zoo lacks": (
+        lambda root, config, artifact, image: ["eval", artifact, "--zoo", "tiny"],
+        "the tiny zoo has no task 'task0', 'task1', 'task2'; its tasks are digits, faces, stripes, colours",
+    ),
     "bench workdir under a file": (
         lambda root, config, *_: ["bench", "--workdir", config / "work", "--tasks", "2", "--out", root / "b.json"],
         "is a file. Nothing was written: pass another --workdir",
@@ -162,15 +183,17 @@ def _write(path, text):
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_errors_are_one_line_and_exit_code_1(monkeypatch, capsys, project, case):
+def test_errors_are_one_line_and_exit_code_1(monkeypatch, capsys, tmp_path, project, case):
     make_args, expected = CASES[case]
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("ESMPP_CACHE", str(cache))  # where a zoo would be built
     before = directory_digest(project[2])
     code, _, err = _run(monkeypatch, capsys, *make_args(*project))
     assert code == 1
     assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
     assert expected in err
     assert directory_digest(project[2]) == before  # the existing artifact is untouched
-    assert not (project[0] / "bench-work").exists()  # and no long work was started
+    assert not (project[0] / "bench-work").exists() and not cache.exists()  # and no long work was started
 
 
 def test_a_config_error_creates_no_folder_for_the_artifact(monkeypatch, capsys, project):
