@@ -237,9 +237,9 @@ def build(
     if zoo is not None:
         from esmpp.sources import zoo_sources
 
+        subset = _zoo_task_subset(zoo, tasks) if tasks is not None else None
         options = _build_options(**flags)
         check_destination(out, overwrite, marker=MANIFEST)  # before the long work: the zoo may be built
-        subset = [name.strip() for name in tasks.split(",")] if tasks else None
         pretrained, sources = zoo_sources(_zoo(zoo, None), subset)
     else:
         from esmpp.config import load_config
@@ -252,6 +252,24 @@ def build(
     artifact = build_artifact(pretrained, sources, options)
     save_artifact(artifact, out, overwrite=overwrite)
     _print_summary(out, artifact, time.perf_counter() - start)
+
+
+def _zoo_task_subset(zoo: Preset, tasks: str) -> list[str]:
+    """The zoo's tasks that ``--tasks`` names, in its order; checked against the zoo's preset, so that a typo
+    fails before the zoo is built."""
+    from esmpp.artifact import repeated_names
+
+    names = list(_csv(tasks))
+    if not names:
+        raise ConfigError(
+            f"--tasks {tasks!r} names no task: list some of the {zoo.value} zoo's, comma-separated, or leave "
+            "--tasks out for all of them."
+        )
+    repeated = repeated_names(names)
+    if repeated:
+        raise ConfigError(f"--tasks names {', '.join(repeated)} more than once: give each task once.")
+    _check_zoo_tasks(zoo, names, "--tasks", "Correct the names (comma-separated).")
+    return names
 
 
 def _print_summary(path: Path, artifact, seconds: float) -> None:

@@ -149,6 +149,19 @@ CASES = {
         lambda root, config, *_: ["compare", "--zoo", "tiny", "--out", root / "r.json", "--artifact", config / "a"],
         "choose another folder for the artifact",
     ),
+    # The zoo's task names are known from its preset: a wrong one is refused before the zoo is built (minutes).
+    "build unknown zoo task": (
+        lambda root, *_: ["build", "--zoo", "tiny", "--tasks", "digits,typo", "--out", root / "z"],
+        "--tasks: the tiny zoo has no task 'typo'; its tasks are digits, faces, stripes, colours",
+    ),
+    "build zoo task twice": (
+        lambda root, *_: ["build", "--zoo", "tiny", "--tasks", "digits, faces,digits", "--out", root / "z"],
+        "--tasks names digits more than once",
+    ),
+    "build no zoo task": (
+        lambda root, *_: ["build", "--zoo", "tiny", "--tasks", ",", "--out", root / "z"],
+        "--tasks ',' names no task",
+    ),
     # The argument of eval is read and checked against the zoo's preset before the zoo is built (minutes).
     "eval missing checkpoint": (
         lambda root, *_: ["eval", root / "missing.safetensors", "--zoo", "tiny"],
