@@ -200,7 +200,13 @@ def build(
     config: Annotated[Path | None, typer.Argument(help="YAML build config (see README). Omit with --zoo.")] = None,
     out: Annotated[Path, typer.Option(help="Artifact directory to write.")] = Path("esmpp-artifact"),
     zoo: Annotated[Preset | None, typer.Option(help="Build from the offline zoo instead of a config.")] = None,
-    tasks: Annotated[str | None, typer.Option(help="With --zoo: a comma-separated subset of its tasks.")] = None,
+    tasks: Annotated[
+        str | None,
+        typer.Option(
+            help="With --zoo: a comma-separated subset of its tasks, in the artifact's order. Not with a CONFIG: "
+            "the artifact gets the tasks the config lists."
+        ),
+    ] = None,
     method: MethodOpt = None,
     rank: RankOpt = None,
     rank_energy: RankEnergyOpt = None,
@@ -221,6 +227,8 @@ def build(
 
     if (config is None) == (zoo is None):
         raise EsmppError("give either a CONFIG file or --zoo tiny|mini (not both). See `esmpp build --help`.")
+    if config is not None and tasks is not None:
+        raise ConfigError(f"--tasks selects tasks of the --zoo; with a config, list the tasks in {config} instead.")
     flags = {
         "method": method,
         "rank": rank,

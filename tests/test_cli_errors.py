@@ -162,6 +162,10 @@ CASES = {
         lambda root, *_: ["build", "--zoo", "tiny", "--tasks", ",", "--out", root / "z"],
         "--tasks ',' names no task",
     ),
+    "build config with --tasks": (
+        _build_with("--tasks", "task0"),
+        "--tasks selects tasks of the --zoo; with a config, list the tasks in",
+    ),
     # The argument of eval is read and checked against the zoo's preset before the zoo is built (minutes).
     "eval missing checkpoint": (
         lambda root, *_: ["eval", root / "missing.safetensors", "--zoo", "tiny"],
