@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from esmpp.atomic import check_destination, exit_on_terminate, storage_errors
+from esmpp.atomic import check_destination, check_writable_folder, exit_on_terminate, storage_errors
 from esmpp.errors import ConfigError, EsmppError
 
 if TYPE_CHECKING:
@@ -459,6 +459,11 @@ def _compare(zoo: Preset, methods_: str, out: Path, artifact_out: Path | None, v
     names = available_methods() if methods_ == "all" else [m.strip() for m in methods_.split(",") if m.strip()]
     method_options = method_options or {}
     check_run_options([*names, *(variant.method for variant in variants)], method_options)
+    if artifact_out is not None and out.resolve().is_relative_to(artifact_out.resolve()):
+        raise ConfigError(
+            f"--out {out} is inside --artifact {artifact_out}, which the new artifact replaces whole: write the "
+            f"report elsewhere, e.g. --out {artifact_out.parent / out.name}."
+        )
     _prepare_output(out)
     artifact_elsewhere = "choose another folder for the artifact"  # --artifact of compare, --out of demo
     if artifact_out is not None:
@@ -607,9 +612,13 @@ def bench(
 
 
 def _prepare_output(out: Path) -> None:
-    """Create the folder of the report ``out`` before the long work, so that a bad --out fails at once."""
+    """Check the report's path ``out`` and create its folder before the long work, so that a bad --out fails at
+    once rather than when the report is written."""
+    if out.is_dir():
+        raise ConfigError(f"--out {out} is a folder; give the report's file, e.g. --out {out / 'report.json'}.")
     with storage_errors(lambda exc: f"cannot create the folder of --out {out} ({exc}). Choose another --out."):
         out.parent.mkdir(parents=True, exist_ok=True)
+    check_writable_folder(out.parent, "choose another --out")
 
 
 def _write_report(out: Path, report: dict) -> None:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from esmpp import atomic
 from esmpp.artifact import save_artifact
 from esmpp.cli import run
 from esmpp.runtime.predictor import Predictor
@@ -143,6 +144,23 @@ CASES = {
         lambda root, config, *_: ["bench", "--workdir", root / "bench-work", "--out", config / "bench.json"],
         "cannot create the folder of --out",
     ),
+    # A report path where no report can be written, or that the artifact replaces: refused before the zoo is built.
+    "report onto a folder": (
+        lambda root, *_: ["compare", "--zoo", "tiny", "--out", root / "proxy0"],
+        "proxy0 is a folder; give the report's file, e.g. --out",
+    ),
+    "report inside the artifact": (
+        lambda root, config, artifact, image: [
+            "compare",
+            "--zoo",
+            "tiny",
+            "--out",
+            artifact / "r.json",
+            "--artifact",
+            artifact,
+        ],
+        "r.json is inside --artifact",
+    ),
     # An artifact folder that cannot be made: refused before the build, not with a traceback after it.
     "artifact under a file": (lambda root, config, *_: ["build", config, "--out", config / "a"], "another --out"),
     "compare artifact under a file": (
@@ -211,6 +229,15 @@ def test_errors_are_one_line_and_exit_code_1(monkeypatch, capsys, tmp_path, proj
     assert expected in err
     assert directory_digest(project[2]) == before  # the existing artifact is untouched
     assert not (project[0] / "bench-work").exists() and not cache.exists()  # and no long work was started
+
+
+def test_a_report_folder_that_cannot_be_written_is_refused_before_the_run(monkeypatch, capsys, tmp_path, project):
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("ESMPP_CACHE", str(cache))
+    monkeypatch.setattr(atomic.os, "access", lambda path, mode: False)  # a read-only folder (root may write any)
+    code, _, err = _run(monkeypatch, capsys, "compare", "--zoo", "tiny", "--out", project[0] / "report.json")
+    assert code == 1 and f"{project[0]} is not writable. Nothing was written: choose another --out" in err
+    assert not cache.exists()  # no zoo was built
 
 
 def test_a_config_error_creates_no_folder_for_the_artifact(monkeypatch, capsys, project):
