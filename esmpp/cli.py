@@ -45,11 +45,22 @@ class Router(str, Enum):
     discriminant = "discriminant"
 
 
+DEBUG_HELP = "Show full tracebacks instead of one-line errors."
+
+
 @app.callback()
-def main(
-    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks instead of one-line errors.")] = False,
-) -> None:
-    _debug["on"] = debug
+def main(debug: Annotated[bool, typer.Option("--debug", help=DEBUG_HELP)] = False) -> None:
+    _debug["on"] = debug  # set anew on every run; a command's own --debug can only turn it on (below)
+
+
+def _turn_on_debug(value: bool) -> None:
+    if value:
+        _debug["on"] = True
+
+
+# Every command takes --debug after its name too (`esmpp build ... --debug`), with the effect of `esmpp --debug
+# build ...`: the option's callback sets the flag, so a command never reads the value (it is not passed).
+DebugOpt = Annotated[bool, typer.Option("--debug", help=DEBUG_HELP, callback=_turn_on_debug, expose_value=False)]
 
 
 def _zoo(preset: Preset, root: Path | None, force: bool = False):
@@ -173,6 +184,7 @@ def zoo_build(
         typer.Option(help="Zoo directory (default: ~/.cache/esmpp/zoo/PRESET or $ESMPP_CACHE)."),
     ] = None,
     force: Annotated[bool, typer.Option(help="Rebuild even if a complete zoo is cached.")] = False,
+    debug: DebugOpt = False,
 ) -> None:
     """Build (or reuse) the offline zoo: pretrain a small ViT, fine-tune one expert per task."""
     zoo = _zoo(preset, out, force)
@@ -180,7 +192,7 @@ def zoo_build(
 
 
 @app.command()
-def methods() -> None:
+def methods(debug: DebugOpt = False) -> None:
     """List the static merge methods and their options, with defaults (set them with --method-option KEY=VALUE
     or under `method_options:` in a build config)."""
     from esmpp.merging import available_methods, get_method
@@ -218,6 +230,7 @@ def build(
     alpha: AlphaOpt = None,
     method_option: MethodOptionOpt = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing artifact at --out.")] = False,
+    debug: DebugOpt = False,
 ) -> None:
     """Build an ESM++ artifact: merged backbone + low-rank expert per task + task prototypes.
 
@@ -299,7 +312,7 @@ def _print_summary(path: Path, artifact, seconds: float) -> None:
 
 
 @app.command()
-def inspect(artifact: Annotated[Path, typer.Argument(help="Artifact directory.")]) -> None:
+def inspect(artifact: Annotated[Path, typer.Argument(help="Artifact directory.")], debug: DebugOpt = False) -> None:
     """Check an artifact as loading does, then show its manifest: architecture, tasks, routed layers, ranks, α,
     build options."""
     from esmpp.architecture import Architecture
@@ -338,6 +351,7 @@ def predict(
         float | None, typer.Option(help="Softmax temperature of soft routing. (default: 0.05)")
     ] = None,
     route_once: Annotated[bool, typer.Option(help="Route at the first routed layer only and reuse it.")] = False,
+    debug: DebugOpt = False,
 ) -> None:
     """Predict images with an artifact; without --task the router picks each image's task."""
     from dataclasses import asdict
@@ -360,6 +374,7 @@ def predict(
 def eval_encoder(
     checkpoint: Annotated[Path, typer.Argument(help="An encoder checkpoint, or an artifact directory.")],
     zoo: Annotated[Preset, typer.Option(help="Zoo whose test splits and heads to use.")] = Preset.mini,
+    debug: DebugOpt = False,
 ) -> None:
     """Accuracy of one encoder (or an ESM++ artifact) on the zoo's test splits. An artifact's tasks are
     matched to the zoo's by name: one built on some of the zoo's tasks, in any order, is measured on them."""
@@ -425,6 +440,7 @@ def compare(
     router: RouterOpt = None,
     router_shrinkage: ShrinkageOpt = None,
     method_option: MethodOptionOpt = None,
+    debug: DebugOpt = False,
 ) -> None:
     """The benchmark table: pretrained, fine-tuned, every merge method and ESM++ on the zoo's test splits.
 
@@ -493,6 +509,7 @@ def _compare(zoo: Preset, methods_: str, out: Path, artifact_out: Path | None, v
 def demo(
     zoo: Annotated[Preset, typer.Option(help="mini: the benchmark zoo; tiny: a one-minute smoke run.")] = Preset.mini,
     out: Annotated[Path, typer.Option(help="Folder for the report and the artifact.")] = Path("esmpp-demo"),
+    debug: DebugOpt = False,
 ) -> None:
     """The whole chain offline: zoo (cached) → every method + ESM++ → table → a few task-agnostic predictions.
 
@@ -534,6 +551,7 @@ def export_model(
         bool, typer.Option(help="Take the task as a second input (forced_task_id) instead of routing.")
     ] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing --out directory.")] = False,
+    debug: DebugOpt = False,
 ) -> None:
     """Export an artifact to ONNX (routing inside the graph) and check it against PyTorch with onnxruntime."""
     from esmpp.onnx import export_onnx
@@ -581,6 +599,7 @@ def bench(
     ),
     out: Annotated[Path, typer.Option(help="JSON report to write.")] = Path("esmpp-bench.json"),
     method_option: MethodOptionOpt = None,
+    debug: DebugOpt = False,
 ) -> None:
     """Measure build time and peak memory per stage, and routed runtime cost, on synthetic tasks.
 

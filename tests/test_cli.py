@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+import typer
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -104,3 +105,19 @@ def test_methods_lists_each_option_with_its_default_and_meaning():
     assert "\nesm\n" in listing and "  rank_fraction = 1.0  Share of d_out the tasks split" in listing
     assert '  esd_kinds = ["qkv", "fc", "proj"]' in listing
     assert "averaging\n  (no options)" in listing
+
+
+def _leaf_commands(group, path=()):
+    """(command path, click command) of every command under the click ``group``, subgroups' included."""
+    for name, command in group.commands.items():
+        if hasattr(command, "commands"):
+            yield from _leaf_commands(command, (*path, name))
+        else:
+            yield (*path, name), command
+
+
+def test_every_command_takes_debug_after_its_name():
+    commands = dict(_leaf_commands(typer.main.get_command(app)))
+    assert {"build", "eval", "compare"} <= {" ".join(path) for path in commands} and ("zoo", "build") in commands
+    for path, command in commands.items():
+        assert any("--debug" in param.opts for param in command.params), " ".join(path)

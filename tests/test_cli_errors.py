@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from esmpp import atomic
+from esmpp import atomic, cli
 from esmpp.artifact import save_artifact
 from esmpp.cli import run
+from esmpp.errors import ArtifactError, StorageError
 from esmpp.runtime.predictor import Predictor
 from tests.conftest import random_artifact
 from tests.reliability.project import REPO, directory_digest, run_esmpp, write_project
@@ -265,6 +266,25 @@ def test_routing_flags_reach_the_predictor(monkeypatch, capsys, project):
     code, out, _ = _run(monkeypatch, capsys, "predict", project[2], project[3], "--json", *flags)
     assert code == 0 and '"task": "task' in out
     assert given == {"mode": "soft", "top_k": 3, "temperature": 0.5, "route_once": True}
+
+
+@pytest.mark.parametrize(
+    ("make_args", "error"),
+    [
+        pytest.param(lambda root, config: ["--debug", "inspect", root / "nothing"], ArtifactError, id="before"),
+        pytest.param(lambda root, config: ["inspect", root / "nothing", "--debug"], ArtifactError, id="after"),
+        pytest.param(
+            lambda root, config: ["zoo", "build", "--preset", "tiny", "--out", config / "zoo", "--debug"],
+            StorageError,
+            id="after a zoo command",
+        ),
+    ],
+)
+def test_debug_before_or_after_the_command_raises_the_error_itself(monkeypatch, project, make_args, error):
+    monkeypatch.setitem(cli._debug, "on", False)
+    monkeypatch.setattr(sys, "argv", ["esmpp", *map(str, make_args(*project[:2]))])
+    with pytest.raises(error):  # run() lets it through, with its traceback, instead of the one-line message
+        run()
 
 
 def test_subprocess_one_line_error_and_debug_traceback(tmp_path):
