@@ -7,13 +7,16 @@ import sys
 import time
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from typer.core import TyperGroup
 
-from esmpp.atomic import exit_on_terminate, storage_errors
+from esmpp.atomic import check_writable_folder, exit_on_terminate, storage_errors
 from esmpp.errors import ConfigError, EsmppError
+
+if TYPE_CHECKING:
+    from esmpp.artifact import Artifact
 
 
 class OneLineValueErrors(TyperGroup):
@@ -63,11 +66,22 @@ class Router(str, Enum):
     discriminant = "discriminant"
 
 
+DEBUG_HELP = "Show full tracebacks instead of one-line errors."
+
+
 @app.callback()
-def main(
-    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks instead of one-line errors.")] = False,
-) -> None:
-    _debug["on"] = debug
+def main(debug: Annotated[bool, typer.Option("--debug", help=DEBUG_HELP)] = False) -> None:
+    _debug["on"] = debug  # set anew on every run; a command's own --debug can only turn it on (below)
+
+
+def _turn_on_debug(value: bool) -> None:
+    if value:
+        _debug["on"] = True
+
+
+# Every command takes --debug after its name too (`esmpp build ... --debug`), with the effect of `esmpp --debug
+# build ...`: the option's callback sets the flag, so a command never reads the value (it is not passed).
+DebugOpt = Annotated[bool, typer.Option("--debug", help=DEBUG_HELP, callback=_turn_on_debug, expose_value=False)]
 
 
 def _zoo(preset: Preset, root: Path | None, force: bool = False):
@@ -194,6 +208,7 @@ def zoo_build(
         ),
     ] = None,
     force: Annotated[bool, typer.Option(help="Rebuild even if a complete zoo is cached.")] = False,
+    debug: DebugOpt = False,
 ) -> None:
     """Build (or reuse) the offline zoo: pretrain a small ViT, fine-tune one expert per task."""
     from esmpp.zoo import default_root
@@ -210,7 +225,7 @@ def zoo_build(
 
 
 @app.command()
-def methods() -> None:
+def methods(debug: DebugOpt = False) -> None:
     """List the static merge methods and their options, with defaults (set them with --method-option KEY=VALUE
     or under `method_options:` in a build config)."""
     from esmpp.merging import available_methods, get_method
@@ -230,7 +245,13 @@ def build(
     config: Annotated[Path | None, typer.Argument(help="YAML build config (see README). Omit with --zoo.")] = None,
     out: Annotated[Path, typer.Option(help="Artifact directory to write.")] = Path("esmpp-artifact"),
     zoo: Annotated[Preset | None, typer.Option(help="Build from the offline zoo instead of a config.")] = None,
-    tasks: Annotated[str | None, typer.Option(help="With --zoo: a comma-separated subset of its tasks.")] = None,
+    tasks: Annotated[
+        str | None,
+        typer.Option(
+            help="With --zoo: a comma-separated subset of its tasks, in the artifact's order. Not with a CONFIG: "
+            "the artifact gets the tasks the config lists."
+        ),
+    ] = None,
     method: MethodOpt = None,
     rank: RankOpt = None,
     rank_energy: RankEnergyOpt = None,
@@ -242,6 +263,7 @@ def build(
     alpha: AlphaOpt = None,
     method_option: MethodOptionOpt = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing artifact at --out.")] = False,
+    debug: DebugOpt = False,
 ) -> None:
     """Build an ESM++ artifact: merged backbone + low-rank expert per task + task prototypes.
 
@@ -251,6 +273,8 @@ def build(
 
     if (config is None) == (zoo is None):
         raise EsmppError("give either a CONFIG file or --zoo tiny|mini (not both). See `esmpp build --help`.")
+    if config is not None and tasks is not None:
+        raise ConfigError(f"--tasks selects tasks of the --zoo; with a config, list the tasks in {config} instead.")
     flags = {
         "method": method,
         "rank": rank,
@@ -267,9 +291,9 @@ def build(
     if zoo is not None:
         from esmpp.sources import zoo_sources
 
+        subset = _zoo_task_subset(zoo, tasks) if tasks is not None else None
         options = _build_options(**flags)
         check_artifact_destination(out, overwrite)  # before the long work: the zoo may be built
-        subset = [name.strip() for name in tasks.split(",")] if tasks else None
         pretrained, sources = zoo_sources(_zoo(zoo, None), subset)
     else:
         from esmpp.config import load_config
@@ -282,6 +306,24 @@ def build(
     artifact = build_artifact(pretrained, sources, options)
     save_artifact(artifact, out, overwrite=overwrite)
     _print_summary(out, artifact, time.perf_counter() - start)
+
+
+def _zoo_task_subset(zoo: Preset, tasks: str) -> list[str]:
+    """The zoo's tasks that ``--tasks`` names, in its order; checked against the zoo's preset, so that a typo
+    fails before the zoo is built."""
+    from esmpp.artifact import repeated_names
+
+    names = list(_csv(tasks))
+    if not names:
+        raise ConfigError(
+            f"--tasks {tasks!r} names no task: list some of the {zoo.value} zoo's, comma-separated, or leave "
+            "--tasks out for all of them."
+        )
+    repeated = repeated_names(names)
+    if repeated:
+        raise ConfigError(f"--tasks names {', '.join(repeated)} more than once: give each task once.")
+    _check_zoo_tasks(zoo, names, "--tasks", "Correct the names (comma-separated).")
+    return names
 
 
 def _print_summary(path: Path, artifact, seconds: float) -> None:
@@ -303,7 +345,7 @@ def _print_summary(path: Path, artifact, seconds: float) -> None:
 
 
 @app.command()
-def inspect(artifact: Annotated[Path, typer.Argument(help="Artifact directory.")]) -> None:
+def inspect(artifact: Annotated[Path, typer.Argument(help="Artifact directory.")], debug: DebugOpt = False) -> None:
     """Check an artifact as loading does, then show its manifest: architecture, tasks, routed layers, ranks, α,
     build options."""
     from esmpp.architecture import Architecture
@@ -342,6 +384,7 @@ def predict(
         float | None, typer.Option(help="Softmax temperature of soft routing. (default: 0.05)")
     ] = None,
     route_once: Annotated[bool, typer.Option(help="Route at the first routed layer only and reuse it.")] = False,
+    debug: DebugOpt = False,
 ) -> None:
     """Predict images with an artifact; without --task the router picks each image's task."""
     from dataclasses import asdict
@@ -367,26 +410,54 @@ def predict(
 def eval_encoder(
     checkpoint: Annotated[Path, typer.Argument(help="An encoder checkpoint, or an artifact directory.")],
     zoo: Annotated[Preset, typer.Option(help="Zoo whose test splits and heads to use.")] = Preset.mini,
+    debug: DebugOpt = False,
 ) -> None:
-    """Accuracy of one encoder (or an ESM++ artifact) on the zoo's test splits."""
+    """Accuracy of one encoder (or an ESM++ artifact) on the zoo's test splits. An artifact's tasks are
+    matched to the zoo's by name: one built on some of the zoo's tasks, in any order, is measured on them."""
     from esmpp.checkpoints import load_encoder
     from esmpp.compare import evaluate_routed
     from esmpp.evaluation import evaluate, format_table
+    from esmpp.zoo import get_preset
 
-    z = _zoo(zoo, None)
+    # The argument is read and checked against the zoo's preset before the zoo is built (15 minutes for mini).
     if checkpoint.is_dir():
         from esmpp.artifact import load_artifact
 
-        results = evaluate_routed(load_artifact(checkpoint).to_model(), z)
+        artifact = load_artifact(checkpoint)
+        _check_artifact_fits_zoo(artifact, checkpoint, zoo)
+        results = evaluate_routed(artifact, _zoo(zoo, None))
         rows = [{"method": f"{checkpoint.name} {k}", "accuracy": v} for k, v in results.items()]
     else:
-        rows = [
-            {
-                "method": checkpoint.name,
-                "accuracy": evaluate(load_encoder(checkpoint, arch=z.arch).to_module(), z),
-            }
-        ]
+        encoder = load_encoder(checkpoint, arch=get_preset(zoo.value).arch)
+        rows = [{"method": checkpoint.name, "accuracy": evaluate(encoder.to_module(), _zoo(zoo, None))}]
     typer.echo(format_table(rows))
+
+
+def _check_artifact_fits_zoo(artifact: Artifact, path: Path, zoo: Preset) -> None:
+    """Refuse an artifact that the zoo cannot measure (images of another size, a task the zoo lacks) from the
+    zoo's preset, before the zoo is built."""
+    from esmpp.zoo import get_preset
+
+    fix = f"Evaluate it on the zoo it was built from (--zoo {'|'.join(preset.value for preset in Preset)})."
+    size, zoo_size = artifact.arch.image_size, get_preset(zoo.value).arch.image_size
+    if size != zoo_size:
+        raise ConfigError(
+            f"artifact {path} takes {size}×{size} images, the {zoo.value} zoo's are {zoo_size}×{zoo_size}. {fix}"
+        )
+    _check_zoo_tasks(zoo, [task.name for task in artifact.tasks], f"artifact {path}", fix)
+
+
+def _check_zoo_tasks(zoo: Preset, names: list[str], where: str, fix: str) -> None:
+    """Refuse the task ``names`` that the zoo does not have: its preset lists them, so no zoo is built for it."""
+    from esmpp.zoo import get_preset
+
+    available = get_preset(zoo.value).tasks
+    missing = [name for name in names if name not in available]
+    if missing:
+        raise ConfigError(
+            f"{where}: the {zoo.value} zoo has no task {', '.join(map(repr, missing))}; its tasks are "
+            f"{', '.join(available)}. {fix}"
+        )
 
 
 @app.command()
@@ -405,6 +476,7 @@ def compare(
     router: RouterOpt = None,
     router_shrinkage: ShrinkageOpt = None,
     method_option: MethodOptionOpt = None,
+    debug: DebugOpt = False,
 ) -> None:
     """The benchmark table: pretrained, fine-tuned, every merge method and ESM++ on the zoo's test splits.
 
@@ -439,6 +511,11 @@ def _compare(zoo: Preset, methods_: str, out: Path, artifact_out: Path | None, v
     names = available_methods() if methods_ == "all" else [m.strip() for m in methods_.split(",") if m.strip()]
     method_options = method_options or {}
     check_run_options([*names, *(variant.method for variant in variants)], method_options)
+    if artifact_out is not None and out.resolve().is_relative_to(artifact_out.resolve()):
+        raise ConfigError(
+            f"--out {out} is inside --artifact {artifact_out}, which the new artifact replaces whole: write the "
+            f"report elsewhere, e.g. --out {artifact_out.parent / out.name}."
+        )
     _prepare_output(out)
     artifact_elsewhere = "choose another folder for the artifact"  # --artifact of compare, --out of demo
     if artifact_out is not None:
@@ -468,6 +545,7 @@ def _compare(zoo: Preset, methods_: str, out: Path, artifact_out: Path | None, v
 def demo(
     zoo: Annotated[Preset, typer.Option(help="mini: the benchmark zoo; tiny: a one-minute smoke run.")] = Preset.mini,
     out: Annotated[Path, typer.Option(help="Folder for the report and the artifact.")] = Path("esmpp-demo"),
+    debug: DebugOpt = False,
 ) -> None:
     """The whole chain offline: zoo (cached) → every method + ESM++ → table → a few task-agnostic predictions.
 
@@ -509,6 +587,7 @@ def export_model(
         bool, typer.Option(help="Take the task as a second input (forced_task_id) instead of routing.")
     ] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing --out directory.")] = False,
+    debug: DebugOpt = False,
 ) -> None:
     """Export an artifact to ONNX (routing inside the graph) and check it against PyTorch with onnxruntime."""
     from esmpp.onnx import export_onnx
@@ -566,6 +645,7 @@ def bench(
     ),
     out: Annotated[Path, typer.Option(help="JSON report to write.")] = Path("esmpp-bench.json"),
     method_option: MethodOptionOpt = None,
+    debug: DebugOpt = False,
 ) -> None:
     """Measure build time and peak memory per stage, and routed runtime cost, on synthetic tasks.
 
@@ -596,12 +676,13 @@ def bench(
 
 
 def _prepare_output(out: Path) -> None:
-    """Create the folder of the report ``out`` before the long work, so that a bad --out fails at once (a
-    folder there too: the report would be refused only when written, after the work)."""
+    """Check the report's path ``out`` and create its folder before the long work, so that a bad --out fails at
+    once rather than when the report is written."""
     if out.is_dir():
-        raise ConfigError(f"--out {out} is a folder: give the report's file name, e.g. {out / 'report.json'}.")
+        raise ConfigError(f"--out {out} is a folder; give the report's file, e.g. --out {out / 'report.json'}.")
     with storage_errors(lambda exc: f"cannot create the folder of --out {out} ({exc}). Choose another --out."):
         out.parent.mkdir(parents=True, exist_ok=True)
+    check_writable_folder(out.parent, "choose another --out")
 
 
 def _write_report(out: Path, report: dict) -> None:

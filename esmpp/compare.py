@@ -19,40 +19,51 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from esmpp.artifact import Artifact
 from esmpp.build import BuildOptions, build_artifact, choose_alpha, method_options
 from esmpp.checkpoints import load_encoder
+from esmpp.errors import ConfigError
 from esmpp.evaluation import evaluate, head_logits
 from esmpp.images import preprocess_uint8
 from esmpp.merge import apply_task_vector, merge_streaming
 from esmpp.merging import get_method, options_share
-from esmpp.runtime.model import RoutedEncoder
 from esmpp.sources import zoo_sources
 
 
 @torch.inference_mode()
-def evaluate_routed(
-    model: RoutedEncoder, zoo, split: str = "test", batch_size: int = 256
-) -> dict[str, dict[str, float]]:
-    """Per task (zoo order = model task order): ``task_given``, ``routed`` and ``task_agnostic`` accuracy (%)
-    (see the module docstring) and ``routing`` (% of images whose routed task is their true task)."""
+def evaluate_routed(artifact: Artifact, zoo, split: str = "test", batch_size: int = 256) -> dict[str, dict[str, float]]:
+    """Per task of ``artifact``: ``task_given``, ``routed`` and ``task_agnostic`` accuracy (%) (see the module
+    docstring) and ``routing`` (% of images whose routed task is their true task).
+
+    Each task is measured on the zoo's split of the same name, with the artifact's head and task index for it:
+    an artifact built on some of the zoo's tasks, in any order, is measured on the right data. A task the zoo
+    does not have, or whose classes differ from the zoo's, is a one-line error (its labels would mean other
+    classes)."""
+    model = artifact.to_model()
     metrics = ("task_given", "routed", "task_agnostic", "routing")
     results: dict[str, dict[str, float]] = {metric: {} for metric in metrics}
-    for t, task in enumerate(zoo.tasks):
-        images, labels = zoo.split(task, split)
+    for t, task in enumerate(artifact.tasks):
+        zoo_classes = zoo.class_names(task.name)
+        if task.classes != zoo_classes:
+            raise ConfigError(
+                f"the artifact's task {task.name!r} has the classes {task.classes}, the zoo's {zoo_classes}: the "
+                "zoo's labels do not fit its head. Evaluate the artifact on the zoo it was built from."
+            )
+        images, labels = zoo.split(task.name, split)
         labels = torch.as_tensor(labels)
         hits: dict[str, list[torch.Tensor]] = {metric: [] for metric in metrics}
         for start in range(0, len(images), batch_size):
             batch_labels = labels[start : start + batch_size]
-            pixels = preprocess_uint8(images[start : start + batch_size], zoo.arch)
+            pixels = preprocess_uint8(images[start : start + batch_size], artifact.arch)
             forced = model(pixels, torch.full((pixels.shape[0],), t, dtype=torch.long))
             free = model(pixels)
-            own_head = head_logits(free.embedding, model.heads[t, : len(zoo.class_names(task))])
+            own_head = head_logits(free.embedding, artifact.heads[t])
             hits["task_given"].append(forced.logits.argmax(-1) == batch_labels)
             hits["routed"].append(own_head.argmax(-1) == batch_labels)
             hits["task_agnostic"].append((free.task == t) & (free.logits.argmax(-1) == batch_labels))
             hits["routing"].append(free.task == t)
         for metric in metrics:
-            results[metric][task] = 100.0 * float(torch.cat(hits[metric]).float().mean())
+            results[metric][task.name] = 100.0 * float(torch.cat(hits[metric]).float().mean())
     return results
 
 
@@ -119,7 +130,7 @@ def compare_on_zoo(
         start = time.perf_counter()
         artifact = build_artifact(pretrained, sources, options, progress)
         seconds = time.perf_counter() - start
-        routed = evaluate_routed(artifact.to_model(), zoo)
+        routed = evaluate_routed(artifact, zoo)
         alpha = artifact.build["alpha"]
         for metric, suffix in (("task_given", "task given"), ("routed", "routed"), ("task_agnostic", "task-agnostic")):
             rows.append({"method": f"{label} {suffix}", "accuracy": routed[metric], "seconds": seconds, "alpha": alpha})

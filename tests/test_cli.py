@@ -3,11 +3,14 @@
 import json
 
 import pytest
+import torch
 import typer
 from PIL import Image
 from typer.testing import CliRunner
 
+from esmpp.artifact import load_artifact
 from esmpp.cli import app
+from esmpp.images import preprocess_uint8
 
 runner = CliRunner()
 
@@ -61,6 +64,29 @@ def test_zoo_build_out_elsewhere_says_the_other_commands_will_not_read_it(tiny_z
     assert "note" not in _invoke("zoo", "build", "--preset", "tiny", "--out", tiny_zoo.root)
 
 
+def _accuracy_table(output: str) -> dict[str, dict[str, str]]:
+    """The first markdown table of ``output`` as {method: {task: cell}}."""
+    table = output.split("\n\n")[1]
+    header, _, *rows = ([cell.strip() for cell in line.strip("|").split("|")] for line in table.splitlines())
+    return {row[0]: dict(zip(header[1:], row[1:])) for row in rows}
+
+
+def test_eval_measures_each_artifact_task_on_the_zoo_task_of_its_name(cache, tmp_path):
+    order = ["stripes", "digits"]  # two of the zoo's four tasks, in another order than the zoo's
+    out = tmp_path / "subset"
+    _invoke("build", "--zoo", "tiny", "--tasks", ",".join(order), "--out", out, "--rank", 4, "--alpha", 0.5)
+    table = _accuracy_table(_invoke("eval", out, "--zoo", "tiny"))
+    model = load_artifact(out).to_model()
+    for index, task in enumerate(order):
+        images, labels = cache.split(task, "test")
+        pixels = preprocess_uint8(images, cache.arch)
+        with torch.inference_mode():
+            given = model(pixels, torch.full((len(labels),), index)).logits.argmax(-1)
+            routed = model(pixels).task
+        assert table["subset task_given"][task] == f"{100 * (given.numpy() == labels).mean():.1f}"
+        assert table["subset routing"][task] == f"{100 * (routed.numpy() == index).mean():.1f}"
+
+
 def test_build_needs_exactly_one_source(tmp_path):
     result = runner.invoke(app, ["build", "--out", str(tmp_path / "x")])
     assert result.exit_code != 0 and "either a CONFIG file or --zoo" in str(result.exception)
@@ -95,3 +121,19 @@ def test_methods_lists_each_option_with_its_default_and_meaning():
     assert "\nesm\n" in listing and "  rank_fraction = 1.0  Share of d_out the tasks split" in listing
     assert '  esd_kinds = ["qkv", "fc", "proj"]' in listing
     assert "averaging\n  (no options)" in listing
+
+
+def _leaf_commands(group, path=()):
+    """(command path, click command) of every command under the click ``group``, subgroups' included."""
+    for name, command in group.commands.items():
+        if hasattr(command, "commands"):
+            yield from _leaf_commands(command, (*path, name))
+        else:
+            yield (*path, name), command
+
+
+def test_every_command_takes_debug_after_its_name():
+    commands = dict(_leaf_commands(typer.main.get_command(app)))
+    assert {"build", "eval", "compare"} <= {" ".join(path) for path in commands} and ("zoo", "build") in commands
+    for path, command in commands.items():
+        assert any("--debug" in param.opts for param in command.params), " ".join(path)

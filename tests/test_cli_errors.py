@@ -14,9 +14,11 @@ import yaml
 from PIL import Image
 from safetensors.torch import save_file
 
+from esmpp import atomic, cli
 from esmpp import bench as bench_module
 from esmpp.artifact import save_artifact
 from esmpp.cli import run
+from esmpp.errors import ArtifactError, StorageError
 from esmpp.runtime.predictor import Predictor
 from tests.conftest import random_artifact
 from tests.reliability.project import REPO, directory_digest, run_esmpp, write_project
@@ -162,15 +164,66 @@ CASES = {
         lambda root, config, *_: ["bench", "--workdir", root / "bench-work", "--out", config / "bench.json"],
         "cannot create the folder of --out",
     ),
+    # A report path where no report can be written, or that the artifact replaces: refused before the zoo is built.
+    "report onto a folder": (
+        lambda root, *_: ["compare", "--zoo", "tiny", "--out", root / "proxy0"],
+        "proxy0 is a folder; give the report's file, e.g. --out",
+    ),
+    "report inside the artifact": (
+        lambda root, config, artifact, image: [
+            "compare",
+            "--zoo",
+            "tiny",
+            "--out",
+            artifact / "r.json",
+            "--artifact",
+            artifact,
+        ],
+        "r.json is inside --artifact",
+    ),
     # An artifact folder that cannot be made: refused before the build, not with a traceback after it.
     "artifact under a file": (lambda root, config, *_: ["build", config, "--out", config / "a"], "another --out"),
     "compare artifact under a file": (
         lambda root, config, *_: ["compare", "--zoo", "tiny", "--out", root / "r.json", "--artifact", config / "a"],
         "choose another folder for the artifact",
     ),
-    "compare report is a folder": (
-        lambda root, *_: ["compare", "--zoo", "tiny", "--out", root],
-        "is a folder: give the report's file name",
+    # The zoo's task names are known from its preset: a wrong one is refused before the zoo is built (minutes).
+    "build unknown zoo task": (
+        lambda root, *_: ["build", "--zoo", "tiny", "--tasks", "digits,typo", "--out", root / "z"],
+        "--tasks: the tiny zoo has no task 'typo'; its tasks are digits, faces, stripes, colours",
+    ),
+    "build zoo task twice": (
+        lambda root, *_: ["build", "--zoo", "tiny", "--tasks", "digits, faces,digits", "--out", root / "z"],
+        "--tasks names digits more than once",
+    ),
+    "build no zoo task": (
+        lambda root, *_: ["build", "--zoo", "tiny", "--tasks", ",", "--out", root / "z"],
+        "--tasks ',' names no task",
+    ),
+    "build config with --tasks": (
+        _build_with("--tasks", "task0"),
+        "--tasks selects tasks of the --zoo; with a config, list the tasks in",
+    ),
+    # The argument of eval is read and checked against the zoo's preset before the zoo is built (minutes).
+    "eval missing checkpoint": (
+        lambda root, *_: ["eval", root / "missing.safetensors", "--zoo", "tiny"],
+        "missing.safetensors does not exist",
+    ),
+    "eval folder that is not an artifact": (
+        lambda root, *_: ["eval", root / "proxy0", "--zoo", "tiny"],
+        "is not a complete esmpp artifact",
+    ),
+    "eval checkpoint of another architecture": (
+        lambda root, *_: ["eval", root / "task0.safetensors", "--zoo", "tiny"],
+        "architecture 'zoo-tiny' expects",
+    ),
+    "eval artifact of another image size": (
+        lambda root, config, artifact, image: ["eval", artifact, "--zoo", "mini"],
+        "takes 16×16 images, the mini zoo's are 32×32. Evaluate it on the zoo it was built from",
+    ),
+    "eval artifact task the zoo lacks": (
+        lambda root, config, artifact, image: ["eval", artifact, "--zoo", "tiny"],
+        "the tiny zoo has no task 'task0', 'task1', 'task2'; its tasks are digits, faces, stripes, colours",
     ),
     "bench workdir under a file": (
         lambda root, config, *_: ["bench", "--workdir", config / "work", "--tasks", "2", "--out", root / "b.json"],
@@ -185,15 +238,26 @@ def _write(path, text):
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_errors_are_one_line_and_exit_code_1(monkeypatch, capsys, project, case):
+def test_errors_are_one_line_and_exit_code_1(monkeypatch, capsys, tmp_path, project, case):
     make_args, expected = CASES[case]
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("ESMPP_CACHE", str(cache))  # where a zoo would be built
     before = directory_digest(project[2])
     code, _, err = _run(monkeypatch, capsys, *make_args(*project))
     assert code == 1
     assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
     assert expected in err
     assert directory_digest(project[2]) == before  # the existing artifact is untouched
-    assert not (project[0] / "bench-work").exists()  # and no long work was started
+    assert not (project[0] / "bench-work").exists() and not cache.exists()  # and no long work was started
+
+
+def test_a_report_folder_that_cannot_be_written_is_refused_before_the_run(monkeypatch, capsys, tmp_path, project):
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("ESMPP_CACHE", str(cache))
+    monkeypatch.setattr(atomic.os, "access", lambda path, mode: False)  # a read-only folder (root may write any)
+    code, _, err = _run(monkeypatch, capsys, "compare", "--zoo", "tiny", "--out", project[0] / "report.json")
+    assert code == 1 and f"{project[0]} is not writable. Nothing was written: choose another --out" in err
+    assert not cache.exists()  # no zoo was built
 
 
 # Bench options refused, each naming the option, the value given and the valid range: (flags, parts of the error).
@@ -221,7 +285,7 @@ BAD_BENCH_OPTIONS = {
         ["--arch: Unknown architecture 'ViT-X'. Use an open_clip model name (e.g. "],
     ),
     # Not when the report is written, after the benchmark.
-    "report is a folder": (["--out", "."], ["--out . is a folder: give the report's file name, e.g. report.json"]),
+    "report is a folder": (["--out", "."], ["--out . is a folder; give the report's file, e.g. --out report.json"]),
     # esm++ is a name of the bench's, not of the merge methods: the choices name it.
     "unknown method": (
         ["--methods", "esm++,magic"],
@@ -380,6 +444,25 @@ def test_routing_flags_reach_the_predictor(monkeypatch, capsys, project):
     code, out, _ = _run(monkeypatch, capsys, "predict", project[2], project[3], "--json", *flags)
     assert code == 0 and '"task": "task' in out
     assert given == {"mode": "soft", "top_k": 3, "temperature": 0.5, "route_once": True}
+
+
+@pytest.mark.parametrize(
+    ("make_args", "error"),
+    [
+        pytest.param(lambda root, config: ["--debug", "inspect", root / "nothing"], ArtifactError, id="before"),
+        pytest.param(lambda root, config: ["inspect", root / "nothing", "--debug"], ArtifactError, id="after"),
+        pytest.param(
+            lambda root, config: ["zoo", "build", "--preset", "tiny", "--out", config / "zoo", "--debug"],
+            StorageError,
+            id="after a zoo command",
+        ),
+    ],
+)
+def test_debug_before_or_after_the_command_raises_the_error_itself(monkeypatch, project, make_args, error):
+    monkeypatch.setitem(cli._debug, "on", False)
+    monkeypatch.setattr(sys, "argv", ["esmpp", *map(str, make_args(*project[:2]))])
+    with pytest.raises(error):  # run() lets it through, with its traceback, instead of the one-line message
+        run()
 
 
 def test_subprocess_one_line_error_and_debug_traceback(tmp_path):

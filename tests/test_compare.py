@@ -1,7 +1,12 @@
 """The comparison table on the tiny zoo: every row present, ESM++ improves on the static backbone it extends."""
 
+import pytest
+
+from esmpp.artifact import TaskInfo
 from esmpp.build import BuildOptions
-from esmpp.compare import compare_on_zoo
+from esmpp.compare import compare_on_zoo, evaluate_routed
+from esmpp.errors import ConfigError
+from tests.conftest import random_artifact
 
 
 def test_compare_on_tiny_zoo(tiny_zoo):
@@ -34,3 +39,10 @@ def test_options_set_for_the_run_reach_the_methods_that_have_them_and_name_their
     label = "ESM++ r=2 qkv+fc finetuned×1 cosine on esm (rank_fraction=0.5)"
     assert methods[2:4] == ["tsv", "esm (rank_fraction=0.5)"] and f"{label} task given" in methods
     assert report["esmpp"][label]["options"]["rank_fraction"] == 0.5
+
+
+def test_a_task_whose_classes_differ_from_the_zoos_is_refused_not_measured(tiny_zoo):
+    artifact = random_artifact()
+    artifact.tasks[0] = TaskInfo("digits", ["c0", "c1"])  # the zoo's digits labels index other classes
+    with pytest.raises(ConfigError, match="task 'digits' has the classes"):
+        evaluate_routed(artifact, tiny_zoo)
