@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from esmpp.allocator import release_free_memory
-from esmpp.architecture import as_matrix, routed_keys
+from esmpp.architecture import Architecture, as_matrix, routed_keys, weight_shapes
 from esmpp.artifact import Artifact, TaskInfo
 from esmpp.capture import capture_statistics
 from esmpp.checkpoints import Encoder, check_compatible
@@ -110,15 +110,18 @@ class OptionsConfig(pydantic.BaseModel):
         return BuildOptions(**data)
 
 
-def check_rank(options: BuildOptions, pretrained: Encoder) -> None:
-    """Refuse a ``rank`` above the largest min(d_in, d_out) of the routed layers of ``pretrained``: no expert
-    can have more directions than that, so the rest would be empty, and the build record would claim them."""
+def check_rank(options: BuildOptions, arch: Architecture) -> None:
+    """Refuse a ``rank`` above the largest min(d_in, d_out) of the routed layers of ``arch``: no expert can have
+    more directions than that, so the rest would be empty, and the build record would claim them. Needs only
+    the architecture, so a zoo build can be checked before the zoo is built."""
     kinds = options.routed_kinds
-    largest = max(min(as_matrix(pretrained.state[key]).shape) for key in routed_keys(pretrained.arch, kinds))
+    shapes = weight_shapes(arch)
+    matrices = (as_matrix(torch.empty(shapes[key], device="meta")) for key in routed_keys(arch, kinds))
+    largest = max(min(matrix.shape) for matrix in matrices)
     if options.rank > largest:
         raise ConfigError(
             f"rank {options.rank} is more than the {largest} directions that the routed layers ({', '.join(kinds)}) "
-            f"of {pretrained.arch.name} have at most (min(d_in, d_out)): set `rank` (--rank) to at most {largest}."
+            f"of {arch.name} have at most (min(d_in, d_out)): set `rank` (--rank) to at most {largest}."
         )
 
 
@@ -250,7 +253,7 @@ def build_artifact(
     """Run the ESM++ build (see module docstring) and return the artifact (not yet written)."""
     options = options or BuildOptions()
     options.check()
-    check_rank(options, pretrained)
+    check_rank(options, pretrained.arch)
     if not tasks:
         raise ConfigError("no tasks to merge: give at least one task with a fine-tuned checkpoint.")
     for task in tasks:

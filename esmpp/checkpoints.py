@@ -38,7 +38,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from esmpp.architecture import Architecture, block_index, build_visual, linear_key
+from esmpp.architecture import Architecture, block_index, build_visual, linear_key, weight_shapes
 from esmpp.errors import ArchitectureError, CheckpointError
 from esmpp.hf_convert import HF_MARKER_KEY, HF_PROJECTION_KEY, apply_hf_config, hf_to_open_clip
 from esmpp.legacy_pickle import load_pickled, module_hints
@@ -182,8 +182,7 @@ def check_state(
     """Raise :class:`CheckpointError` unless ``state`` has exactly the keys and shapes of ``arch``'s
     vision tower and (unless not ``values``, e.g. for shapes read from a header) only finite values.
     ``fix``: what the messages tell to do about a key or shape mismatch (default: name the architecture)."""
-    with torch.device("meta"):
-        expected = {key: tuple(value.shape) for key, value in build_visual(arch).state_dict().items()}
+    expected = weight_shapes(arch)
     fix = fix or (
         f"Name the architecture the checkpoint was trained with ({_ARCHITECTURE_SETTING}), "
         "or leave it out to infer it from the weights"

@@ -17,6 +17,7 @@ from esmpp.errors import ConfigError, EsmppError
 
 if TYPE_CHECKING:
     from esmpp.artifact import Artifact
+    from esmpp.build import BuildOptions
 
 
 class OneLineValueErrors(TyperGroup):
@@ -293,6 +294,7 @@ def build(
 
         subset = _zoo_task_subset(zoo, tasks) if tasks is not None else None
         options = _build_options(**flags)
+        _check_rank_on_zoo(options, zoo)
         check_artifact_destination(out, overwrite)  # before the long work: the zoo may be built
         pretrained, sources = zoo_sources(_zoo(zoo, None), subset)
     else:
@@ -447,6 +449,14 @@ def _check_artifact_fits_zoo(artifact: Artifact, path: Path, zoo: Preset) -> Non
     _check_zoo_tasks(zoo, [task.name for task in artifact.tasks], f"artifact {path}", fix)
 
 
+def _check_rank_on_zoo(options: BuildOptions, zoo: Preset) -> None:
+    """Refuse a --rank above the zoo's routed layers' width from its preset, before the zoo is built."""
+    from esmpp.build import check_rank
+    from esmpp.zoo import get_preset
+
+    check_rank(options, get_preset(zoo.value).arch)
+
+
 def _check_zoo_tasks(zoo: Preset, names: list[str], where: str, fix: str) -> None:
     """Refuse the task ``names`` that the zoo does not have: its preset lists them, so no zoo is built for it."""
     from esmpp.zoo import get_preset
@@ -511,6 +521,8 @@ def _compare(zoo: Preset, methods_: str, out: Path, artifact_out: Path | None, v
     names = available_methods() if methods_ == "all" else [m.strip() for m in methods_.split(",") if m.strip()]
     method_options = method_options or {}
     check_run_options([*names, *(variant.method for variant in variants)], method_options)
+    for variant in variants:
+        _check_rank_on_zoo(variant, zoo)
     if artifact_out is not None and out.resolve().is_relative_to(artifact_out.resolve()):
         raise ConfigError(
             f"--out {out} is inside --artifact {artifact_out}, which the new artifact replaces whole: write the "

@@ -92,7 +92,7 @@ def config_sources(config: BuildConfig, options: BuildOptions | None = None) -> 
     check_alpha_search(options, {task.name: task.validation is not None for task in config.tasks})
     pretrained = load_encoder(config.pretrained, arch=config.architecture, allow_pickle=config.allow_pickle)
     arch = pretrained.arch
-    check_rank(options, pretrained)
+    check_rank(options, pretrained.arch)
     head_files: dict[str, tuple[torch.Tensor, list[str]]] = {}
     proxies: dict[str, list[Path]] = {}
     for task in config.tasks:

@@ -192,6 +192,15 @@ CASES = {
         lambda root, *_: ["build", "--zoo", "tiny", "--tasks", "digits,typo", "--out", root / "z"],
         "--tasks: the tiny zoo has no task 'typo'; its tasks are digits, faces, stripes, colours",
     ),
+    # So is a rank above the width of its routed layers.
+    "build zoo rank above the layers' width": (
+        lambda root, *_: ["build", "--zoo", "tiny", "--rank", "33", "--out", root / "z"],
+        "rank 33 is more than the 32 directions that the routed layers (qkv, fc) of zoo-tiny have at most",
+    ),
+    "compare zoo rank above the layers' width": (
+        lambda root, *_: ["compare", "--zoo", "tiny", "--rank", "33", "--out", root / "r.json"],
+        "rank 33 is more than the 32 directions",
+    ),
     "build zoo task twice": (
         lambda root, *_: ["build", "--zoo", "tiny", "--tasks", "digits, faces,digits", "--out", root / "z"],
         "--tasks names digits more than once",
