@@ -106,7 +106,10 @@ class _Layout:
 
 
 def load_encoder(
-    path: str | os.PathLike[str], arch: Architecture | str | None = None, allow_pickle: bool = False
+    path: str | os.PathLike[str],
+    arch: Architecture | str | None = None,
+    allow_pickle: bool = False,
+    fix: str | None = None,
 ) -> Encoder:
     """Load a visual encoder from ``path`` (any input listed in the module docstring).
 
@@ -114,6 +117,7 @@ def load_encoder(
     the tensor shapes; without it the architecture comes from the file (esmpp metadata, a Hugging Face or
     open_clip config, a pickled model) or is inferred from the shapes (:func:`infer_architecture`).
     ``allow_pickle`` permits unpickling whole models, which can run arbitrary code: trusted files only.
+    ``fix``: what a key or shape mismatch tells to do (default: name the architecture; see :func:`check_state`).
     Raises :class:`CheckpointError` naming the file, the key and the fix for anything unusable.
     """
     path = Path(path)
@@ -125,7 +129,7 @@ def load_encoder(
         if found.arch_error is not None:
             raise found.arch_error
         arch = found.arch or infer_architecture(found.state, source=source, **found.hints)
-    check_state(found.state, arch, source)
+    check_state(found.state, arch, source, fix=fix)
     return Encoder(arch=arch, state=found.state, source=source)
 
 

@@ -430,7 +430,9 @@ def eval_encoder(
         results = evaluate_routed(artifact, _zoo(zoo, None))
         rows = [{"method": f"{checkpoint.name} {k}", "accuracy": v} for k, v in results.items()]
     else:
-        encoder = load_encoder(checkpoint, arch=get_preset(zoo.value).arch)
+        # The zoo fixes the architecture: naming another (the loader's usual advice) cannot help here.
+        fix = f"eval measures encoders of the {zoo.value} zoo's architecture; give a checkpoint fine-tuned from it"
+        encoder = load_encoder(checkpoint, arch=get_preset(zoo.value).arch, fix=fix)
         rows = [{"method": checkpoint.name, "accuracy": evaluate(encoder.to_module(), _zoo(zoo, None))}]
     typer.echo(format_table(rows))
 

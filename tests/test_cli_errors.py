@@ -224,7 +224,9 @@ CASES = {
     ),
     "eval checkpoint of another architecture": (
         lambda root, *_: ["eval", root / "task0.safetensors", "--zoo", "tiny"],
-        "architecture 'zoo-tiny' expects",
+        # eval has no setting for the architecture: the advice is the zoo's, not the build config's.
+        "architecture 'zoo-tiny' expects (17, 32). eval measures encoders of the tiny zoo's architecture; give a "
+        "checkpoint fine-tuned from it.",
     ),
     "eval artifact of another image size": (
         lambda root, config, artifact, image: ["eval", artifact, "--zoo", "mini"],
