@@ -100,7 +100,7 @@ def _build_options(base=None, **overrides):
 
     given = {key: value for key, value in overrides.items() if value is not None}
     if "routed_kinds" in given:
-        given["routed_kinds"] = [kind.strip() for kind in given["routed_kinds"].split(",") if kind.strip()]
+        given["routed_kinds"] = list(_csv(given["routed_kinds"], "--routed-kinds"))
     for key in ("prototype_source", "router"):
         if key in given:
             given[key] = given[key].value
@@ -313,17 +313,13 @@ def build(
 def _zoo_task_subset(zoo: Preset, tasks: str) -> list[str]:
     """The zoo's tasks that ``--tasks`` names, in its order; checked against the zoo's preset, so that a typo
     fails before the zoo is built."""
-    from esmpp.artifact import repeated_names
 
-    names = list(_csv(tasks))
+    names = list(_csv(tasks, "--tasks"))
     if not names:
         raise ConfigError(
             f"--tasks {tasks!r} names no task: list some of the {zoo.value} zoo's, comma-separated, or leave "
             "--tasks out for all of them."
         )
-    repeated = repeated_names(names)
-    if repeated:
-        raise ConfigError(f"--tasks names {', '.join(repeated)} more than once: give each task once.")
     _check_zoo_tasks(zoo, names, "--tasks", "Correct the names (comma-separated).")
     return names
 
@@ -520,7 +516,7 @@ def _compare(zoo: Preset, methods_: str, out: Path, artifact_out: Path | None, v
     from esmpp.evaluation import format_table, summarize_rows
     from esmpp.merging import available_methods, check_run_options
 
-    names = available_methods() if methods_ == "all" else [m.strip() for m in methods_.split(",") if m.strip()]
+    names = available_methods() if methods_ == "all" else list(_csv(methods_, "--methods"))
     method_options = method_options or {}
     check_run_options([*names, *(variant.method for variant in variants)], method_options)
     for variant in variants:
@@ -621,13 +617,21 @@ def export_model(
     )
 
 
-def _csv(text: str) -> tuple[str, ...]:
-    return tuple(item.strip() for item in text.split(",") if item.strip())
+def _csv(text: str, option: str) -> tuple[str, ...]:
+    """The non-empty items of the comma-separated ``text`` given to ``option``, stripped: ``" a, ,b"`` →
+    ``("a", "b")``. An item given twice is refused: it would run the same work twice, or keep one of the two."""
+    from esmpp.artifact import repeated_names
+
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    repeated = repeated_names(items)
+    if repeated:
+        raise ConfigError(f"{option} names {', '.join(repeated)} more than once: give each once.")
+    return tuple(items)
 
 
 def _positive_integers(option: str, text: str) -> tuple[int, ...]:
     """The comma-separated integers ``text`` given to ``option``: one or more, each at least 1."""
-    items = _csv(text)
+    items = _csv(text, option)
     if not items or not all(item.isdecimal() and int(item) >= 1 for item in items):
         raise ConfigError(f"{option} takes one or more comma-separated integers ≥ 1, e.g. 1,8; got {text!r}.")
     return tuple(int(item) for item in items)
@@ -666,12 +670,12 @@ def bench(
     A --method-option goes to every method that has it, the ESM++ backbone's included."""
     from esmpp.bench import BenchConfig, format_report, run_bench
 
-    if not _csv(arch):
+    if not _csv(arch, "--arch"):
         raise ConfigError(f"--arch takes one or more comma-separated open_clip names, e.g. ViT-B-32; got {arch!r}.")
     config = BenchConfig(
-        archs=_csv(arch),
+        archs=_csv(arch, "--arch"),
         task_counts=_positive_integers("--tasks", tasks),
-        methods=_csv(methods),
+        methods=_csv(methods, "--methods"),
         proxy_images=proxy_images,
         rank=rank,
         build_repeats=build_repeats,

@@ -201,6 +201,14 @@ CASES = {
         lambda root, *_: ["compare", "--zoo", "tiny", "--rank", "33", "--out", root / "r.json"],
         "rank 33 is more than the 32 directions",
     ),
+    "compare method twice": (
+        lambda root, *_: ["compare", "--zoo", "tiny", "--methods", "tsv, tsv", "--out", root / "r.json"],
+        "--methods names tsv more than once: give each once.",
+    ),
+    "build routed kind twice": (
+        lambda root, *_: ["build", "--zoo", "tiny", "--routed-kinds", "qkv,fc,qkv", "--out", root / "z"],
+        "--routed-kinds names qkv more than once",
+    ),
     "build zoo task twice": (
         lambda root, *_: ["build", "--zoo", "tiny", "--tasks", "digits, faces,digits", "--out", root / "z"],
         "--tasks names digits more than once",
@@ -288,6 +296,8 @@ BAD_BENCH_OPTIONS = {
     "empty batch": (["--batch-sizes", "0"], ["--batch-sizes takes", "integers ≥ 1", "got '0'"]),
     "negative batch": (["--batch-sizes", "1,-4"], ["--batch-sizes takes", "integers ≥ 1", "got '1,-4'"]),
     "batch not a number": (["--batch-sizes", "1,x"], ["--batch-sizes takes", "integers ≥ 1", "got '1,x'"]),
+    "a task count twice": (["--tasks", "2,8,2"], ["--tasks names 2 more than once: give each once."]),
+    "a method twice": (["--methods", "tsv,esm,tsv"], ["--methods names tsv more than once"]),
     "no batch size": (["--batch-sizes", " , "], ["--batch-sizes takes", "integers ≥ 1", "got ' , '"]),
     "no architecture": (["--arch", ""], ["--arch takes one or more comma-separated open_clip names", "got ''"]),
     # Not when its turn comes, after the first architecture's benchmark.
