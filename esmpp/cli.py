@@ -13,7 +13,7 @@ import typer
 from typer.core import TyperGroup
 
 from esmpp.atomic import check_writable_folder, exit_on_terminate, storage_errors
-from esmpp.errors import ConfigError, EsmppError
+from esmpp.errors import ConfigError, EsmppError, plain
 
 if TYPE_CHECKING:
     from esmpp.artifact import Artifact
@@ -31,11 +31,12 @@ class OneLineValueErrors(TyperGroup):
             from pydantic import ValidationError
 
             # typer checks values with pydantic, whose messages ("Input should be greater than or equal to 1")
-            # leave out the value given.
-            cause = exc.__cause__
-            given = f" (got {cause.errors()[0]['input']!r})" if isinstance(cause, ValidationError) else ""
+            # mostly leave out the value given.
+            message, cause = plain(exc.format_message()).rstrip("."), exc.__cause__
+            if isinstance(cause, ValidationError) and repr(given := cause.errors()[0]["input"]) not in message:
+                message += f" (got {given!r})"
             command = (exc.ctx or ctx).command_path
-            raise ConfigError(f"{exc.format_message().rstrip('.')}{given}. See `{command} --help`.") from exc
+            raise ConfigError(f"{message}. See `{command} --help`.") from exc
 
 
 app = typer.Typer(
@@ -82,7 +83,11 @@ def _turn_on_debug(value: bool) -> None:
 
 # Every command takes --debug after its name too (`esmpp build ... --debug`), with the effect of `esmpp --debug
 # build ...`: the option's callback sets the flag, so a command never reads the value (it is not passed).
-DebugOpt = Annotated[bool, typer.Option("--debug", help=DEBUG_HELP, callback=_turn_on_debug, expose_value=False)]
+DebugOpt = Annotated[
+    # Eager: processed before the other options, so that a value refused on the line before it shows the traceback.
+    bool,
+    typer.Option("--debug", help=DEBUG_HELP, callback=_turn_on_debug, expose_value=False, is_eager=True),
+]
 
 
 def _zoo(preset: Preset, root: Path | None, force: bool = False):
@@ -91,8 +96,9 @@ def _zoo(preset: Preset, root: Path | None, force: bool = False):
     return build_zoo(preset.value, root=root, force=force, progress=True)
 
 
-def _build_options(base=None, **overrides):
-    """Build options: the config's ``options:`` (or the defaults), with the flags that were given on top."""
+def _build_options(command: str, base=None, **overrides):
+    """Build options: the config's ``options:`` (or the defaults), with the flags given to ``command`` (e.g.
+    ``build``, whose --help the error points to) on top."""
     from pydantic import ValidationError
 
     from esmpp.build import OptionsConfig, method_options
@@ -110,7 +116,7 @@ def _build_options(base=None, **overrides):
     try:
         options = OptionsConfig.model_validate(merged).to_build_options()
     except ValidationError as exc:
-        raise EsmppError(f"invalid build option ({validation_problems(exc)}). See `esmpp build --help`.") from exc
+        raise ConfigError(f"invalid build options: {validation_problems(exc)}. See `esmpp {command} --help`.") from exc
     method_options(options)  # an unknown method or method option fails now, before the models load
     return options
 
@@ -293,7 +299,7 @@ def build(
         from esmpp.sources import zoo_sources
 
         subset = _zoo_task_subset(zoo, tasks) if tasks is not None else None
-        options = _build_options(**flags)
+        options = _build_options("build", **flags)
         _check_rank_on_zoo(options, zoo)
         check_artifact_destination(out, overwrite)  # before the long work: the zoo may be built
         pretrained, sources = zoo_sources(_zoo(zoo, None), subset)
@@ -302,7 +308,7 @@ def build(
         from esmpp.sources import config_sources
 
         build_config = load_config(config)
-        options = _build_options(build_config.options, **flags)
+        options = _build_options("build", build_config.options, **flags)
         pretrained, sources = config_sources(build_config, options)
         check_artifact_destination(out, overwrite)  # the config's files are good: before the work
     artifact = build_artifact(pretrained, sources, options)
@@ -495,6 +501,7 @@ def compare(
 
     given = _method_option_values(method_option)
     options = _build_options(
+        "compare",
         rank=rank,
         rank_energy=rank_energy,
         routed_kinds=routed_kinds,

@@ -48,6 +48,11 @@ def validation_problems(error: ValidationError) -> str:
     """pydantic's findings as one line: ``where: what`` for each, ``where`` the dotted field path (e.g.
     ``options.rank: Input should be greater than or equal to 1``)."""
     return "; ".join(
-        f"{'.'.join(map(str, problem['loc']))}: {problem['msg']}" if problem["loc"] else problem["msg"]
+        f"{'.'.join(map(str, problem['loc']))}: {plain(problem['msg'])}" if problem["loc"] else plain(problem["msg"])
         for problem in error.errors(include_url=False)
     )
+
+
+def plain(message: str) -> str:
+    """pydantic's ``message`` without the "Value error, " it puts before what a validator of ours said."""
+    return message.replace("Value error, ", "", 1)

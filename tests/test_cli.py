@@ -97,11 +97,11 @@ def test_flags_override_the_config_options_only_when_given():
     from esmpp.config import OptionsConfig
 
     base = OptionsConfig(rank=2, routed_kinds=["fc"])
-    kept = _build_options(base, rank=None, routed_kinds=None, prototype_source=None)
+    kept = _build_options("build", base, rank=None, routed_kinds=None, prototype_source=None)
     assert kept.rank == 2 and kept.routed_kinds == ("fc",) and kept.method == "esm"
-    changed = _build_options(base, rank=5, routed_kinds="qkv, proj", prototype_source=PrototypeSource.runtime)
+    changed = _build_options("build", base, rank=5, routed_kinds="qkv, proj", prototype_source=PrototypeSource.runtime)
     assert changed.rank == 5 and changed.routed_kinds == ("qkv", "proj") and changed.prototype_source == "runtime"
-    assert changed.rank_energy is None and _build_options(base, rank_energy=0.9).rank_energy == 0.9
+    assert changed.rank_energy is None and _build_options("build", base, rank_energy=0.9).rank_energy == 0.9
 
 
 def test_method_options_from_the_command_line_join_the_configs():
@@ -111,9 +111,9 @@ def test_method_options_from_the_command_line_join_the_configs():
     given = _method_option_values(["rank_fraction=0.5", "layer_scaling=false"])
     assert given == {"rank_fraction": 0.5, "layer_scaling": False}  # values read as YAML
     base = OptionsConfig(method_options={"rank_fraction": 0.25, "centered": True})
-    options = _build_options(base, method_options=given)
+    options = _build_options("build", base, method_options=given)
     assert options.method_options == {"rank_fraction": 0.5, "centered": True, "layer_scaling": False}
-    assert _build_options(base).method_options == {"rank_fraction": 0.25, "centered": True}
+    assert _build_options("build", base).method_options == {"rank_fraction": 0.25, "centered": True}
 
 
 def test_methods_lists_each_option_with_its_default_and_meaning():

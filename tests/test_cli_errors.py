@@ -18,7 +18,7 @@ from esmpp import atomic, cli
 from esmpp import bench as bench_module
 from esmpp.artifact import save_artifact
 from esmpp.cli import run
-from esmpp.errors import ArtifactError, StorageError
+from esmpp.errors import ArtifactError, ConfigError, StorageError
 from esmpp.runtime.predictor import Predictor
 from tests.conftest import random_artifact
 from tests.reliability.project import REPO, directory_digest, run_esmpp, write_project
@@ -148,7 +148,7 @@ CASES = {
     # Values typer itself refuses: one line too, not its usage panel (exit 2).
     "not a choice": (
         lambda root, *_: ["build", "--zoo", "huge"],
-        "Invalid value for '--zoo': Value error, 'huge' is not one of 'tiny', 'mini'",
+        "Invalid value for '--zoo': 'huge' is not one of 'tiny', 'mini'. See `",  # the value once, no pydantic prefix
     ),
     "missing option": (
         lambda root, config, artifact, image: ["export", artifact],
@@ -200,6 +200,10 @@ CASES = {
     "compare zoo rank above the layers' width": (
         lambda root, *_: ["compare", "--zoo", "tiny", "--rank", "33", "--out", root / "r.json"],
         "rank 33 is more than the 32 directions",
+    ),
+    "compare bad build option": (
+        lambda root, *_: ["compare", "--zoo", "tiny", "--router-shrinkage", "2", "--out", root / "r.json"],
+        "invalid build options: router_shrinkage: Input should be less than or equal to 1. See `esmpp compare --help`",
     ),
     "compare method twice": (
         lambda root, *_: ["compare", "--zoo", "tiny", "--methods", "tsv, tsv", "--out", root / "r.json"],
@@ -476,6 +480,12 @@ def test_routing_flags_reach_the_predictor(monkeypatch, capsys, project):
             lambda root, config: ["zoo", "build", "--preset", "tiny", "--out", config / "zoo", "--debug"],
             StorageError,
             id="after a zoo command",
+        ),
+        # Options are read in order: --debug must count before a value refused earlier on the line.
+        pytest.param(
+            lambda root, config: ["build", "--zoo", "tiny", "--rank", "abc", "--debug"],
+            ConfigError,
+            id="after a refused value",
         ),
     ],
 )
