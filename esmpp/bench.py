@@ -40,7 +40,7 @@ from esmpp.atomic import (
     storage_errors,
     write_failure_advice,
 )
-from esmpp.build import BuildOptions, build_artifact
+from esmpp.build import BuildOptions, build_artifact, check_rank
 from esmpp.checkpoints import Encoder, load_encoder, save_encoder
 from esmpp.errors import ArchitectureError, ConfigError, StorageError
 from esmpp.merge import TaskSource, apply_task_vector, merge_streaming
@@ -456,6 +456,8 @@ def run_bench(config: BenchConfig, workdir: Path, log: Callable[[str], None] = p
     """Run every workload of ``config`` (checkpoints under ``workdir``) and return the JSON-able report."""
     check_methods(config.methods, config.method_options)
     archs = architectures(config.archs)
+    for arch in archs:  # the builds' experts and the runtime's random ones: no more directions than a layer has
+        check_rank(BuildOptions(rank=config.rank, routed_kinds=config.routed_kinds), arch)
     if config.methods:  # the builds write their checkpoints and outputs there
         check_writable_folder(workdir, WORKDIR_HINT)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

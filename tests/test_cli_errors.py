@@ -302,6 +302,11 @@ BAD_BENCH_OPTIONS = {
     "batch not a number": (["--batch-sizes", "1,x"], ["--batch-sizes takes", "integers ≥ 1", "got '1,x'"]),
     "a task count twice": (["--tasks", "2,8,2"], ["--tasks names 2 more than once: give each once."]),
     "a method twice": (["--methods", "tsv,esm,tsv"], ["--methods names tsv more than once"]),
+    "rank above the layers' width": (
+        ["--rank", "769"],
+        ["rank 769 is more than the 768 directions that the routed layers (qkv, fc) of ViT-B-32 have at most"],
+    ),
+    "rank above the layers' width, runtime only": (["--methods", "", "--rank", "769"], ["rank 769 is more than"]),
     "no batch size": (["--batch-sizes", " , "], ["--batch-sizes takes", "integers ≥ 1", "got ' , '"]),
     "no architecture": (["--arch", ""], ["--arch takes one or more comma-separated open_clip names", "got ''"]),
     # Not when its turn comes, after the first architecture's benchmark.
