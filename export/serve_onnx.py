@@ -112,15 +112,22 @@ class OnnxClassifier:
             self.session = ort.InferenceSession(str(model_path), providers=providers or default_providers())
         except (InvalidProtobuf, InvalidGraph, Fail) as exc:
             raise ServingError(
-                f"{model_path} is not a readable ONNX model ({exc}); pass the model.onnx that `esmpp export` wrote."
+                f"{model_path} is not a readable ONNX model ({exc}); pass the model.onnx that `esmpp export` wrote, "
+                "in its folder (its weights may be in model.onnx.data beside it)."
             ) from exc
         meta = self.session.get_modelmeta().custom_metadata_map
         if meta.get("esmpp.format") != "esmpp-onnx":
             raise ServingError(f"{model_path} was not written by `esmpp export` (no esmpp metadata)")
-        self.mode = meta["esmpp.mode"]
-        self.tasks: list[str] = json.loads(meta["esmpp.tasks"])
-        self.classes: list[list[str]] = json.loads(meta["esmpp.classes"])
-        self.preprocessing: dict = json.loads(meta["esmpp.preprocessing"])
+        try:
+            self.mode = meta["esmpp.mode"]
+            self.tasks: list[str] = json.loads(meta["esmpp.tasks"])
+            self.classes: list[list[str]] = json.loads(meta["esmpp.classes"])
+            self.preprocessing: dict = json.loads(meta["esmpp.preprocessing"])
+        except (KeyError, json.JSONDecodeError) as exc:
+            raise ServingError(
+                f"{model_path}: its esmpp metadata is incomplete or damaged ({exc!r}); export the artifact again "
+                "with `esmpp export`."
+            ) from exc
 
     @property
     def providers(self) -> list[str]:

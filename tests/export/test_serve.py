@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from PIL import Image
@@ -13,7 +14,7 @@ from esmpp.architecture import Architecture
 from esmpp.errors import ImageError
 from esmpp.images import preprocess_images
 from esmpp.runtime.predictor import Predictor
-from export.serve_onnx import OnnxClassifier, preprocess
+from export.serve_onnx import OnnxClassifier, ServingError, preprocess
 
 REPO = Path(__file__).parents[2]
 
@@ -140,3 +141,17 @@ def test_serving_kit_does_not_import_torch():
     code = "import sys, export.serve_onnx, export.triton; print('torch' in sys.modules)"
     output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert output.stdout.strip() == "False", output.stderr
+
+
+@pytest.mark.parametrize("damage", ["missing", "not JSON"])
+def test_damaged_metadata_is_a_serving_error(exported_model, tmp_path, damage):
+    """A model with the esmpp format mark but a metadata entry missing or garbled used to raise a KeyError."""
+    model = onnx.load(exported_model[0])
+    entries = [entry for entry in model.metadata_props if entry.key == "esmpp.preprocessing"]
+    if damage == "missing":
+        model.metadata_props.remove(entries[0])
+    else:
+        entries[0].value = "{not json"
+    onnx.save_model(model, tmp_path / "model.onnx")
+    with pytest.raises(ServingError, match=r"esmpp metadata is incomplete or damaged.*export the artifact again"):
+        OnnxClassifier(tmp_path / "model.onnx")
