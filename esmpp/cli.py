@@ -303,8 +303,11 @@ def build(
 
         build_config = load_config(config)
         options = _build_options(build_config.options, **flags)
-        pretrained, sources = config_sources(build_config, options)
-        check_artifact_destination(out, overwrite)  # the config's files are good: before the work
+        # --out is checked once the config's files are good (a bad config makes no folder for it), before the
+        # slow part of reading the config (zero-shot heads, validation images) and the build.
+        pretrained, sources = config_sources(
+            build_config, options, before_slow_work=lambda: check_artifact_destination(out, overwrite)
+        )
     artifact = build_artifact(pretrained, sources, options)
     save_artifact(artifact, out, overwrite=overwrite)
     _print_summary(out, artifact, time.perf_counter() - start)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -81,13 +82,19 @@ def load_head(path: Path, classes: list[str] | None, embed_dim: int) -> tuple[to
     return head, names
 
 
-def config_sources(config: BuildConfig, options: BuildOptions | None = None) -> tuple[Encoder, list[TaskSource]]:
+def config_sources(
+    config: BuildConfig,
+    options: BuildOptions | None = None,
+    before_slow_work: Callable[[], None] | None = None,
+) -> tuple[Encoder, list[TaskSource]]:
     """The pretrained encoder and the task sources of a build config, for a build with ``options`` (default:
     the config's own). Every task's files are checked first, before anything slow (a zero-shot head,
     validation images): the checkpoint (its header, see :func:`probe_checkpoint`), the head file and the
     proxy images; so are the rules of ``options`` that depend on them (the rank on the layers' widths, the
-    prototypes per task on the proxy images, an α search on the validation data of every task). Checkpoints
-    and proxy images load lazily."""
+    prototypes per task on the proxy images, an α search on the validation data of every task). Then
+    ``before_slow_work`` is called, if given: the place for the caller's own checks that must pass before the
+    slow part but only once the config's files are good (the CLI's of --out, which creates its folder).
+    Checkpoints and proxy images load lazily."""
     options = options or config.options.to_build_options()
     check_alpha_search(options, {task.name: task.validation is not None for task in config.tasks})
     pretrained = load_encoder(config.pretrained, arch=config.architecture, allow_pickle=config.allow_pickle)
@@ -115,6 +122,8 @@ def config_sources(config: BuildConfig, options: BuildOptions | None = None) -> 
             f"{fewest!r}: set `prototypes_per_task` (--prototypes-per-task) to at most {available}, or give the task "
             f"more proxy images (up to `proxy_images`, {config.proxy_images}, are used)."
         )
+    if before_slow_work is not None:
+        before_slow_work()
     tasks = []
     for task in config.tasks:
         if task.name in head_files:

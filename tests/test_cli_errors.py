@@ -366,7 +366,7 @@ BUILD_INPUT_CASES = {
         "prototypes_per_task 4 is more than the 3 proxy images of task 'task0'",
     ),
     "validation data for some tasks only": (
-        lambda root: ["build", _variant(root, "some-validation", _validation_for_the_first_task_only)],
+        lambda root: ["build", _variant(root, "some-validation", _validation_folders(0))],
         "tasks ['task1'] have no validation data but the other tasks do",
     ),
     "NaN in the last task's head": (
@@ -398,12 +398,19 @@ def test_bench_options_are_refused_in_one_line_before_any_work(monkeypatch, caps
     assert not workdir.exists()
 
 
-def _validation_for_the_first_task_only(folder, config):
-    del config["options"]["alpha"]  # to be chosen on the validation data
-    for label in ("0", "1", "2"):  # the head's classes, unnamed
-        (folder / "val0" / label).mkdir(parents=True)
-        shutil.copy(folder / "proxy0" / f"{label}.png", folder / "val0" / label)
-    config["tasks"][0]["validation"] = "val0"
+def _validation_folders(*tasks):
+    """An edit of a project's config: a validation folder for each of the ``tasks`` (indices), α left out to
+    be chosen on them."""
+
+    def edit(folder, config):
+        del config["options"]["alpha"]
+        for t in tasks:
+            for label in ("0", "1", "2"):  # the head's classes, unnamed
+                (folder / f"val{t}" / label).mkdir(parents=True)
+                shutil.copy(folder / f"proxy{t}" / f"{label}.png", folder / f"val{t}" / label)
+            config["tasks"][t]["validation"] = f"val{t}"
+
+    return edit
 
 
 def _nan_head(folder, config):
@@ -435,6 +442,15 @@ def test_a_config_error_creates_no_folder_for_the_artifact(monkeypatch, capsys, 
     code, _, err = _run(monkeypatch, capsys, "build", root / "nope.yaml", "--out", root / "new" / "artifact")
     assert code == 1 and "no such config" in err
     assert not (root / "new").exists()
+
+
+def test_an_existing_out_is_refused_before_the_slow_part_of_reading_the_config(monkeypatch, capsys, tmp_path):
+    config = _variant(tmp_path, "validated", _validation_folders(0, 1))
+    monkeypatch.setattr("esmpp.sources.load_labelled_folder", _long_work)  # the validation images: slow ones
+    out = tmp_path / "taken"
+    out.mkdir()
+    code, _, err = _run(monkeypatch, capsys, "build", config, "--out", out)
+    assert code == 1 and f"{out} already exists. Pass --overwrite to replace it" in err
 
 
 def test_a_good_command_still_works(monkeypatch, capsys, project):
