@@ -125,6 +125,23 @@ def check_rank(options: BuildOptions, arch: Architecture) -> None:
         )
 
 
+def check_prototypes_per_task(
+    options: BuildOptions, proxy_counts: Mapping[str, int], more_images: str | None = "give the task more proxy images"
+) -> None:
+    """Refuse more prototypes per task than the proxy images of the task that has fewest (``proxy_counts``:
+    task name → how many it has): a prototype stands for a group of a task's proxy images, so with more
+    prototypes than images some would repeat an image. ``more_images``: how to give a task more, where the
+    caller can say (a zoo's are fixed: None)."""
+    fewest = min(proxy_counts, key=proxy_counts.__getitem__)
+    available = proxy_counts[fewest]
+    if options.prototypes_per_task > available:
+        raise ConfigError(
+            f"prototypes_per_task {options.prototypes_per_task} is more than the {available} proxy images of task "
+            f"{fewest!r}: set `prototypes_per_task` (--prototypes-per-task) to at most {available}"
+            + (f", or {more_images}." if more_images else ".")
+        )
+
+
 def check_alpha_search(options: BuildOptions, has_validation: Mapping[str, bool]) -> None:
     """Refuse a build that would search α (none given) with validation data for only some of the tasks
     (``has_validation``: task name → whether it has some). A search on some tasks would favour them; without
@@ -259,6 +276,7 @@ def build_artifact(
     for task in tasks:
         if task.head is None:
             raise ConfigError(f"task {task.name!r} has no head: give a head file or class names.")
+    check_prototypes_per_task(options, {task.name: task.proxy_count for task in tasks})
     check_alpha_search(options, {task.name: task.validation is not None for task in tasks})
     timings: dict[str, float] = {}
 

@@ -142,7 +142,10 @@ ProtoOpt = Annotated[
     ),
 ]
 ProtoCountOpt = Annotated[
-    int | None, typer.Option(help="Prototypes per task (>1: spherical k-means with faiss). (default: 1)")
+    int | None,
+    typer.Option(
+        help="Prototypes per task (>1: spherical k-means with faiss), at most a task's proxy images. (default: 1)"
+    ),
 ]
 RouterOpt = Annotated[
     Router | None,
@@ -294,7 +297,7 @@ def build(
 
         subset = _zoo_task_subset(zoo, tasks) if tasks is not None else None
         options = _build_options(**flags)
-        _check_rank_on_zoo(options, zoo)
+        _check_options_on_zoo(options, zoo, subset)
         check_artifact_destination(out, overwrite)  # before the long work: the zoo may be built
         pretrained, sources = zoo_sources(_zoo(zoo, None), subset)
     else:
@@ -450,12 +453,15 @@ def _check_artifact_fits_zoo(artifact: Artifact, path: Path, zoo: Preset) -> Non
     _check_zoo_tasks(zoo, [task.name for task in artifact.tasks], f"artifact {path}", fix)
 
 
-def _check_rank_on_zoo(options: BuildOptions, zoo: Preset) -> None:
-    """Refuse a --rank above the zoo's routed layers' width from its preset, before the zoo is built."""
-    from esmpp.build import check_rank
+def _check_options_on_zoo(options: BuildOptions, zoo: Preset, tasks: list[str] | None = None) -> None:
+    """Refuse, from the zoo's preset and before the zoo is built, a --rank above its routed layers' width and
+    more --prototypes-per-task than the proxy images of its ``tasks`` (default: all)."""
+    from esmpp.build import check_prototypes_per_task, check_rank
     from esmpp.zoo import get_preset
 
-    check_rank(options, get_preset(zoo.value).arch)
+    preset = get_preset(zoo.value)
+    check_rank(options, preset.arch)
+    check_prototypes_per_task(options, dict.fromkeys(tasks or preset.tasks, preset.sizes.proxy), more_images=None)
 
 
 def _check_zoo_tasks(zoo: Preset, names: list[str], where: str, fix: str) -> None:
@@ -523,7 +529,7 @@ def _compare(zoo: Preset, methods_: str, out: Path, artifact_out: Path | None, v
     method_options = method_options or {}
     check_run_options([*names, *(variant.method for variant in variants)], method_options)
     for variant in variants:
-        _check_rank_on_zoo(variant, zoo)
+        _check_options_on_zoo(variant, zoo)
     if artifact_out is not None and out.resolve().is_relative_to(artifact_out.resolve()):
         raise ConfigError(
             f"--out {out} is inside --artifact {artifact_out}, which the new artifact replaces whole: write the "

@@ -11,7 +11,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from esmpp.architecture import Architecture
-from esmpp.build import BuildOptions, check_alpha_search, check_rank
+from esmpp.build import BuildOptions, check_alpha_search, check_prototypes_per_task, check_rank
 from esmpp.checkpoints import Encoder, load_encoder, probe_checkpoint
 from esmpp.config import BuildConfig
 from esmpp.errors import ConfigError
@@ -113,15 +113,11 @@ def config_sources(
         if task.head is not None:
             head_files[task.name] = load_head(task.head, task.classes, arch.embed_dim)
         proxies[task.name] = proxy_files(task.proxy, config.proxy_images)
-    # A prototype stands for a group of a task's proxy images: with more prototypes than images, some would repeat.
-    fewest = min(proxies, key=lambda name: len(proxies[name]))
-    available = len(proxies[fewest])
-    if options.prototypes_per_task > available:
-        raise ConfigError(
-            f"prototypes_per_task {options.prototypes_per_task} is more than the {available} proxy images of task "
-            f"{fewest!r}: set `prototypes_per_task` (--prototypes-per-task) to at most {available}, or give the task "
-            f"more proxy images (up to `proxy_images`, {config.proxy_images}, are used)."
-        )
+    check_prototypes_per_task(
+        options,
+        {name: len(files) for name, files in proxies.items()},
+        f"give the task more proxy images (up to `proxy_images`, {config.proxy_images}, are used)",
+    )
     if before_slow_work is not None:
         before_slow_work()
     tasks = []
@@ -135,6 +131,7 @@ def config_sources(
                 name=task.name,
                 load=partial(load_encoder, task.checkpoint, arch, config.allow_pickle),
                 proxy=partial(preprocess_images, proxies[task.name], arch),
+                proxy_count=len(proxies[task.name]),
                 head=head,
                 classes=classes,
                 validation=load_labelled_folder(task.validation, classes, arch) if task.validation else None,
@@ -157,6 +154,7 @@ def zoo_sources(zoo, tasks: list[str] | None = None) -> tuple[Encoder, list[Task
                 name=name,
                 load=partial(load_encoder, zoo.finetuned_path(name), zoo.arch),
                 proxy=partial(_zoo_proxy, zoo, name),
+                proxy_count=len(zoo.split(name, "proxy")[1]),  # the zoo's data file is read (and cached) above
                 head=zoo.head(name).float(),
                 classes=list(zoo.class_names(name)),
                 validation=(preprocess_uint8(val_images, zoo.arch), torch.as_tensor(val_labels).long()),

@@ -201,6 +201,26 @@ CASES = {
         lambda root, *_: ["compare", "--zoo", "tiny", "--rank", "33", "--out", root / "r.json"],
         "rank 33 is more than the 32 directions",
     ),
+    # And more prototypes per task than its 32 proxy images.
+    "build zoo more prototypes than proxy images": (
+        lambda root, *_: [
+            "build",
+            "--zoo",
+            "tiny",
+            "--tasks",
+            "faces",
+            "--prototypes-per-task",
+            "33",
+            "--out",
+            root / "z",
+        ],
+        "prototypes_per_task 33 is more than the 32 proxy images of task 'faces': set `prototypes_per_task` "
+        "(--prototypes-per-task) to at most 32.",
+    ),
+    "compare more prototypes than proxy images": (
+        lambda root, *_: ["compare", "--zoo", "tiny", "--prototypes-per-task", "33", "--out", root / "r.json"],
+        "prototypes_per_task 33 is more than the 32 proxy images of task 'digits'",
+    ),
     "compare method twice": (
         lambda root, *_: ["compare", "--zoo", "tiny", "--methods", "tsv, tsv", "--out", root / "r.json"],
         "--methods names tsv more than once: give each once.",
