@@ -74,6 +74,11 @@ class BuildOptions:
 
 _DEFAULTS = BuildOptions()
 
+# α scales the merged task vector onto the pretrained weights. Below 0 it moves them away from every task; the
+# search covers [0, 2], and 10 leaves room to extrapolate well past it, where a larger α only ruins the backbone
+# (1e39 overflows float32: the build used to fail after the merge, on a non-finite artifact).
+MAX_ALPHA = 10.0
+
 
 class OptionsConfig(pydantic.BaseModel):
     """BuildOptions' choices, validated: the one statement of their bounds, for a build config's `options:`,
@@ -83,7 +88,7 @@ class OptionsConfig(pydantic.BaseModel):
     model_config = pydantic.ConfigDict(extra="forbid", allow_inf_nan=False)
     method: str = _DEFAULTS.method
     method_options: dict[str, Any] = pydantic.Field(default_factory=dict)
-    alpha: float | None = _DEFAULTS.alpha
+    alpha: float | None = pydantic.Field(_DEFAULTS.alpha, ge=0.0, le=MAX_ALPHA)
     rank: int = pydantic.Field(_DEFAULTS.rank, ge=1)
     rank_energy: float | None = pydantic.Field(_DEFAULTS.rank_energy, gt=0.0, le=1.0)
     routed_kinds: list[Literal["patch", "qkv", "out", "fc", "proj"]] = pydantic.Field(

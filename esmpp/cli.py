@@ -162,10 +162,12 @@ ShrinkageOpt = Annotated[
         "(default: 0.1)"
     ),
 ]
+# The bound is build.MAX_ALPHA's, written out: importing esmpp.build (torch) here would slow every command.
 AlphaOpt = Annotated[
     float | None,
     typer.Option(
-        help="Scaling α of the merged task vector; default: searched on every task's validation data (1 without any)."
+        help="Scaling α of the merged task vector, in [0, 10] (the search covers [0, 2]); default: searched on every "
+        "task's validation data (1 without any)."
     ),
 ]
 MethodOptionOpt = Annotated[

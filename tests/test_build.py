@@ -187,6 +187,8 @@ def test_bad_build_inputs_are_named(pretrained, change, message):
         (BuildOptions(rank_energy=1.5), "rank_energy"),
         (BuildOptions(router="knn"), "router: Input should be 'cosine' or 'discriminant'"),
         (BuildOptions(alpha=float("nan")), "alpha: Input should be a finite number"),
+        (BuildOptions(alpha=-3.0), "alpha: Input should be greater than or equal to 0"),
+        (BuildOptions(alpha=1e39), "alpha: Input should be less than or equal to 10"),  # its backbone: not finite
         (BuildOptions(router_shrinkage=float("inf")), "router_shrinkage: Input should be a finite number"),
         (BuildOptions(method_options={"scale_factor": float("inf")}), "scale_factor: Input should be a finite number"),
         (BuildOptions(router="discriminant", prototype_source="runtime", router_shrinkage=1.5), "router_shrinkage"),

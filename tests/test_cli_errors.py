@@ -361,6 +361,14 @@ BUILD_INPUT_CASES = {
         lambda root: ["build", _variant(root, "inf-alpha", _options()), "--alpha", "inf"],
         "alpha: Input should be a finite number",
     ),
+    "negative --alpha": (
+        lambda root: ["build", _variant(root, "negative-alpha", _options()), "--alpha=-3"],
+        "alpha: Input should be greater than or equal to 0",
+    ),
+    "--alpha too large for the weights": (
+        lambda root: ["build", _variant(root, "huge-alpha", _options()), "--alpha", "1e39"],
+        "alpha: Input should be less than or equal to 10",
+    ),
     "infinite method option": (
         lambda root: ["build", _variant(root, "inf-option", _options()), "--method-option", "scale_factor=.inf"],
         "merge method 'esm': scale_factor: Input should be a finite number",
