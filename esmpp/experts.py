@@ -108,7 +108,7 @@ def task_prototypes(image_means: torch.Tensor, count: int = 1, seed: int = 0) ->
         return F.normalize(image_means.float(), dim=-1)
     points = np.ascontiguousarray(image_means.float().numpy())
     faiss.normalize_L2(points)
-    # Proxy sets are small (32 images): faiss warns below 39 points per centroid, which is expected here.
+    # Proxy sets are small (32 images by default): faiss warns below 39 points per centroid, which is expected here.
     kmeans = faiss.Kmeans(
         points.shape[1], count, niter=25, seed=seed, spherical=True, verbose=False, min_points_per_centroid=1
     )

@@ -36,7 +36,7 @@ def proxy_files(folder: Path, count: int) -> list[Path]:
     if not files:
         raise ConfigError(
             f"{folder}: the proxy folder has no images ({', '.join(sorted(IMAGE_SUFFIXES))}). "
-            "Put a few unlabeled training images of the task there (32 are used)."
+            f"Put a few unlabeled training images of the task there (up to `proxy_images`, {count}, are used)."
         )
     for file in files:
         check_image_file(file)
@@ -141,8 +141,8 @@ def config_sources(
 
 
 def zoo_sources(zoo, tasks: list[str] | None = None) -> tuple[Encoder, list[TaskSource]]:
-    """The pretrained encoder and task sources of an offline zoo (proxy: its 32 training images, loaded
-    when asked for; validation: its validation split)."""
+    """The pretrained encoder and task sources of an offline zoo (proxy: its proxy split, training images,
+    loaded when asked for; validation: its validation split)."""
     pretrained = load_encoder(zoo.pretrained_path, arch=zoo.arch)
     sources = []
     for name in tasks or zoo.tasks:

@@ -92,8 +92,11 @@ def test_invalid_configs_are_named(config_file, edit, message):
 def test_empty_proxy_folder_is_named(config_file):
     for png in (config_file.parent / "proxy1").iterdir():
         png.unlink()
-    with pytest.raises(ConfigError, match="proxy1: the proxy folder has no images"):
-        config_sources(load_config(config_file))
+    config = load_config(config_file)
+    config.proxy_images = 8
+    with pytest.raises(ConfigError, match="proxy1: the proxy folder has no images") as raised:
+        config_sources(config)
+    assert "(up to `proxy_images`, 8, are used)" in str(raised.value)  # the config's count, not the default
 
 
 def _slow_preparation(*args, **kwargs) -> NoReturn:
