@@ -467,16 +467,11 @@ def _check_options_on_zoo(options: BuildOptions, zoo: Preset, tasks: list[str] |
 
 
 def _check_zoo_tasks(zoo: Preset, names: list[str], where: str, fix: str) -> None:
-    """Refuse the task ``names`` that the zoo does not have: its preset lists them, so no zoo is built for it."""
-    from esmpp.zoo import get_preset
+    """Refuse the task ``names`` that the zoo does not have (see :func:`esmpp.zoo.check_zoo_tasks`): its preset
+    lists them, so no zoo is built for it."""
+    from esmpp.zoo import check_zoo_tasks, get_preset
 
-    available = get_preset(zoo.value).tasks
-    missing = [name for name in names if name not in available]
-    if missing:
-        raise ConfigError(
-            f"{where}: the {zoo.value} zoo has no task {', '.join(map(repr, missing))}; its tasks are "
-            f"{', '.join(available)}. {fix}"
-        )
+    check_zoo_tasks(names, zoo.value, get_preset(zoo.value).tasks, where, fix)
 
 
 @app.command()

@@ -18,6 +18,7 @@ from esmpp.errors import ConfigError
 from esmpp.heads import zero_shot_head
 from esmpp.images import check_image_file, preprocess_images, preprocess_uint8
 from esmpp.merge import TaskSource
+from esmpp.zoo import check_zoo_tasks
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
@@ -143,11 +144,10 @@ def config_sources(
 def zoo_sources(zoo, tasks: list[str] | None = None) -> tuple[Encoder, list[TaskSource]]:
     """The pretrained encoder and task sources of an offline zoo (proxy: its proxy split, training images,
     loaded when asked for; validation: its validation split)."""
+    check_zoo_tasks(tasks or [], zoo.preset_name, zoo.tasks, "tasks", "Choose among them, or pass None for all.")
     pretrained = load_encoder(zoo.pretrained_path, arch=zoo.arch)
     sources = []
     for name in tasks or zoo.tasks:
-        if name not in zoo.tasks:
-            raise ConfigError(f"the zoo has no task {name!r}; it has {zoo.tasks}.")
         val_images, val_labels = zoo.split(name, "val")
         sources.append(
             TaskSource(

@@ -14,7 +14,7 @@ from esmpp.build import build_artifact
 from esmpp.checkpoints import Encoder, save_encoder
 from esmpp.config import load_config
 from esmpp.errors import CheckpointError, ConfigError, ImageError
-from esmpp.sources import config_sources
+from esmpp.sources import config_sources, zoo_sources
 from tests.conftest import TINY_ARCH
 
 
@@ -178,3 +178,13 @@ def test_missing_config_and_bad_yaml(tmp_path):
     (tmp_path / "bad.yaml").write_text("tasks: [unclosed")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(tmp_path / "bad.yaml")
+
+
+def test_zoo_sources_refuse_a_task_the_zoo_lacks_in_the_words_of_the_cli(tiny_zoo):
+    with pytest.raises(ConfigError) as raised:
+        zoo_sources(tiny_zoo, ["digits", "typo"])
+    assert str(raised.value).startswith(
+        "tasks: the tiny zoo has no task 'typo'; its tasks are digits, faces, stripes, colours."
+    )
+    _, (task,) = zoo_sources(tiny_zoo, ["faces"])
+    assert task.name == "faces" and task.proxy_count == len(task.proxy()) == 32
