@@ -185,6 +185,7 @@ def task_sources(workload: Workload, arch: Architecture, num_tasks: int, num_pro
                 name=f"task{t}",
                 load=lambda path=path: load_encoder(path),
                 proxy=partial(proxy_images, arch, num_proxy, t, workload.seed),
+                proxy_count=num_proxy,
                 head=head,
                 classes=[f"class{c}" for c in range(10)],
             )

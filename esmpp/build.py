@@ -74,6 +74,11 @@ class BuildOptions:
 
 _DEFAULTS = BuildOptions()
 
+# α scales the merged task vector onto the pretrained weights. Below 0 it moves them away from every task; the
+# search covers [0, 2], and 10 leaves room to extrapolate well past it, where a larger α only ruins the backbone
+# (1e39 overflows float32: the build used to fail after the merge, on a non-finite artifact).
+MAX_ALPHA = 10.0
+
 
 class OptionsConfig(pydantic.BaseModel):
     """BuildOptions' choices, validated: the one statement of their bounds, for a build config's `options:`,
@@ -83,7 +88,7 @@ class OptionsConfig(pydantic.BaseModel):
     model_config = pydantic.ConfigDict(extra="forbid", allow_inf_nan=False)
     method: str = _DEFAULTS.method
     method_options: dict[str, Any] = pydantic.Field(default_factory=dict)
-    alpha: float | None = _DEFAULTS.alpha
+    alpha: float | None = pydantic.Field(_DEFAULTS.alpha, ge=0.0, le=MAX_ALPHA)
     rank: int = pydantic.Field(_DEFAULTS.rank, ge=1)
     rank_energy: float | None = pydantic.Field(_DEFAULTS.rank_energy, gt=0.0, le=1.0)
     routed_kinds: list[Literal["patch", "qkv", "out", "fc", "proj"]] = pydantic.Field(
@@ -122,6 +127,23 @@ def check_rank(options: BuildOptions, arch: Architecture) -> None:
         raise ConfigError(
             f"rank {options.rank} is more than the {largest} directions that the routed layers ({', '.join(kinds)}) "
             f"of {arch.name} have at most (min(d_in, d_out)): set `rank` (--rank) to at most {largest}."
+        )
+
+
+def check_prototypes_per_task(
+    options: BuildOptions, proxy_counts: Mapping[str, int], more_images: str | None = "give the task more proxy images"
+) -> None:
+    """Refuse more prototypes per task than the proxy images of the task that has fewest (``proxy_counts``:
+    task name → how many it has): a prototype stands for a group of a task's proxy images, so with more
+    prototypes than images some would repeat an image. ``more_images``: how to give a task more, where the
+    caller can say (a zoo's are fixed: None)."""
+    fewest = min(proxy_counts, key=proxy_counts.__getitem__)
+    available = proxy_counts[fewest]
+    if options.prototypes_per_task > available:
+        raise ConfigError(
+            f"prototypes_per_task {options.prototypes_per_task} is more than the {available} proxy images of task "
+            f"{fewest!r}: set `prototypes_per_task` (--prototypes-per-task) to at most {available}"
+            + (f", or {more_images}." if more_images else ".")
         )
 
 
@@ -259,6 +281,7 @@ def build_artifact(
     for task in tasks:
         if task.head is None:
             raise ConfigError(f"task {task.name!r} has no head: give a head file or class names.")
+    check_prototypes_per_task(options, {task.name: task.proxy_count for task in tasks})
     check_alpha_search(options, {task.name: task.validation is not None for task in tasks})
     timings: dict[str, float] = {}
 

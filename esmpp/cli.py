@@ -148,7 +148,10 @@ ProtoOpt = Annotated[
     ),
 ]
 ProtoCountOpt = Annotated[
-    int | None, typer.Option(help="Prototypes per task (>1: spherical k-means with faiss). (default: 1)")
+    int | None,
+    typer.Option(
+        help="Prototypes per task (>1: spherical k-means with faiss), at most a task's proxy images. (default: 1)"
+    ),
 ]
 RouterOpt = Annotated[
     Router | None,
@@ -165,10 +168,12 @@ ShrinkageOpt = Annotated[
         "(default: 0.1)"
     ),
 ]
+# The bound is build.MAX_ALPHA's, written out: importing esmpp.build (torch) here would slow every command.
 AlphaOpt = Annotated[
     float | None,
     typer.Option(
-        help="Scaling α of the merged task vector; default: searched on every task's validation data (1 without any)."
+        help="Scaling α of the merged task vector, in [0, 10] (the search covers [0, 2]); default: searched on every "
+        "task's validation data (1 without any)."
     ),
 ]
 MethodOptionOpt = Annotated[
@@ -300,7 +305,7 @@ def build(
 
         subset = _zoo_task_subset(zoo, tasks) if tasks is not None else None
         options = _build_options("build", **flags)
-        _check_rank_on_zoo(options, zoo)
+        _check_options_on_zoo(options, zoo, subset)
         check_artifact_destination(out, overwrite)  # before the long work: the zoo may be built
         pretrained, sources = zoo_sources(_zoo(zoo, None), subset)
     else:
@@ -309,8 +314,11 @@ def build(
 
         build_config = load_config(config)
         options = _build_options("build", build_config.options, **flags)
-        pretrained, sources = config_sources(build_config, options)
-        check_artifact_destination(out, overwrite)  # the config's files are good: before the work
+        # --out is checked once the config's files are good (a bad config makes no folder for it), before the
+        # slow part of reading the config (zero-shot heads, validation images) and the build.
+        pretrained, sources = config_sources(
+            build_config, options, before_slow_work=lambda: check_artifact_destination(out, overwrite)
+        )
     artifact = build_artifact(pretrained, sources, options)
     save_artifact(artifact, out, overwrite=overwrite)
     _print_summary(out, artifact, time.perf_counter() - start)
@@ -453,25 +461,23 @@ def _check_artifact_fits_zoo(artifact: Artifact, path: Path, zoo: Preset) -> Non
     _check_zoo_tasks(zoo, [task.name for task in artifact.tasks], f"artifact {path}", fix)
 
 
-def _check_rank_on_zoo(options: BuildOptions, zoo: Preset) -> None:
-    """Refuse a --rank above the zoo's routed layers' width from its preset, before the zoo is built."""
-    from esmpp.build import check_rank
+def _check_options_on_zoo(options: BuildOptions, zoo: Preset, tasks: list[str] | None = None) -> None:
+    """Refuse, from the zoo's preset and before the zoo is built, a --rank above its routed layers' width and
+    more --prototypes-per-task than the proxy images of its ``tasks`` (default: all)."""
+    from esmpp.build import check_prototypes_per_task, check_rank
     from esmpp.zoo import get_preset
 
-    check_rank(options, get_preset(zoo.value).arch)
+    preset = get_preset(zoo.value)
+    check_rank(options, preset.arch)
+    check_prototypes_per_task(options, dict.fromkeys(tasks or preset.tasks, preset.sizes.proxy), more_images=None)
 
 
 def _check_zoo_tasks(zoo: Preset, names: list[str], where: str, fix: str) -> None:
-    """Refuse the task ``names`` that the zoo does not have: its preset lists them, so no zoo is built for it."""
-    from esmpp.zoo import get_preset
+    """Refuse the task ``names`` that the zoo does not have (see :func:`esmpp.zoo.check_zoo_tasks`): its preset
+    lists them, so no zoo is built for it."""
+    from esmpp.zoo import check_zoo_tasks, get_preset
 
-    available = get_preset(zoo.value).tasks
-    missing = [name for name in names if name not in available]
-    if missing:
-        raise ConfigError(
-            f"{where}: the {zoo.value} zoo has no task {', '.join(map(repr, missing))}; its tasks are "
-            f"{', '.join(available)}. {fix}"
-        )
+    check_zoo_tasks(names, zoo.value, get_preset(zoo.value).tasks, where, fix)
 
 
 @app.command()
@@ -527,7 +533,7 @@ def _compare(zoo: Preset, methods_: str, out: Path, artifact_out: Path | None, v
     method_options = method_options or {}
     check_run_options([*names, *(variant.method for variant in variants)], method_options)
     for variant in variants:
-        _check_rank_on_zoo(variant, zoo)
+        _check_options_on_zoo(variant, zoo)
     if artifact_out is not None and out.resolve().is_relative_to(artifact_out.resolve()):
         raise ConfigError(
             f"--out {out} is inside --artifact {artifact_out}, which the new artifact replaces whole: write the "

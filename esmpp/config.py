@@ -10,8 +10,9 @@ Relative paths are resolved against the config file's folder. Example::
         head: heads/cars.safetensors   # tensor "head" [classes, embed_dim]; logits = normalize(emb) @ head.T
         classes: [audi, bmw, ...]      # optional with a head file that carries them; without a head file,
                                        # a zero-shot head is built with the pretrained CLIP's text tower
-        proxy: proxy/cars              # a folder of unlabeled images (32 are used)
+        proxy: proxy/cars              # a folder of unlabeled images (the first `proxy_images` are used)
         validation: val/cars           # optional (every task or none): one subfolder per class, for choosing α
+    proxy_images: 32                  # optional: how many images of each proxy folder are used (default 32)
     options:
       method: esm
       rank: 32

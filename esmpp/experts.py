@@ -95,18 +95,20 @@ def discriminant_router(
 
 def task_prototypes(image_means: torch.Tensor, count: int = 1, seed: int = 0) -> torch.Tensor:
     """Prototypes of one task at one layer from its proxy images' mean tokens ``image_means`` [n, d]
-    → unit-norm [count, d]. One prototype is the normalised mean of all tokens (images have equal token
-    counts, so the mean of image means); several are spherical k-means centroids (faiss); ``count`` ≥ n
-    keeps every proxy image as a prototype (nearest-neighbour routing), repeated cyclically up to ``count``
-    rows so that tasks with fewer proxy images stack with the others."""
+    → unit-norm [count, d], ``count`` ≤ n (a build refuses more, see :func:`esmpp.build.check_prototypes_per_task`).
+    One prototype is the normalised mean of all tokens (images have equal token counts, so the mean of image
+    means); several are spherical k-means centroids (faiss); ``count`` = n keeps every proxy image as a
+    prototype (nearest-neighbour routing)."""
+    images = image_means.shape[0]
+    if count > images:
+        raise ValueError(f"{count} prototypes from {images} proxy images: at most one prototype per image.")
     if count == 1:
         return F.normalize(image_means.double().mean(dim=0, keepdim=True), dim=-1).float()
-    if image_means.shape[0] <= count:
-        rows = torch.arange(count) % image_means.shape[0]
-        return F.normalize(image_means.float()[rows], dim=-1)
+    if count == images:
+        return F.normalize(image_means.float(), dim=-1)
     points = np.ascontiguousarray(image_means.float().numpy())
     faiss.normalize_L2(points)
-    # Proxy sets are small (32 images): faiss warns below 39 points per centroid, which is expected here.
+    # Proxy sets are small (32 images by default): faiss warns below 39 points per centroid, which is expected here.
     kmeans = faiss.Kmeans(
         points.shape[1], count, niter=25, seed=seed, spherical=True, verbose=False, min_points_per_centroid=1
     )

@@ -31,12 +31,14 @@ TRIM_AFTER_BYTES = 2**20  # merged parameters from this size on give their freed
 @dataclass
 class TaskSource:
     """One task of a merge: how to load its fine-tuned encoder and its proxy images (normalised
-    [n, 3, H, W]), both lazily so that a build holds one task's at a time, its head [C, embed_dim] and
-    class names, and optional labelled validation data for choosing α."""
+    [n, 3, H, W]), both lazily so that a build holds one task's at a time, how many proxy images that is
+    (``proxy_count``, n: known without loading them, so that a build checks its options against it before its
+    long work), its head [C, embed_dim] and class names, and optional labelled validation data for choosing α."""
 
     name: str
     load: Callable[[], Encoder]
     proxy: Callable[[], torch.Tensor]
+    proxy_count: int
     head: torch.Tensor | None = None
     classes: list[str] = field(default_factory=list)
     validation: tuple[torch.Tensor, torch.Tensor] | None = None

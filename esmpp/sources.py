@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -10,13 +11,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from esmpp.architecture import Architecture
-from esmpp.build import BuildOptions, check_alpha_search, check_rank
+from esmpp.build import BuildOptions, check_alpha_search, check_prototypes_per_task, check_rank
 from esmpp.checkpoints import Encoder, load_encoder, probe_checkpoint
 from esmpp.config import BuildConfig
 from esmpp.errors import ConfigError
 from esmpp.heads import zero_shot_head
 from esmpp.images import check_image_file, preprocess_images, preprocess_uint8
 from esmpp.merge import TaskSource
+from esmpp.zoo import check_zoo_tasks
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
@@ -35,7 +37,7 @@ def proxy_files(folder: Path, count: int) -> list[Path]:
     if not files:
         raise ConfigError(
             f"{folder}: the proxy folder has no images ({', '.join(sorted(IMAGE_SUFFIXES))}). "
-            "Put a few unlabeled training images of the task there (32 are used)."
+            f"Put a few unlabeled training images of the task there (up to `proxy_images`, {count}, are used)."
         )
     for file in files:
         check_image_file(file)
@@ -81,13 +83,19 @@ def load_head(path: Path, classes: list[str] | None, embed_dim: int) -> tuple[to
     return head, names
 
 
-def config_sources(config: BuildConfig, options: BuildOptions | None = None) -> tuple[Encoder, list[TaskSource]]:
+def config_sources(
+    config: BuildConfig,
+    options: BuildOptions | None = None,
+    before_slow_work: Callable[[], None] | None = None,
+) -> tuple[Encoder, list[TaskSource]]:
     """The pretrained encoder and the task sources of a build config, for a build with ``options`` (default:
     the config's own). Every task's files are checked first, before anything slow (a zero-shot head,
     validation images): the checkpoint (its header, see :func:`probe_checkpoint`), the head file and the
     proxy images; so are the rules of ``options`` that depend on them (the rank on the layers' widths, the
-    prototypes per task on the proxy images, an α search on the validation data of every task). Checkpoints
-    and proxy images load lazily."""
+    prototypes per task on the proxy images, an α search on the validation data of every task). Then
+    ``before_slow_work`` is called, if given: the place for the caller's own checks that must pass before the
+    slow part but only once the config's files are good (the CLI's of --out, which creates its folder).
+    Checkpoints and proxy images load lazily."""
     options = options or config.options.to_build_options()
     check_alpha_search(options, {task.name: task.validation is not None for task in config.tasks})
     pretrained = load_encoder(config.pretrained, arch=config.architecture, allow_pickle=config.allow_pickle)
@@ -106,15 +114,13 @@ def config_sources(config: BuildConfig, options: BuildOptions | None = None) -> 
         if task.head is not None:
             head_files[task.name] = load_head(task.head, task.classes, arch.embed_dim)
         proxies[task.name] = proxy_files(task.proxy, config.proxy_images)
-    # A prototype stands for a group of a task's proxy images: with more prototypes than images, some would repeat.
-    fewest = min(proxies, key=lambda name: len(proxies[name]))
-    available = len(proxies[fewest])
-    if options.prototypes_per_task > available:
-        raise ConfigError(
-            f"prototypes_per_task {options.prototypes_per_task} is more than the {available} proxy images of task "
-            f"{fewest!r}: set `prototypes_per_task` (--prototypes-per-task) to at most {available}, or give the task "
-            f"more proxy images (up to `proxy_images`, {config.proxy_images}, are used)."
-        )
+    check_prototypes_per_task(
+        options,
+        {name: len(files) for name, files in proxies.items()},
+        f"give the task more proxy images (up to `proxy_images`, {config.proxy_images}, are used)",
+    )
+    if before_slow_work is not None:
+        before_slow_work()
     tasks = []
     for task in config.tasks:
         if task.name in head_files:
@@ -126,6 +132,7 @@ def config_sources(config: BuildConfig, options: BuildOptions | None = None) -> 
                 name=task.name,
                 load=partial(load_encoder, task.checkpoint, arch, config.allow_pickle),
                 proxy=partial(preprocess_images, proxies[task.name], arch),
+                proxy_count=len(proxies[task.name]),
                 head=head,
                 classes=classes,
                 validation=load_labelled_folder(task.validation, classes, arch) if task.validation else None,
@@ -135,19 +142,19 @@ def config_sources(config: BuildConfig, options: BuildOptions | None = None) -> 
 
 
 def zoo_sources(zoo, tasks: list[str] | None = None) -> tuple[Encoder, list[TaskSource]]:
-    """The pretrained encoder and task sources of an offline zoo (proxy: its 32 training images, loaded
-    when asked for; validation: its validation split)."""
+    """The pretrained encoder and task sources of an offline zoo (proxy: its proxy split, training images,
+    loaded when asked for; validation: its validation split)."""
+    check_zoo_tasks(tasks or [], zoo.preset_name, zoo.tasks, "tasks", "Choose among them, or pass None for all.")
     pretrained = load_encoder(zoo.pretrained_path, arch=zoo.arch)
     sources = []
     for name in tasks or zoo.tasks:
-        if name not in zoo.tasks:
-            raise ConfigError(f"the zoo has no task {name!r}; it has {zoo.tasks}.")
         val_images, val_labels = zoo.split(name, "val")
         sources.append(
             TaskSource(
                 name=name,
                 load=partial(load_encoder, zoo.finetuned_path(name), zoo.arch),
                 proxy=partial(_zoo_proxy, zoo, name),
+                proxy_count=len(zoo.split(name, "proxy")[1]),  # the zoo's data file is read (and cached) above
                 head=zoo.head(name).float(),
                 classes=list(zoo.class_names(name)),
                 validation=(preprocess_uint8(val_images, zoo.arch), torch.as_tensor(val_labels).long()),

@@ -52,6 +52,7 @@ def _tasks(num_tasks: int, pretrained: Encoder) -> list[TaskSource]:
                 name=f"task{t}",
                 load=lambda state=state, t=t: Encoder(TINY_ARCH, state, f"finetuned-{t}"),
                 proxy=partial(_task_images, t, 6, 0),
+                proxy_count=6,
                 head=torch.randn(3, TINY_ARCH.embed_dim, generator=torch.Generator().manual_seed(50 + t)),
                 classes=["a", "b", "c"],
             )
@@ -186,6 +187,8 @@ def test_bad_build_inputs_are_named(pretrained, change, message):
         (BuildOptions(rank_energy=1.5), "rank_energy"),
         (BuildOptions(router="knn"), "router: Input should be 'cosine' or 'discriminant'"),
         (BuildOptions(alpha=float("nan")), "alpha: Input should be a finite number"),
+        (BuildOptions(alpha=-3.0), "alpha: Input should be greater than or equal to 0"),
+        (BuildOptions(alpha=1e39), "alpha: Input should be less than or equal to 10"),  # its backbone: not finite
         (BuildOptions(router_shrinkage=float("inf")), "router_shrinkage: Input should be a finite number"),
         (BuildOptions(method_options={"scale_factor": float("inf")}), "scale_factor: Input should be a finite number"),
         (BuildOptions(router="discriminant", prototype_source="runtime", router_shrinkage=1.5), "router_shrinkage"),
@@ -193,6 +196,11 @@ def test_bad_build_inputs_are_named(pretrained, change, message):
         (BuildOptions(router="discriminant"), r"options: the discriminant router .* prototype_source='runtime'"),
         (BuildOptions(rank=33), r"rank 33 is more than the 32 directions .*: set `rank` \(--rank\) to at most 32"),
         (BuildOptions(rank=100_000, routed_kinds=("patch",)), r"rank 100000 .* routed layers \(patch\)"),
+        # The rule of every build, not only of config ones: the task's proxy count is known before its images load.
+        (
+            BuildOptions(prototypes_per_task=7),
+            r"prototypes_per_task 7 is more than the 6 proxy images of task 'task0': .* at most 6, or give the task",
+        ),
     ],
 )
 def test_bad_options_are_named_before_the_merge(pretrained, options, message, monkeypatch):

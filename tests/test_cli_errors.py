@@ -205,6 +205,26 @@ CASES = {
         lambda root, *_: ["compare", "--zoo", "tiny", "--router-shrinkage", "2", "--out", root / "r.json"],
         "invalid build options: router_shrinkage: Input should be less than or equal to 1. See `esmpp compare --help`",
     ),
+    # And more prototypes per task than its 32 proxy images.
+    "build zoo more prototypes than proxy images": (
+        lambda root, *_: [
+            "build",
+            "--zoo",
+            "tiny",
+            "--tasks",
+            "faces",
+            "--prototypes-per-task",
+            "33",
+            "--out",
+            root / "z",
+        ],
+        "prototypes_per_task 33 is more than the 32 proxy images of task 'faces': set `prototypes_per_task` "
+        "(--prototypes-per-task) to at most 32.",
+    ),
+    "compare more prototypes than proxy images": (
+        lambda root, *_: ["compare", "--zoo", "tiny", "--prototypes-per-task", "33", "--out", root / "r.json"],
+        "prototypes_per_task 33 is more than the 32 proxy images of task 'digits'",
+    ),
     "compare method twice": (
         lambda root, *_: ["compare", "--zoo", "tiny", "--methods", "tsv, tsv", "--out", root / "r.json"],
         "--methods names tsv more than once: give each once.",
@@ -350,6 +370,14 @@ BUILD_INPUT_CASES = {
         lambda root: ["build", _variant(root, "inf-alpha", _options()), "--alpha", "inf"],
         "alpha: Input should be a finite number",
     ),
+    "negative --alpha": (
+        lambda root: ["build", _variant(root, "negative-alpha", _options()), "--alpha=-3"],
+        "alpha: Input should be greater than or equal to 0",
+    ),
+    "--alpha too large for the weights": (
+        lambda root: ["build", _variant(root, "huge-alpha", _options()), "--alpha", "1e39"],
+        "alpha: Input should be less than or equal to 10",
+    ),
     "infinite method option": (
         lambda root: ["build", _variant(root, "inf-option", _options()), "--method-option", "scale_factor=.inf"],
         "merge method 'esm': scale_factor: Input should be a finite number",
@@ -375,7 +403,7 @@ BUILD_INPUT_CASES = {
         "prototypes_per_task 4 is more than the 3 proxy images of task 'task0'",
     ),
     "validation data for some tasks only": (
-        lambda root: ["build", _variant(root, "some-validation", _validation_for_the_first_task_only)],
+        lambda root: ["build", _variant(root, "some-validation", _validation_folders(0))],
         "tasks ['task1'] have no validation data but the other tasks do",
     ),
     "NaN in the last task's head": (
@@ -407,12 +435,19 @@ def test_bench_options_are_refused_in_one_line_before_any_work(monkeypatch, caps
     assert not workdir.exists()
 
 
-def _validation_for_the_first_task_only(folder, config):
-    del config["options"]["alpha"]  # to be chosen on the validation data
-    for label in ("0", "1", "2"):  # the head's classes, unnamed
-        (folder / "val0" / label).mkdir(parents=True)
-        shutil.copy(folder / "proxy0" / f"{label}.png", folder / "val0" / label)
-    config["tasks"][0]["validation"] = "val0"
+def _validation_folders(*tasks):
+    """An edit of a project's config: a validation folder for each of the ``tasks`` (indices), α left out to
+    be chosen on them."""
+
+    def edit(folder, config):
+        del config["options"]["alpha"]
+        for t in tasks:
+            for label in ("0", "1", "2"):  # the head's classes, unnamed
+                (folder / f"val{t}" / label).mkdir(parents=True)
+                shutil.copy(folder / f"proxy{t}" / f"{label}.png", folder / f"val{t}" / label)
+            config["tasks"][t]["validation"] = f"val{t}"
+
+    return edit
 
 
 def _nan_head(folder, config):
@@ -444,6 +479,15 @@ def test_a_config_error_creates_no_folder_for_the_artifact(monkeypatch, capsys, 
     code, _, err = _run(monkeypatch, capsys, "build", root / "nope.yaml", "--out", root / "new" / "artifact")
     assert code == 1 and "no such config" in err
     assert not (root / "new").exists()
+
+
+def test_an_existing_out_is_refused_before_the_slow_part_of_reading_the_config(monkeypatch, capsys, tmp_path):
+    config = _variant(tmp_path, "validated", _validation_folders(0, 1))
+    monkeypatch.setattr("esmpp.sources.load_labelled_folder", _long_work)  # the validation images: slow ones
+    out = tmp_path / "taken"
+    out.mkdir()
+    code, _, err = _run(monkeypatch, capsys, "build", config, "--out", out)
+    assert code == 1 and f"{out} already exists. Pass --overwrite to replace it" in err
 
 
 def test_a_good_command_still_works(monkeypatch, capsys, project):

@@ -14,7 +14,7 @@ from esmpp.build import build_artifact
 from esmpp.checkpoints import Encoder, save_encoder
 from esmpp.config import load_config
 from esmpp.errors import CheckpointError, ConfigError, ImageError
-from esmpp.sources import config_sources
+from esmpp.sources import config_sources, zoo_sources
 from tests.conftest import TINY_ARCH
 
 
@@ -92,8 +92,11 @@ def test_invalid_configs_are_named(config_file, edit, message):
 def test_empty_proxy_folder_is_named(config_file):
     for png in (config_file.parent / "proxy1").iterdir():
         png.unlink()
-    with pytest.raises(ConfigError, match="proxy1: the proxy folder has no images"):
-        config_sources(load_config(config_file))
+    config = load_config(config_file)
+    config.proxy_images = 8
+    with pytest.raises(ConfigError, match="proxy1: the proxy folder has no images") as raised:
+        config_sources(config)
+    assert "(up to `proxy_images`, 8, are used)" in str(raised.value)  # the config's count, not the default
 
 
 def _slow_preparation(*args, **kwargs) -> NoReturn:
@@ -175,3 +178,13 @@ def test_missing_config_and_bad_yaml(tmp_path):
     (tmp_path / "bad.yaml").write_text("tasks: [unclosed")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(tmp_path / "bad.yaml")
+
+
+def test_zoo_sources_refuse_a_task_the_zoo_lacks_in_the_words_of_the_cli(tiny_zoo):
+    with pytest.raises(ConfigError) as raised:
+        zoo_sources(tiny_zoo, ["digits", "typo"])
+    assert str(raised.value).startswith(
+        "tasks: the tiny zoo has no task 'typo'; its tasks are digits, faces, stripes, colours."
+    )
+    _, (task,) = zoo_sources(tiny_zoo, ["faces"])
+    assert task.name == "faces" and task.proxy_count == len(task.proxy()) == 32

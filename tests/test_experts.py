@@ -21,9 +21,10 @@ def test_prototypes_mean_kmeans_and_every_image():
     clustered = task_prototypes(means, count=2)
     assert clustered.shape == (2, 8)
     torch.testing.assert_close(clustered.norm(dim=-1), torch.ones(2))
-    every = task_prototypes(means, count=8)  # more prototypes than images: every image, repeated cyclically
-    torch.testing.assert_close(every[:6], torch.nn.functional.normalize(means, dim=-1))
-    torch.testing.assert_close(every[6:], every[:2])
+    every = task_prototypes(means, count=6)  # as many prototypes as images: each image is one
+    torch.testing.assert_close(every, torch.nn.functional.normalize(means, dim=-1))
+    with pytest.raises(ValueError, match="7 prototypes from 6 proxy images"):  # some image would be two
+        task_prototypes(means, count=7)
 
 
 def test_full_rank_expert_restores_the_residual():

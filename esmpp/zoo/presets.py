@@ -7,6 +7,7 @@ judged by (minutes on a laptop CPU). A preset is a pydantic model, so a variant 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -98,6 +99,18 @@ PRESETS: dict[str, ZooPreset] = {
         head_scale=16.0,
     ),
 }
+
+
+def check_zoo_tasks(names: Sequence[str], zoo: str, available: Sequence[str], where: str, fix: str) -> None:
+    """Refuse the task ``names`` that the zoo ``zoo`` (its preset's name) lacks, ``available`` being its tasks:
+    its preset's, known before the zoo is built, or a built zoo's. ``where``: the input that named them;
+    ``fix``: what to do instead."""
+    missing = [name for name in names if name not in available]
+    if missing:
+        raise ConfigError(
+            f"{where}: the {zoo} zoo has no task {', '.join(map(repr, missing))}; its tasks are "
+            f"{', '.join(available)}. {fix}"
+        )
 
 
 def get_preset(name: str) -> ZooPreset:

@@ -66,7 +66,12 @@ class Zoo:
         return cls(root, manifest)
 
     def __repr__(self) -> str:
-        return f"Zoo({str(self.root)!r}, preset={self.manifest['preset']['name']!r}, tasks={self.tasks})"
+        return f"Zoo({str(self.root)!r}, preset={self.preset_name!r}, tasks={self.tasks})"
+
+    @property
+    def preset_name(self) -> str:
+        """The name of the preset the zoo was built from (tiny, mini, or a variant's)."""
+        return self.manifest["preset"]["name"]
 
     def _task_dir(self, task: str) -> Path:
         if task not in self.tasks:
