@@ -24,6 +24,7 @@ from esmpp.architecture import Architecture, build_visual
 from esmpp.atomic import atomic_directory
 from esmpp.checkpoints import Encoder, save_encoder
 from esmpp.evaluation import accuracy
+from esmpp.folders import is_zoo
 from esmpp.images import preprocess_uint8
 from esmpp.zoo import distill
 from esmpp.zoo.datasets import SPLITS, TaskData, load_task, task_seed
@@ -36,7 +37,6 @@ from esmpp.zoo.store import (
     MANIFEST,
     PRETRAINED,
     Zoo,
-    is_zoo,
 )
 from esmpp.zoo.training import Batch, class_mean_head, shifted, train
 

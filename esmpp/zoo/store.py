@@ -13,7 +13,6 @@ Checkpoints are written with ``esmpp.checkpoints.save_encoder`` (architecture in
 
 from __future__ import annotations
 
-import json
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -24,9 +23,9 @@ from safetensors.torch import load_file
 
 from esmpp.architecture import Architecture
 from esmpp.errors import DatasetError
+from esmpp.folders import MANIFEST, zoo_manifest
 from esmpp.zoo.datasets import SPLITS
 
-MANIFEST = "manifest.json"
 PRETRAINED = "pretrained.safetensors"
 FINETUNED = "finetuned.safetensors"
 HEAD = "head.safetensors"
@@ -52,7 +51,7 @@ class Zoo:
             raise DatasetError(
                 f"No zoo in {root}: {MANIFEST} is missing. Build one with `esmpp zoo build` (or esmpp.zoo.build_zoo)."
             )
-        manifest = _zoo_manifest(root)
+        manifest = zoo_manifest(root)
         if manifest is None:
             raise DatasetError(
                 f"No zoo in {root}: its {MANIFEST} is not a zoo's, or not readable (is the folder an esmpp "
@@ -95,27 +94,6 @@ class Zoo:
         path = self._task_dir(task) / DATA
         data = _read_npz(path, path.stat().st_mtime_ns)
         return data[f"{split}_images"], data[f"{split}_labels"]
-
-
-def _zoo_manifest(root: Path) -> dict[str, Any] | None:
-    """The manifest of the zoo in ``root``, or None where its manifest.json is missing, unreadable or another
-    folder's: a zoo's names the preset it was built from and its tasks by name (an artifact's lists its tasks)."""
-    try:
-        manifest = json.loads((root / MANIFEST).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    if (
-        isinstance(manifest, dict)
-        and isinstance(manifest.get("preset"), dict)
-        and isinstance(manifest.get("tasks"), dict)
-    ):
-        return manifest
-    return None
-
-
-def is_zoo(root: Path) -> bool:
-    """Whether ``root`` holds a zoo (of any format version): the only kind of folder a zoo build replaces."""
-    return _zoo_manifest(root) is not None
 
 
 @cache

@@ -164,3 +164,16 @@ def test_a_zoo_is_never_replaced_by_an_artifact(tmp_path: Path) -> None:
     assert sorted(path.name for path in tmp_path.iterdir()) == ["zoo"]
     artifact = save_artifact(random_artifact(), tmp_path / "artifact")
     assert save_artifact(random_artifact(), artifact, overwrite=True) == artifact  # an artifact still is
+
+
+def test_a_manifest_nested_too_deep_is_no_zoo_and_is_not_replaced(tmp_path: Path) -> None:
+    """The zoo's manifest reader let the parser's RecursionError through: a traceback, where an artifact's
+    reader (the same file name) said the folder was not one."""
+    folder = tmp_path / "deep"
+    folder.mkdir()
+    (folder / "manifest.json").write_text("[" * 100_000)
+    with pytest.raises(DatasetError, match="No zoo in"):
+        Zoo.load(folder)
+    with pytest.raises(EsmppError, match="not replaced"):
+        build_zoo(_one_task_in_two_steps(), root=folder, force=True, progress=False)
+    assert [path.name for path in folder.iterdir()] == ["manifest.json"]
