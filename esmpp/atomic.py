@@ -116,8 +116,6 @@ def _check_replaceable(destination: Path, overwrite: bool, marker: str | None, o
     delete a user's folder or file, nor another kind of esmpp folder."""
     if not (destination.exists() or destination.is_symlink()):
         return
-    if not overwrite:
-        raise EsmppError(f"{destination} already exists. Pass --overwrite to replace it, or choose another --out.")
     if marker is None or not (destination.is_dir() and (destination / marker).is_file()):
         kind = "a folder" if destination.is_dir() else "a file"
         raise EsmppError(
@@ -129,6 +127,9 @@ def _check_replaceable(destination: Path, overwrite: bool, marker: str | None, o
             f"{destination} holds a {marker} that this command did not write (it is another kind of esmpp folder, "
             "such as an artifact), so it is not replaced. Choose another --out, or remove it yourself."
         )
+    # Last: --overwrite is suggested only for what it would replace.
+    if not overwrite:
+        raise EsmppError(f"{destination} already exists. Pass --overwrite to replace it, or choose another --out.")
 
 
 @contextlib.contextmanager

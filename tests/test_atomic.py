@@ -57,9 +57,9 @@ def test_checking_a_destination_fails_where_the_write_would_and_leaves_only_its_
         check_destination(tmp_path / "file" / "artifact")
     existing = tmp_path / "existing"
     existing.mkdir()
-    with pytest.raises(EsmppError, match="--overwrite"):
-        check_destination(existing)
     (existing / "manifest.json").write_text("{}")
+    with pytest.raises(EsmppError, match="Pass --overwrite to replace it"):
+        check_destination(existing, marker="manifest.json")
     check_destination(existing, overwrite=True, marker="manifest.json")
     check_destination(tmp_path / "new" / "artifact")
     assert sorted(path.name for path in tmp_path.rglob("*")) == ["existing", "file", "manifest.json", "new"]
@@ -82,6 +82,20 @@ def test_overwrite_replaces_only_what_the_writer_made_before(tmp_path, kind):
     with pytest.raises(EsmppError, match="did not write"):
         check_destination(user, overwrite=True, marker="manifest.json")
     assert sorted(path.name for path in tmp_path.iterdir()) == ["thesis"]
+
+
+@pytest.mark.parametrize("kind", ["folder", "file"])
+def test_what_would_not_be_replaced_is_refused_without_suggesting_overwrite(tmp_path, kind):
+    """--overwrite was suggested first, and then refused: only a folder it would replace is told to pass it."""
+    user = tmp_path / "thesis"
+    if kind == "folder":
+        user.mkdir()
+    else:
+        user.write_text("years of work")
+    with pytest.raises(EsmppError) as refused:
+        check_destination(user, marker="export.json")
+    assert f"thesis is a {kind} that esmpp did not write" in str(refused.value)
+    assert "--overwrite" not in str(refused.value)
 
 
 def test_free_space_is_measured_where_a_missing_folder_would_be_made(tmp_path):

@@ -145,6 +145,11 @@ CASES = {
         "--opset 17 is not supported: the ONNX exporter writes opsets 18 to 25",
     ),
     "overwrite needed": (lambda root, config, artifact, image: ["build", config, "--out", artifact], "--overwrite"),
+    # Not told to pass --overwrite, which would not replace it either.
+    "export onto a folder of the user's": (
+        lambda root, config, artifact, image: ["export", artifact, "--out", root / "proxy0"],
+        "proxy0 is a folder that esmpp did not write",
+    ),
     # Values typer itself refuses: one line too, not its usage panel (exit 2).
     "not a choice": (
         lambda root, *_: ["build", "--zoo", "huge"],
