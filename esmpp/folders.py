@@ -1,6 +1,7 @@
 """The kinds of folder esmpp writes, told apart by what they hold: an artifact and a zoo both have a manifest.json.
 
-Light on purpose (no torch): the writers use these to replace only a folder of their own kind.
+Light on purpose (no torch, no onnxruntime): the writers use these to replace only a folder of their own kind,
+and esmpp.atomic, below them all, to name the kind of folder it refuses to replace.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 MANIFEST = "manifest.json"  # an artifact's and a zoo's
+EXPORT_REPORT = "export.json"  # an ONNX export's
 
 
 def read_json_object(path: Path) -> dict[str, Any] | None:
@@ -41,3 +43,14 @@ def zoo_manifest(root: Path) -> dict[str, Any] | None:
 def is_zoo(root: Path) -> bool:
     """Whether ``root`` holds a zoo (of any format version): the only kind of folder a zoo build replaces."""
     return zoo_manifest(root) is not None
+
+
+def folder_kind(path: Path) -> str | None:
+    """Which kind of esmpp folder ``path`` is, in words ("an esmpp artifact"), or None where it is none of them."""
+    if is_artifact(path):
+        return "an esmpp artifact"
+    if is_zoo(path):
+        return "an esmpp zoo"
+    if (Path(path) / EXPORT_REPORT).is_file():
+        return "an esmpp ONNX export"
+    return None

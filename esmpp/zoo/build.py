@@ -203,7 +203,7 @@ def build_zoo(
     elsewhere = "set ESMPP_CACHE to another folder" if root is None else "choose another folder for the zoo"
     root = Path(root) if root is not None else default_root(recipe.name)
     if (root / MANIFEST).is_file() and not force:
-        return Zoo.load(root)
+        return Zoo.load(root, elsewhere)
     # Replaces an older zoo (--force, or a format this esmpp no longer reads), never a folder of the user's nor
     # an artifact (it has a manifest.json too).
     with (

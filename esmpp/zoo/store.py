@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 
 from esmpp.architecture import Architecture
 from esmpp.errors import DatasetError
-from esmpp.folders import MANIFEST, zoo_manifest
+from esmpp.folders import MANIFEST, folder_kind, zoo_manifest
 from esmpp.zoo.datasets import SPLITS
 
 PRETRAINED = "pretrained.safetensors"
@@ -43,8 +43,9 @@ class Zoo:
         self.tasks: list[str] = list(manifest["tasks"])
 
     @classmethod
-    def load(cls, root: str | Path) -> Zoo:
-        """Open the zoo built in ``root``."""
+    def load(cls, root: str | Path, elsewhere: str = "build the zoo in another folder") -> Zoo:
+        """Open the zoo built in ``root``; a folder that holds something else is refused with how to build
+        the zoo ``elsewhere``."""
         root = Path(root)
         path = root / MANIFEST
         if not path.is_file():
@@ -53,10 +54,9 @@ class Zoo:
             )
         manifest = zoo_manifest(root)
         if manifest is None:
-            raise DatasetError(
-                f"No zoo in {root}: its {MANIFEST} is not a zoo's, or not readable (is the folder an esmpp "
-                "artifact?). Build the zoo in another folder."
-            )
+            kind = folder_kind(root)
+            found = f"it is {kind}" if kind is not None else f"its {MANIFEST} is not a zoo's, or not readable"
+            raise DatasetError(f"No zoo in {root}: {found}; {elsewhere}.")
         if manifest.get("format_version") != FORMAT_VERSION:
             raise DatasetError(
                 f"The zoo in {root} has format version {manifest.get('format_version')!r}, this esmpp reads "
