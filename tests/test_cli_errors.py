@@ -177,6 +177,11 @@ CASES = {
         lambda root, *_: ["compare", "--zoo", "tiny", "--out", root / "proxy0"],
         "proxy0 is a folder; give the report's file, e.g. --out",
     ),
+    # demo's --out is the folder of its report: it is not told to give the report's file in --out.
+    "demo report onto a folder": (
+        lambda root, *_: ["demo", "--zoo", "tiny", "--out", _made(root / "demo" / "compare.json").parent],
+        "demo/compare.json is a folder, where demo writes its report: remove it, or choose another --out.",
+    ),
     "report inside the artifact": (
         lambda root, config, artifact, image: [
             "compare",
@@ -272,6 +277,11 @@ CASES = {
 def _write(path, text):
     path.write_text(text)
     return path
+
+
+def _made(folder):
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
 
 
 def _zoo_manifest_in(folder):
