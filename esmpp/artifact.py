@@ -30,6 +30,7 @@ import esmpp
 from esmpp.architecture import PATCH_KEY, Architecture, block_index, build_visual, routed_kind
 from esmpp.atomic import atomic_directory, check_destination
 from esmpp.errors import ArchitectureError, ArtifactError
+from esmpp.folders import MANIFEST, is_artifact
 from esmpp.runtime.model import Experts, RoutedEncoder
 
 # 2: the discriminant router's ``prototype_bias``. A reader of format 1 would take its weights for cosine
@@ -37,7 +38,6 @@ from esmpp.runtime.model import Experts, RoutedEncoder
 # a format-1 manifest over experts with biases is refused: the version was edited).
 FORMAT_VERSION = 2
 _FIRST_FORMAT_WITH_ROUTER_BIAS = 2
-MANIFEST = "manifest.json"
 TENSOR_FILES = ("backbone.safetensors", "experts.safetensors", "heads.safetensors")
 _EXPERT_PARTS = ("up", "down", "prototypes")
 _OPTIONAL_EXPERT_PARTS = ("prototype_bias",)
@@ -190,16 +190,6 @@ def describe_artifact(artifact: Artifact) -> dict[str, Any]:
         "ranks": _ranks(artifact.experts),
         "build": artifact.build,
     }
-
-
-def is_artifact(path: Path) -> bool:
-    """Whether ``path`` holds an esmpp artifact's manifest (of any format version): the only kind of folder an
-    artifact write replaces. A zoo has a manifest.json too."""
-    try:
-        manifest = json.loads((Path(path) / MANIFEST).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-        return False
-    return isinstance(manifest, dict) and manifest.get("format") == "esmpp-artifact"
 
 
 def check_artifact_destination(path: Path, overwrite: bool = False, elsewhere: str = "choose another --out") -> None:

@@ -20,6 +20,7 @@ from pathlib import Path
 from safetensors import SafetensorError
 
 from esmpp.errors import EsmppError, StorageError
+from esmpp.folders import folder_kind
 
 
 def is_write_failure(exc: BaseException) -> bool:
@@ -110,25 +111,36 @@ def _fsync_tree(root: Path) -> None:
 Owner = Callable[[Path], bool]
 
 
-def _check_replaceable(destination: Path, overwrite: bool, marker: str | None, owns: Owner | None) -> None:
+def _check_replaceable(
+    destination: Path, overwrite: bool, elsewhere: str, marker: str | None, owns: Owner | None
+) -> None:
     """Refuse to replace ``destination`` unless ``overwrite`` and it is a folder this writer made before (one
     holding the file ``marker``, and that ``owns`` accepts, if given): --overwrite on a mistyped path must not
-    delete a user's folder or file, nor another kind of esmpp folder."""
+    delete a user's folder or file, nor another kind of esmpp folder. A refusal says how to write ``elsewhere``."""
     if not (destination.exists() or destination.is_symlink()):
         return
+    holds_marker = marker is not None and destination.is_dir() and (destination / marker).is_file()
+    if not holds_marker or (owns is not None and not owns(destination)):
+        raise EsmppError(
+            f"{destination} is {_describe_unreplaceable(destination, marker)}, so it is not replaced whatever the "
+            f"flags say: {elsewhere}, or remove it yourself."
+        )
+    # Last: --overwrite is suggested only for what it would replace.
     if not overwrite:
-        raise EsmppError(f"{destination} already exists. Pass --overwrite to replace it, or choose another --out.")
-    if marker is None or not (destination.is_dir() and (destination / marker).is_file()):
-        kind = "a folder" if destination.is_dir() else "a file"
-        raise EsmppError(
-            f"{destination} is {kind} that esmpp did not write (it has no {marker or 'marker file'}), so it is not "
-            "replaced whatever the flags say. Choose another --out, or remove it yourself."
-        )
-    if owns is not None and not owns(destination):
-        raise EsmppError(
-            f"{destination} holds a {marker} that this command did not write (it is another kind of esmpp folder, "
-            "such as an artifact), so it is not replaced. Choose another --out, or remove it yourself."
-        )
+        raise EsmppError(f"{destination} already exists. Pass --overwrite to replace it, or {elsewhere}.")
+
+
+def _describe_unreplaceable(destination: Path, marker: str | None) -> str:
+    """What ``destination``, which this writer may not replace, is, in words: a user's file or folder, or
+    another kind of esmpp folder (named, so that a zoo is not taken for an artifact)."""
+    if not destination.is_dir():
+        return "a file that esmpp did not write"
+    kind = folder_kind(destination)
+    if kind is not None:
+        return f"{kind}, which this command does not write"
+    if marker is not None and (destination / marker).is_file():
+        return f"a folder whose {marker} esmpp did not write"
+    return f"a folder that esmpp did not write (it has no {marker or 'marker file'})"
 
 
 @contextlib.contextmanager
@@ -138,7 +150,7 @@ def _staging_directory(
     """An empty hidden sibling of ``destination`` for the duration of the block, removed after it; failed
     writes in the block, its own creation included, become a :class:`StorageError` (see
     :func:`atomic_directory`)."""
-    _check_replaceable(destination, overwrite, marker, owns)
+    _check_replaceable(destination, overwrite, elsewhere, marker, owns)
 
     def describe(exc: Exception) -> str:
         advice = write_failure_advice(exc, destination, elsewhere)

@@ -520,10 +520,19 @@ def compare(
     _compare(zoo, methods_, out, artifact_out, [options], given)
 
 
-def _compare(zoo: Preset, methods_: str, out: Path, artifact_out: Path | None, variants, method_options=None):
+def _compare(
+    zoo: Preset,
+    methods_: str,
+    out: Path,
+    artifact_out: Path | None,
+    variants,
+    method_options=None,
+    report_is_a_folder: str | None = None,
+):
     """Run the comparison, print the tables and routing, write the JSON report; save the last ESM++
     variant's artifact to ``artifact_out`` when given. ``method_options`` go to the static methods that
-    have them. Returns the zoo."""
+    have them; ``report_is_a_folder`` is the error when ``out`` is a folder (see :func:`_prepare_output`).
+    Returns the zoo."""
     from esmpp.artifact import check_artifact_destination, save_artifact
     from esmpp.compare import compare_on_zoo
     from esmpp.evaluation import format_table, summarize_rows
@@ -539,7 +548,7 @@ def _compare(zoo: Preset, methods_: str, out: Path, artifact_out: Path | None, v
             f"--out {out} is inside --artifact {artifact_out}, which the new artifact replaces whole: write the "
             f"report elsewhere, e.g. --out {artifact_out.parent / out.name}."
         )
-    _prepare_output(out)
+    _prepare_output(out, report_is_a_folder)
     artifact_elsewhere = "choose another folder for the artifact"  # --artifact of compare, --out of demo
     if artifact_out is not None:
         check_artifact_destination(artifact_out, overwrite=True, elsewhere=artifact_elsewhere)
@@ -588,7 +597,10 @@ def demo(
             routed_kinds=every_linear, prototype_source="runtime", prototypes_per_task=4, router="discriminant"
         ),
     ]
-    z = _compare(zoo, "all", out / "compare.json", out / "artifact", variants)
+    report = out / "compare.json"
+    # demo's --out is a folder: compare's advice to give the report's file in --out would be wrong.
+    report_is_a_folder = f"{report} is a folder, where demo writes its report: remove it, or choose another --out."
+    z = _compare(zoo, "all", report, out / "artifact", variants, report_is_a_folder=report_is_a_folder)
     predictor = Predictor.load(out / "artifact")
     typer.echo("\nTask-agnostic predictions on test images (the router picks the task):")
     for task in z.tasks:
@@ -706,11 +718,14 @@ def bench(
     typer.echo(f"\nreport written to {out}")
 
 
-def _prepare_output(out: Path) -> None:
+def _prepare_output(out: Path, is_a_folder: str | None = None) -> None:
     """Check the report's path ``out`` and create its folder before the long work, so that a bad --out fails at
-    once rather than when the report is written."""
+    once rather than when the report is written. ``is_a_folder`` is the error when ``out`` is a folder, for a
+    command whose --out is not the report's file (default: give the report's file in --out)."""
     if out.is_dir():
-        raise ConfigError(f"--out {out} is a folder; give the report's file, e.g. --out {out / 'report.json'}.")
+        raise ConfigError(
+            is_a_folder or f"--out {out} is a folder; give the report's file, e.g. --out {out / 'report.json'}."
+        )
     with storage_errors(lambda exc: f"cannot create the folder of --out {out} ({exc}). Choose another --out."):
         out.parent.mkdir(parents=True, exist_ok=True)
     check_writable_folder(out.parent, "choose another --out")

@@ -32,12 +32,12 @@ from esmpp.architecture import Architecture
 from esmpp.artifact import Artifact, describe_artifact, load_artifact, read_manifest
 from esmpp.atomic import atomic_directory
 from esmpp.errors import ConfigError, EsmppError
+from esmpp.folders import EXPORT_REPORT as REPORT_FILE
 from esmpp.images import normalise
 from esmpp.runtime.model import PADDED_LOGIT, RoutedEncoder
 
 MODEL_FILE = "model.onnx"
 EXTERNAL_DATA_FILE = "model.onnx.data"
-REPORT_FILE = "export.json"
 ONNX_FORMAT_VERSION = 1
 INPUT_NAMES = ("pixel_values", "forced_task_id")
 OUTPUT_NAMES = ("task_id", "logits", "embedding")

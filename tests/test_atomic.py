@@ -10,6 +10,7 @@ from safetensors.torch import save_file
 from esmpp import atomic
 from esmpp.atomic import atomic_directory, check_destination, check_writable_folder, free_mib, is_write_failure
 from esmpp.errors import EsmppError, StorageError
+from esmpp.folders import is_artifact
 
 DISK_FULL = [
     OSError(errno.ENOSPC, "No space left on device"),
@@ -57,9 +58,9 @@ def test_checking_a_destination_fails_where_the_write_would_and_leaves_only_its_
         check_destination(tmp_path / "file" / "artifact")
     existing = tmp_path / "existing"
     existing.mkdir()
-    with pytest.raises(EsmppError, match="--overwrite"):
-        check_destination(existing)
     (existing / "manifest.json").write_text("{}")
+    with pytest.raises(EsmppError, match="Pass --overwrite to replace it"):
+        check_destination(existing, marker="manifest.json")
     check_destination(existing, overwrite=True, marker="manifest.json")
     check_destination(tmp_path / "new" / "artifact")
     assert sorted(path.name for path in tmp_path.rglob("*")) == ["existing", "file", "manifest.json", "new"]
@@ -82,6 +83,59 @@ def test_overwrite_replaces_only_what_the_writer_made_before(tmp_path, kind):
     with pytest.raises(EsmppError, match="did not write"):
         check_destination(user, overwrite=True, marker="manifest.json")
     assert sorted(path.name for path in tmp_path.iterdir()) == ["thesis"]
+
+
+@pytest.mark.parametrize("kind", ["folder", "file"])
+def test_what_would_not_be_replaced_is_refused_without_suggesting_overwrite(tmp_path, kind):
+    """--overwrite was suggested first, and then refused: only a folder it would replace is told to pass it."""
+    user = tmp_path / "thesis"
+    if kind == "folder":
+        user.mkdir()
+    else:
+        user.write_text("years of work")
+    with pytest.raises(EsmppError) as refused:
+        check_destination(user, marker="export.json")
+    assert f"thesis is a {kind} that esmpp did not write" in str(refused.value)
+    assert "--overwrite" not in str(refused.value)
+
+
+def test_a_refusal_says_how_to_write_elsewhere_as_its_caller_does(tmp_path):
+    """Not always 'choose another --out': a zoo in the cache is moved by ESMPP_CACHE, and eval has no --out."""
+    user = tmp_path / "thesis"
+    user.mkdir()
+    with pytest.raises(EsmppError) as refused:
+        check_destination(user, overwrite=True, elsewhere="set ESMPP_CACHE to another folder", marker="manifest.json")
+    assert str(refused.value).endswith(
+        "whatever the flags say: set ESMPP_CACHE to another folder, or remove it yourself."
+    )
+    assert "--out" not in str(refused.value)
+    (user / "manifest.json").write_text("{}")
+    with pytest.raises(EsmppError, match="Pass --overwrite to replace it, or choose another folder for the artifact"):
+        check_destination(user, elsewhere="choose another folder for the artifact", marker="manifest.json")
+
+
+# What a writer of artifacts (a manifest.json that is_artifact accepts) finds in its way, and how it names it.
+FOUND = {
+    "an ONNX export": ({"export.json": "{}"}, "is an esmpp ONNX export, which this command does not write"),
+    "a zoo": (
+        {"manifest.json": '{"preset": {"name": "tiny"}, "tasks": {"digits": {}}}'},
+        "is an esmpp zoo, which this command does not write",
+    ),
+    "another program's manifest": ({"manifest.json": "{}"}, "is a folder whose manifest.json esmpp did not write"),
+    "a user's folder": ({"notes.txt": "mine"}, "is a folder that esmpp did not write (it has no manifest.json)"),
+}
+
+
+@pytest.mark.parametrize(("files", "named"), FOUND.values(), ids=FOUND.keys())
+def test_a_refusal_names_the_kind_of_folder_it_found(tmp_path, files, named):
+    found = tmp_path / "found"
+    found.mkdir()
+    for name, text in files.items():
+        (found / name).write_text(text)
+    with pytest.raises(EsmppError) as refused:
+        check_destination(found, overwrite=True, marker="manifest.json", owns=is_artifact)
+    assert f"found {named}, so it is not replaced" in str(refused.value)
+    assert sorted(path.name for path in found.iterdir()) == sorted(files)
 
 
 def test_free_space_is_measured_where_a_missing_folder_would_be_made(tmp_path):

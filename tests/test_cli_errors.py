@@ -16,10 +16,13 @@ from safetensors.torch import save_file
 
 from esmpp import atomic, cli
 from esmpp import bench as bench_module
+from esmpp.architecture import build_visual
 from esmpp.artifact import save_artifact
+from esmpp.checkpoints import Encoder, save_encoder
 from esmpp.cli import run
 from esmpp.errors import ArtifactError, ConfigError, StorageError
 from esmpp.runtime.predictor import Predictor
+from esmpp.zoo import get_preset
 from tests.conftest import random_artifact
 from tests.reliability.project import REPO, directory_digest, run_esmpp, write_project
 
@@ -145,6 +148,11 @@ CASES = {
         "--opset 17 is not supported: the ONNX exporter writes opsets 18 to 25",
     ),
     "overwrite needed": (lambda root, config, artifact, image: ["build", config, "--out", artifact], "--overwrite"),
+    # Not told to pass --overwrite, which would not replace it either.
+    "export onto a folder of the user's": (
+        lambda root, config, artifact, image: ["export", artifact, "--out", root / "proxy0"],
+        "proxy0 is a folder that esmpp did not write",
+    ),
     # Values typer itself refuses: one line too, not its usage panel (exit 2).
     "not a choice": (
         lambda root, *_: ["build", "--zoo", "huge"],
@@ -169,6 +177,11 @@ CASES = {
         lambda root, *_: ["compare", "--zoo", "tiny", "--out", root / "proxy0"],
         "proxy0 is a folder; give the report's file, e.g. --out",
     ),
+    # demo's --out is the folder of its report: it is not told to give the report's file in --out.
+    "demo report onto a folder": (
+        lambda root, *_: ["demo", "--zoo", "tiny", "--out", _made(root / "demo" / "compare.json").parent],
+        "demo/compare.json is a folder, where demo writes its report: remove it, or choose another --out.",
+    ),
     "report inside the artifact": (
         lambda root, config, artifact, image: [
             "compare",
@@ -186,6 +199,16 @@ CASES = {
     "compare artifact under a file": (
         lambda root, config, *_: ["compare", "--zoo", "tiny", "--out", root / "r.json", "--artifact", config / "a"],
         "choose another folder for the artifact",
+    ),
+    # A folder that the artifact would replace, refused with the advice of the option that named it, and named.
+    "compare artifact onto a folder of the user's": (
+        lambda root, *_: ["compare", "--zoo", "tiny", "--out", root / "r.json", "--artifact", root / "proxy0"],
+        "proxy0 is a folder that esmpp did not write (it has no manifest.json), so it is not replaced whatever the "
+        "flags say: choose another folder for the artifact, or remove it yourself.",
+    ),
+    "build onto a zoo": (
+        lambda root, *_: ["build", "--zoo", "tiny", "--out", _zoo_manifest_in(root / "zoo"), "--overwrite"],
+        "zoo is an esmpp zoo, which this command does not write, so it is not replaced",
     ),
     # The zoo's task names are known from its preset: a wrong one is refused before the zoo is built (minutes).
     "build unknown zoo task": (
@@ -280,6 +303,18 @@ def _write(path, text):
     return path
 
 
+def _made(folder):
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def _zoo_manifest_in(folder):
+    """``folder`` with a zoo's manifest (the preset it was built from, its tasks by name), made once."""
+    folder.mkdir(exist_ok=True)
+    _write(folder / "manifest.json", json.dumps({"preset": {"name": "tiny"}, "tasks": {"digits": {}}}))
+    return folder
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_errors_are_one_line_and_exit_code_1(monkeypatch, capsys, tmp_path, project, case):
     make_args, expected = CASES[case]
@@ -301,6 +336,21 @@ def test_a_report_folder_that_cannot_be_written_is_refused_before_the_run(monkey
     code, _, err = _run(monkeypatch, capsys, "compare", "--zoo", "tiny", "--out", project[0] / "report.json")
     assert code == 1 and f"{project[0]} is not writable. Nothing was written: choose another --out" in err
     assert not cache.exists()  # no zoo was built
+
+
+def test_eval_on_a_cache_folder_that_holds_no_zoo_names_ESMPP_CACHE(monkeypatch, capsys, tmp_path):
+    """eval reads the zoo of --zoo PRESET from the cache: it has no --out to choose another of."""
+    monkeypatch.setenv("ESMPP_CACHE", str(tmp_path / "cache"))
+    taken = tmp_path / "cache" / "zoo" / "tiny"
+    taken.mkdir(parents=True)
+    (taken / "notes.txt").write_text("mine")
+    arch = get_preset("tiny").arch
+    checkpoint = save_encoder(Encoder(arch, build_visual(arch).state_dict(), "test"), tmp_path / "encoder.safetensors")
+    code, _, err = _run(monkeypatch, capsys, "eval", checkpoint, "--zoo", "tiny")
+    assert code == 1 and err.startswith("error: ") and err.count("\n") == 1
+    assert f"{taken} is a folder that esmpp did not write" in err
+    assert "set ESMPP_CACHE to another folder, or remove it yourself." in err and "--out" not in err
+    assert [path.name for path in taken.iterdir()] == ["notes.txt"]
 
 
 # Bench options refused, each naming the option, the value given and the valid range: (flags, parts of the error).

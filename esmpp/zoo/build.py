@@ -24,6 +24,7 @@ from esmpp.architecture import Architecture, build_visual
 from esmpp.atomic import atomic_directory
 from esmpp.checkpoints import Encoder, save_encoder
 from esmpp.evaluation import accuracy
+from esmpp.folders import is_zoo
 from esmpp.images import preprocess_uint8
 from esmpp.zoo import distill
 from esmpp.zoo.datasets import SPLITS, TaskData, load_task, task_seed
@@ -36,7 +37,6 @@ from esmpp.zoo.store import (
     MANIFEST,
     PRETRAINED,
     Zoo,
-    is_zoo,
 )
 from esmpp.zoo.training import Batch, class_mean_head, shifted, train
 
@@ -203,7 +203,7 @@ def build_zoo(
     elsewhere = "set ESMPP_CACHE to another folder" if root is None else "choose another folder for the zoo"
     root = Path(root) if root is not None else default_root(recipe.name)
     if (root / MANIFEST).is_file() and not force:
-        return Zoo.load(root)
+        return Zoo.load(root, elsewhere)
     # Replaces an older zoo (--force, or a format this esmpp no longer reads), never a folder of the user's nor
     # an artifact (it has a manifest.json too).
     with (

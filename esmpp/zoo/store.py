@@ -13,7 +13,6 @@ Checkpoints are written with ``esmpp.checkpoints.save_encoder`` (architecture in
 
 from __future__ import annotations
 
-import json
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -24,9 +23,9 @@ from safetensors.torch import load_file
 
 from esmpp.architecture import Architecture
 from esmpp.errors import DatasetError
+from esmpp.folders import MANIFEST, folder_kind, zoo_manifest
 from esmpp.zoo.datasets import SPLITS
 
-MANIFEST = "manifest.json"
 PRETRAINED = "pretrained.safetensors"
 FINETUNED = "finetuned.safetensors"
 HEAD = "head.safetensors"
@@ -44,20 +43,20 @@ class Zoo:
         self.tasks: list[str] = list(manifest["tasks"])
 
     @classmethod
-    def load(cls, root: str | Path) -> Zoo:
-        """Open the zoo built in ``root``."""
+    def load(cls, root: str | Path, elsewhere: str = "build the zoo in another folder") -> Zoo:
+        """Open the zoo built in ``root``; a folder that holds something else is refused with how to build
+        the zoo ``elsewhere``."""
         root = Path(root)
         path = root / MANIFEST
         if not path.is_file():
             raise DatasetError(
                 f"No zoo in {root}: {MANIFEST} is missing. Build one with `esmpp zoo build` (or esmpp.zoo.build_zoo)."
             )
-        manifest = _zoo_manifest(root)
+        manifest = zoo_manifest(root)
         if manifest is None:
-            raise DatasetError(
-                f"No zoo in {root}: its {MANIFEST} is not a zoo's, or not readable (is the folder an esmpp "
-                "artifact?). Build the zoo in another folder."
-            )
+            kind = folder_kind(root)
+            found = f"it is {kind}" if kind is not None else f"its {MANIFEST} is not a zoo's, or not readable"
+            raise DatasetError(f"No zoo in {root}: {found}; {elsewhere}.")
         if manifest.get("format_version") != FORMAT_VERSION:
             raise DatasetError(
                 f"The zoo in {root} has format version {manifest.get('format_version')!r}, this esmpp reads "
@@ -100,27 +99,6 @@ class Zoo:
         path = self._task_dir(task) / DATA
         data = _read_npz(path, path.stat().st_mtime_ns)
         return data[f"{split}_images"], data[f"{split}_labels"]
-
-
-def _zoo_manifest(root: Path) -> dict[str, Any] | None:
-    """The manifest of the zoo in ``root``, or None where its manifest.json is missing, unreadable or another
-    folder's: a zoo's names the preset it was built from and its tasks by name (an artifact's lists its tasks)."""
-    try:
-        manifest = json.loads((root / MANIFEST).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    if (
-        isinstance(manifest, dict)
-        and isinstance(manifest.get("preset"), dict)
-        and isinstance(manifest.get("tasks"), dict)
-    ):
-        return manifest
-    return None
-
-
-def is_zoo(root: Path) -> bool:
-    """Whether ``root`` holds a zoo (of any format version): the only kind of folder a zoo build replaces."""
-    return _zoo_manifest(root) is not None
 
 
 @cache

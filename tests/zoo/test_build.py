@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -117,12 +118,35 @@ def test_an_artifact_is_never_replaced_by_a_zoo(tmp_path: Path) -> None:
     """An artifact has a manifest.json too: `zoo build --out ARTIFACT --force` replaced it."""
     artifact = save_artifact(random_artifact(), tmp_path / "artifact")
     before = directory_digest(artifact)
-    with pytest.raises(DatasetError, match=r"artifact: its manifest\.json is not a zoo's"):
+    with pytest.raises(DatasetError, match="artifact: it is an esmpp artifact; choose another folder for the zoo"):
         build_zoo(_one_task_in_two_steps(), root=artifact, progress=False)
-    with pytest.raises(EsmppError, match=r"artifact holds a manifest\.json that this command did not write"):
+    refused = "artifact is an esmpp artifact, which this command does not write, so it is not replaced"
+    with pytest.raises(EsmppError, match=refused):
         build_zoo(_one_task_in_two_steps(), root=artifact, force=True, progress=False)
     assert directory_digest(artifact) == before
     assert sorted(path.name for path in tmp_path.iterdir()) == ["artifact"]
+
+
+def test_a_cache_folder_that_holds_no_zoo_is_kept_and_ESMPP_CACHE_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The zoo of --zoo PRESET is in the cache: the advice is to move ESMPP_CACHE, not to choose another --out
+    (eval has none) nor to 'build the zoo in another folder' (--zoo PRESET reads only the cache)."""
+    monkeypatch.setenv("ESMPP_CACHE", str(tmp_path / "cache"))
+    small = _one_task_in_two_steps()
+    taken = default_root(small.name)
+    (taken / "photos").mkdir(parents=True)
+    for force in (False, True):
+        with pytest.raises(EsmppError, match=r"did not write.*: set ESMPP_CACHE to another folder, or remove it"):
+            build_zoo(small, force=force, progress=False)
+    shutil.rmtree(taken)
+    artifact = save_artifact(random_artifact(), taken)
+    before = directory_digest(artifact)
+    with pytest.raises(DatasetError, match="it is an esmpp artifact; set ESMPP_CACHE to another folder"):
+        build_zoo(small, progress=False)
+    with pytest.raises(EsmppError, match=r"is an esmpp artifact, .*: set ESMPP_CACHE to another folder"):
+        build_zoo(small, force=True, progress=False)
+    assert directory_digest(artifact) == before
 
 
 def test_force_replaces_a_zoo_of_a_format_this_esmpp_no_longer_reads(tmp_path: Path) -> None:
@@ -155,7 +179,7 @@ def test_a_zoo_is_never_replaced_by_an_artifact(tmp_path: Path) -> None:
     """A zoo has a manifest.json too: `esmpp build --out ZOO --overwrite` and `compare --artifact ZOO` replaced it."""
     zoo = build_zoo(_one_task_in_two_steps(), root=tmp_path / "zoo", progress=False)
     before = directory_digest(zoo.root)
-    refused = r"zoo holds a manifest\.json that this command did not write"
+    refused = "zoo is an esmpp zoo, which this command does not write, so it is not replaced"
     with pytest.raises(EsmppError, match=refused):
         check_artifact_destination(zoo.root, overwrite=True)
     with pytest.raises(EsmppError, match=refused):
@@ -164,3 +188,16 @@ def test_a_zoo_is_never_replaced_by_an_artifact(tmp_path: Path) -> None:
     assert sorted(path.name for path in tmp_path.iterdir()) == ["zoo"]
     artifact = save_artifact(random_artifact(), tmp_path / "artifact")
     assert save_artifact(random_artifact(), artifact, overwrite=True) == artifact  # an artifact still is
+
+
+def test_a_manifest_nested_too_deep_is_no_zoo_and_is_not_replaced(tmp_path: Path) -> None:
+    """The zoo's manifest reader let the parser's RecursionError through: a traceback, where an artifact's
+    reader (the same file name) said the folder was not one."""
+    folder = tmp_path / "deep"
+    folder.mkdir()
+    (folder / "manifest.json").write_text("[" * 100_000)
+    with pytest.raises(DatasetError, match="No zoo in"):
+        Zoo.load(folder)
+    with pytest.raises(EsmppError, match="not replaced"):
+        build_zoo(_one_task_in_two_steps(), root=folder, force=True, progress=False)
+    assert [path.name for path in folder.iterdir()] == ["manifest.json"]
