@@ -534,8 +534,7 @@ def test_a_config_error_creates_no_folder_for_the_artifact(monkeypatch, capsys, 
 def test_an_existing_out_is_refused_before_the_slow_part_of_reading_the_config(monkeypatch, capsys, tmp_path):
     config = _variant(tmp_path, "validated", _validation_folders(0, 1))
     monkeypatch.setattr("esmpp.sources.load_labelled_folder", _long_work)  # the validation images: slow ones
-    out = tmp_path / "taken"
-    out.mkdir()
+    out = save_artifact(random_artifact(), tmp_path / "taken")  # an artifact, replaced only with --overwrite
     code, _, err = _run(monkeypatch, capsys, "build", config, "--out", out)
     assert code == 1 and f"{out} already exists. Pass --overwrite to replace it" in err
 
