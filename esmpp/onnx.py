@@ -30,7 +30,7 @@ from torch import nn
 
 from esmpp.architecture import Architecture
 from esmpp.artifact import Artifact, describe_artifact, load_artifact, read_manifest
-from esmpp.atomic import atomic_directory
+from esmpp.atomic import atomic_directory, check_destination
 from esmpp.errors import ConfigError, EsmppError
 from esmpp.folders import EXPORT_REPORT as REPORT_FILE
 from esmpp.images import normalise
@@ -378,10 +378,12 @@ def export_onnx(
     ``task_input``: the graph takes ``forced_task_id`` [batch] and skips routing. ``fp16``: weights and compute in
     float16, inputs and outputs float32. ``check``: onnxruntime parity with the PyTorch runtime before
     anything is moved into place. Written atomically: a failure leaves ``out_dir`` as it was. An ``opset``
-    outside ``MIN_OPSET``..``MAX_OPSET`` is refused before the artifact is read."""
+    outside ``MIN_OPSET``..``MAX_OPSET``, and an ``out_dir`` that could not be written, are refused before the
+    artifact is read."""
     check_opset(opset)
     start = time.perf_counter()
     out_dir = Path(out_dir)
+    check_destination(out_dir, overwrite, marker=REPORT_FILE)
     artifact, manifest = _artifact_and_manifest(artifact)
     model = artifact.to_model()
     with atomic_directory(out_dir, overwrite=overwrite, marker=REPORT_FILE) as staging:

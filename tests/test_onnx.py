@@ -123,6 +123,18 @@ def test_existing_output_needs_overwrite(exported, saved_artifact):
         export_onnx(saved_artifact, out)
 
 
+def test_an_out_that_would_be_refused_is_refused_before_the_artifact_is_read(saved_artifact, tmp_path, monkeypatch):
+    """The artifact (its checksums, its model) was read before the destination was looked at."""
+
+    def read(*args, **kwargs):
+        raise AssertionError("the artifact was read before --out was checked")
+
+    monkeypatch.setattr(esmpp_onnx, "load_artifact", read)
+    (tmp_path / "photos").mkdir()
+    with pytest.raises(EsmppError, match="photos is a folder that esmpp did not write"):
+        export_onnx(saved_artifact, tmp_path / "photos")
+
+
 def test_the_opset_range_is_what_the_exporter_writes_and_others_are_refused_before_any_work(
     saved_artifact, tiny_visual, tiny_arch, tmp_path
 ):
