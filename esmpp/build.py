@@ -75,8 +75,10 @@ class BuildOptions:
 _DEFAULTS = BuildOptions()
 
 # α scales the merged task vector onto the pretrained weights. Below 0 it moves them away from every task; the
-# search covers [0, 2], and 10 leaves room to extrapolate well past it, where a larger α only ruins the backbone
-# (1e39 overflows float32: the build used to fail after the merge, on a non-finite artifact).
+# search covers ALPHA_SEARCH, and MAX_ALPHA leaves room to extrapolate well past it, where a larger α only ruins
+# the backbone (1e39 overflows float32: the build used to fail after the merge, on a non-finite artifact).
+# `esmpp build --alpha`'s help states both without importing this module (a test keeps them in step).
+ALPHA_SEARCH = (0.0, 2.0)
 MAX_ALPHA = 10.0
 
 
@@ -181,7 +183,7 @@ def choose_alpha(
     evaluations: int = 10,
     progress: bool = True,
 ) -> tuple[float, list[tuple[float, float]]]:
-    """α maximising the mean validation accuracy of θ0 + α·τ (golden-section on [0, 2])."""
+    """α maximising the mean validation accuracy of θ0 + α·τ (golden-section on ``ALPHA_SEARCH``)."""
     visual = pretrained.to_module()
     bar = tqdm(total=evaluations, desc="choose alpha", unit="eval", disable=not progress)
 
@@ -191,7 +193,7 @@ def choose_alpha(
         return validation_accuracy(visual, tasks)
 
     try:
-        return golden_section_search(score, 0.0, 2.0, evaluations)
+        return golden_section_search(score, *ALPHA_SEARCH, evaluations)
     finally:
         bar.close()
 

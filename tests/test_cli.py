@@ -137,3 +137,12 @@ def test_every_command_takes_debug_after_its_name():
     assert {"build", "eval", "compare"} <= {" ".join(path) for path in commands} and ("zoo", "build") in commands
     for path, command in commands.items():
         assert any("--debug" in param.opts for param in command.params), " ".join(path)
+
+
+def test_alpha_help_states_the_bound_and_the_search_range_the_build_uses():
+    from esmpp.build import ALPHA_SEARCH, MAX_ALPHA
+
+    command = typer.main.get_command(app).commands["build"]
+    help_text = next(param.help for param in command.params if param.name == "alpha")
+    low, high = ALPHA_SEARCH
+    assert f"in [0, {MAX_ALPHA:g}] (the search covers [{low:g}, {high:g}])" in help_text
