@@ -44,8 +44,9 @@ def proxy_files(folder: Path, count: int) -> list[Path]:
     return files
 
 
-def load_labelled_folder(folder: Path, classes: list[str], arch: Architecture) -> tuple[torch.Tensor, torch.Tensor]:
-    """A folder with one subfolder per class (named as in ``classes``) → images [N,3,H,W], labels [N]."""
+def labelled_files(folder: Path, classes: list[str]) -> tuple[list[Path], list[int]]:
+    """The images of a folder with one subfolder per class (named as in ``classes``) and their labels (class
+    indices); at least one image, else a ConfigError. Lists the files only: cheap enough to check every task."""
     images, labels = [], []
     for label, name in enumerate(classes):
         files = image_files(folder / name) if (folder / name).is_dir() else []
@@ -53,7 +54,12 @@ def load_labelled_folder(folder: Path, classes: list[str], arch: Architecture) -
         labels.extend([label] * len(files))
     if not images:
         raise ConfigError(f"{folder}: no validation images; expected subfolders named after the classes {classes[:5]}.")
-    return preprocess_images(images, arch), torch.tensor(labels)
+    return images, labels
+
+
+def load_labelled_folder(files: list[Path], labels: list[int], arch: Architecture) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``files`` of :func:`labelled_files` → images [N,3,H,W] as ``arch`` takes them, labels [N]."""
+    return preprocess_images(files, arch), torch.tensor(labels)
 
 
 def load_head(path: Path, classes: list[str] | None, embed_dim: int) -> tuple[torch.Tensor, list[str]]:
@@ -90,12 +96,12 @@ def config_sources(
 ) -> tuple[Encoder, list[TaskSource]]:
     """The pretrained encoder and the task sources of a build config, for a build with ``options`` (default:
     the config's own). Every task's files are checked first, before anything slow (a zero-shot head,
-    validation images): the checkpoint (its header, see :func:`probe_checkpoint`), the head file and the
-    proxy images; so are the rules of ``options`` that depend on them (the rank on the layers' widths, the
-    prototypes per task on the proxy images, an α search on the validation data of every task). Then
-    ``before_slow_work`` is called, if given: the place for the caller's own checks that must pass before the
-    slow part but only once the config's files are good (the CLI's of --out, which creates its folder).
-    Checkpoints and proxy images load lazily."""
+    validation images): the checkpoint (its header, see :func:`probe_checkpoint`), the head file, the proxy
+    images and the validation folder's listing; so are the rules of ``options`` that depend on them (the rank
+    on the layers' widths, the prototypes per task on the proxy images, an α search on the validation data of
+    every task). Then ``before_slow_work`` is called, if given: the place for the caller's own checks that
+    must pass before the slow part but only once the config's files are good (the CLI's of --out, which
+    creates its folder). Checkpoints and proxy images load lazily."""
     options = options or config.options.to_build_options()
     check_alpha_search(options, {task.name: task.validation is not None for task in config.tasks})
     pretrained = load_encoder(config.pretrained, arch=config.architecture, allow_pickle=config.allow_pickle)
@@ -103,6 +109,7 @@ def config_sources(
     check_rank(options, pretrained.arch)
     head_files: dict[str, tuple[torch.Tensor, list[str]]] = {}
     proxies: dict[str, list[Path]] = {}
+    validation_files: dict[str, tuple[list[Path], list[int]]] = {}
     for task in config.tasks:
         probe_checkpoint(
             task.checkpoint,
@@ -114,6 +121,9 @@ def config_sources(
         if task.head is not None:
             head_files[task.name] = load_head(task.head, task.classes, arch.embed_dim)
         proxies[task.name] = proxy_files(task.proxy, config.proxy_images)
+        if task.validation is not None:
+            classes = head_files[task.name][1] if task.head is not None else task.classes
+            validation_files[task.name] = labelled_files(task.validation, classes)
     check_prototypes_per_task(
         options,
         {name: len(files) for name, files in proxies.items()},
@@ -135,7 +145,9 @@ def config_sources(
                 proxy_count=len(proxies[task.name]),
                 head=head,
                 classes=classes,
-                validation=load_labelled_folder(task.validation, classes, arch) if task.validation else None,
+                validation=(
+                    load_labelled_folder(*validation_files[task.name], arch) if task.name in validation_files else None
+                ),
             )
         )
     return pretrained, tasks

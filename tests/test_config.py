@@ -1,6 +1,7 @@
 """A YAML build config with user files (checkpoints, image folders, head files) → task sources → artifact."""
 
 import dataclasses
+import shutil
 from typing import NoReturn
 
 import pytest
@@ -154,6 +155,18 @@ def test_validation_data_of_only_some_tasks_is_refused_before_the_tasks_load(con
     monkeypatch.undo()
     tasks = config_sources(_with_options(config_file, alpha=0.5))[1]  # α given: the validation data is not needed
     assert tasks[0].validation is not None and tasks[1].validation is None
+
+
+def test_a_validation_folder_without_images_of_the_last_task_is_named_before_the_slow_work(config_file, monkeypatch):
+    """It used to be found in the slow pass, after the first tasks' validation images had loaded and after the
+    CLI had made the folder for --out (before_slow_work)."""
+    monkeypatch.setattr("esmpp.sources.load_labelled_folder", _slow_preparation)
+    shutil.rmtree(config_file.parent / "val1" / "yes")
+    shutil.rmtree(config_file.parent / "val1" / "no")
+    before = []
+    with pytest.raises(ConfigError, match=r"val1: no validation images; expected subfolders named after the"):
+        config_sources(load_config(config_file), before_slow_work=lambda: before.append("called"))
+    assert before == []
 
 
 def test_a_missing_checkpoint_is_named_before_any_task_loads(config_file):
