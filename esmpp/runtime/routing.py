@@ -104,6 +104,9 @@ class RoutingControl:
         elif self.route_once and self.decisions:
             ids, weights = self._first
         else:
+            # The options may have been set on the control directly, past the Predictor's check: a mode it does
+            # not know would route hard, a temperature of 0 give NaN weights.
+            check_routing_options(self.mode, self.top_k, self.temperature, self.route_once, prototypes.shape[0])
             similarity = task_scores(routing_feature(tokens), prototypes, bias)
             if self.mode == "soft":
                 ids, weights = soft_route(similarity, self.top_k, self.temperature)

@@ -1,6 +1,8 @@
+import pytest
 import torch
 import torch.nn.functional as F
 
+from esmpp.errors import ConfigError
 from esmpp.runtime.model import RoutedEncoder
 from esmpp.runtime.routing import RoutingControl, hard_route, soft_route, task_scores
 from tests.conftest import random_artifact
@@ -53,3 +55,20 @@ def test_forced_task_sets_the_image_task_and_head():
     assert output.task.tolist() == [1, 2]
     # task 1 has 3 classes, task 2 has 4 (the widest head): padding classes are never chosen
     assert (output.logits[0, 3:] == -1.0e4).all() and (output.logits[1] > -1.0e4).all()
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("mode", "Soft", "routing mode 'Soft' is not one of"),
+        ("temperature", 0.0, "temperature 0.0 is not a positive finite number"),
+        ("top_k", 0, "top_k 0 is not a whole number"),
+    ],
+)
+def test_options_set_on_the_control_directly_are_checked_when_it_routes(option, value, message):
+    """The Predictor checks its arguments; a control changed afterwards (model.control.temperature = 0) routed
+    hard or gave NaN weights silently."""
+    model = random_artifact(num_tasks=3).to_model()
+    setattr(model.control, option, value)
+    with pytest.raises(ConfigError, match=message), torch.no_grad():
+        model(torch.rand(2, 3, 16, 16))
