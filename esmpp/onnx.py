@@ -383,6 +383,8 @@ def export_onnx(
     check_opset(opset)
     start = time.perf_counter()
     out_dir = Path(out_dir)
+    if not isinstance(artifact, Artifact):
+        read_manifest(Path(artifact))  # a wrong path fails before the check below makes --out's parent folders
     check_destination(out_dir, overwrite, marker=REPORT_FILE)
     artifact, manifest = _artifact_and_manifest(artifact)
     model = artifact.to_model()

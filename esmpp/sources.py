@@ -46,7 +46,8 @@ def proxy_files(folder: Path, count: int) -> list[Path]:
 
 def labelled_files(folder: Path, classes: list[str]) -> tuple[list[Path], list[int]]:
     """The images of a folder with one subfolder per class (named as in ``classes``) and their labels (class
-    indices); at least one image, else a ConfigError. Lists the files only: cheap enough to check every task."""
+    indices): at least one image, else a ConfigError, and each one decodable, else the ImageError naming it
+    (checked for every task before the slow work, as proxy images are)."""
     images, labels = [], []
     for label, name in enumerate(classes):
         files = image_files(folder / name) if (folder / name).is_dir() else []
@@ -54,6 +55,8 @@ def labelled_files(folder: Path, classes: list[str]) -> tuple[list[Path], list[i
         labels.extend([label] * len(files))
     if not images:
         raise ConfigError(f"{folder}: no validation images; expected subfolders named after the classes {classes[:5]}.")
+    for image in images:
+        check_image_file(image)
     return images, labels
 
 

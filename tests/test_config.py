@@ -169,6 +169,17 @@ def test_a_validation_folder_without_images_of_the_last_task_is_named_before_the
     assert before == []
 
 
+def test_an_undecodable_validation_image_of_the_last_task_is_named_before_the_slow_work(config_file, monkeypatch):
+    """Validation images were decoded only in the slow pass, after the CLI had made the folder for --out."""
+    monkeypatch.setattr("esmpp.sources.load_labelled_folder", _slow_preparation)
+    image = next((config_file.parent / "val1" / "no").iterdir())
+    image.write_bytes(image.read_bytes()[:60])  # a truncated download
+    before = []
+    with pytest.raises(ImageError, match=rf"val1/no/{image.name}: cannot decode the image"):
+        config_sources(load_config(config_file), before_slow_work=lambda: before.append("called"))
+    assert before == []
+
+
 def test_a_missing_checkpoint_is_named_before_any_task_loads(config_file):
     (config_file.parent / "task1.safetensors").unlink()  # the last task: found only after the others, before
     with pytest.raises(CheckpointError, match=r"task1\.safetensors does not exist"):

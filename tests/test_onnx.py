@@ -135,6 +135,12 @@ def test_an_out_that_would_be_refused_is_refused_before_the_artifact_is_read(sav
         export_onnx(saved_artifact, tmp_path / "photos")
 
 
+def test_a_wrong_artifact_path_leaves_no_folder_for_out(tmp_path):
+    with pytest.raises(ArtifactError, match="is not an artifact directory"):
+        export_onnx(tmp_path / "nope", tmp_path / "new" / "sub" / "onnx")
+    assert not (tmp_path / "new").exists()
+
+
 def test_the_opset_range_is_what_the_exporter_writes_and_others_are_refused_before_any_work(
     saved_artifact, tiny_visual, tiny_arch, tmp_path
 ):
