@@ -139,6 +139,8 @@ def check_prototypes_per_task(
     task name → how many it has): a prototype stands for a group of a task's proxy images, so with more
     prototypes than images some would repeat an image. ``more_images``: how to give a task more, where the
     caller can say (a zoo's are fixed: None)."""
+    if not proxy_counts:  # no count known before the images load: they are counted then (see proxy_batches)
+        return
     fewest = min(proxy_counts, key=proxy_counts.__getitem__)
     available = proxy_counts[fewest]
     if options.prototypes_per_task > available:
@@ -283,7 +285,7 @@ def build_artifact(
     for task in tasks:
         if task.head is None:
             raise ConfigError(f"task {task.name!r} has no head: give a head file or class names.")
-    check_prototypes_per_task(options, {task.name: task.proxy_count for task in tasks})
+    check_prototypes_per_task(options, {task.name: task.proxy_count for task in tasks if task.proxy_count is not None})
     check_alpha_search(options, {task.name: task.validation is not None for task in tasks})
     timings: dict[str, float] = {}
 

@@ -31,17 +31,18 @@ TRIM_AFTER_BYTES = 2**20  # merged parameters from this size on give their freed
 @dataclass
 class TaskSource:
     """One task of a merge: how to load its fine-tuned encoder and its proxy images (normalised
-    [n, 3, H, W]), both lazily so that a build holds one task's at a time, how many proxy images that is
-    (``proxy_count``, n: known without loading them, so that a build checks its options against it before its
-    long work), its head [C, embed_dim] and class names, and optional labelled validation data for choosing α."""
+    [n, 3, H, W]), both lazily so that a build holds one task's at a time, its head [C, embed_dim] and class
+    names, optional labelled validation data for choosing α, and how many proxy images ``proxy`` gives
+    (``proxy_count``, n, if known without loading them: a build then checks its options against it before its
+    long work; the images are counted again when they load)."""
 
     name: str
     load: Callable[[], Encoder]
     proxy: Callable[[], torch.Tensor]
-    proxy_count: int
     head: torch.Tensor | None = None
     classes: list[str] = field(default_factory=list)
     validation: tuple[torch.Tensor, torch.Tensor] | None = None
+    proxy_count: int | None = None
 
 
 def batches(images: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
@@ -53,6 +54,10 @@ def proxy_batches(task: TaskSource, batch_size: int) -> list[torch.Tensor]:
     images = task.proxy()
     if images.shape[0] == 0:
         raise ConfigError(f"task {task.name!r} has no proxy images: give a folder with at least one image.")
+    if task.proxy_count is not None and images.shape[0] != task.proxy_count:  # the build's checks relied on it
+        raise ConfigError(
+            f"task {task.name!r}: its proxy gave {images.shape[0]} images, its proxy_count says {task.proxy_count}."
+        )
     return batches(images, batch_size)
 
 

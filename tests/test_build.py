@@ -1,5 +1,6 @@
 """The ESM++ build on synthetic fine-tunes of a tiny model (the zoo-based end-to-end test is in tests/zoo)."""
 
+import dataclasses
 import gc
 import tempfile
 import weakref
@@ -207,6 +208,20 @@ def test_bad_options_are_named_before_the_merge(pretrained, options, message, mo
     monkeypatch.setattr("esmpp.build.merge_streaming", _long_work)
     with pytest.raises(ConfigError, match=message):
         build_artifact(pretrained, _tasks(1, pretrained), options, progress=False)
+
+
+def test_a_task_source_need_not_know_its_proxy_count(pretrained):
+    """proxy_count is optional (TaskSources written before it existed still build); the images are counted as
+    they load."""
+    tasks = [dataclasses.replace(task, proxy_count=None) for task in _tasks(2, pretrained)]
+    artifact = build_artifact(pretrained, tasks, BuildOptions(alpha=1.0, rank=2), progress=False)
+    assert [task.name for task in artifact.tasks] == ["task0", "task1"]
+
+
+def test_a_proxy_count_the_images_contradict_is_refused_when_they_load(pretrained):
+    tasks = [dataclasses.replace(task, proxy_count=32) for task in _tasks(2, pretrained)]  # each gives 6
+    with pytest.raises(ConfigError, match="task 'task0': its proxy gave 6 images, its proxy_count says 32"):
+        build_artifact(pretrained, tasks, BuildOptions(alpha=1.0, rank=2), progress=False)
 
 
 def test_golden_section_finds_the_peak():
