@@ -597,8 +597,15 @@ def demo(
             routed_kinds=every_linear, prototype_source="runtime", prototypes_per_task=4, router="discriminant"
         ),
     ]
+    from esmpp.folders import folder_kind
+
+    # demo's --out is a folder of its own: not a file, nor an esmpp folder it would write into.
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; demo writes a folder there (a report and an artifact).")
+    if out.is_dir() and (kind := folder_kind(out)) is not None:
+        raise ConfigError(f"--out {out} is {kind}; demo writes a folder of its own there: choose another --out.")
     report = out / "compare.json"
-    # demo's --out is a folder: compare's advice to give the report's file in --out would be wrong.
+    # compare's advice to give the report's file in --out would be wrong here.
     report_is_a_folder = f"{report} is a folder, where demo writes its report: remove it, or choose another --out."
     z = _compare(zoo, "all", report, out / "artifact", variants, report_is_a_folder=report_is_a_folder)
     predictor = Predictor.load(out / "artifact")
@@ -655,11 +662,12 @@ def _csv(text: str, option: str) -> tuple[str, ...]:
 
 
 def _positive_integers(option: str, text: str) -> tuple[int, ...]:
-    """The comma-separated integers ``text`` given to ``option``: one or more, each at least 1."""
+    """The comma-separated integers ``text`` given to ``option``: one or more, each at least 1, each once."""
     items = _csv(text, option)
     if not items or not all(item.isdecimal() and int(item) >= 1 for item in items):
         raise ConfigError(f"{option} takes one or more comma-separated integers ≥ 1, e.g. 1,8; got {text!r}.")
-    return tuple(int(item) for item in items)
+    canonical = ",".join(str(int(item)) for item in items)  # so that 2,02 counts as 2 given twice
+    return tuple(int(item) for item in _csv(canonical, option))
 
 
 @app.command()

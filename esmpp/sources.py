@@ -130,7 +130,9 @@ def config_sources(
     check_prototypes_per_task(
         options,
         {name: len(files) for name, files in proxies.items()},
-        f"give the task more proxy images (up to `proxy_images`, {config.proxy_images}, are used)",
+        # The folder may hold more than proxy_images lets the build use: either change helps.
+        f"give the task more proxy images, or raise `proxy_images` (now {config.proxy_images}) if its folder holds "
+        "more",
     )
     if before_slow_work is not None:
         before_slow_work()

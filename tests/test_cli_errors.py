@@ -256,6 +256,14 @@ CASES = {
         lambda root, *_: ["build", "--zoo", "tiny", "--routed-kinds", "qkv,fc,qkv", "--out", root / "z"],
         "--routed-kinds names qkv more than once",
     ),
+    "demo onto a file": (
+        lambda root, config, *_: ["demo", "--zoo", "tiny", "--out", config],
+        "is a file; demo writes a folder there (a report and an artifact).",
+    ),
+    "demo into an artifact": (
+        lambda root, config, artifact, image: ["demo", "--zoo", "tiny", "--out", artifact],
+        "is an esmpp artifact; demo writes a folder of its own there: choose another --out.",
+    ),
     "build zoo task twice": (
         lambda root, *_: ["build", "--zoo", "tiny", "--tasks", "digits, faces,digits", "--out", root / "z"],
         "--tasks names digits more than once",
@@ -371,6 +379,7 @@ BAD_BENCH_OPTIONS = {
     "negative batch": (["--batch-sizes", "1,-4"], ["--batch-sizes takes", "integers ≥ 1", "got '1,-4'"]),
     "batch not a number": (["--batch-sizes", "1,x"], ["--batch-sizes takes", "integers ≥ 1", "got '1,x'"]),
     "a task count twice": (["--tasks", "2,8,2"], ["--tasks names 2 more than once: give each once."]),
+    "a task count twice, written differently": (["--tasks", "2,02"], ["--tasks names 2 more than once"]),
     "a method twice": (["--methods", "tsv,esm,tsv"], ["--methods names tsv more than once"]),
     "rank above the layers' width": (
         ["--rank", "769"],

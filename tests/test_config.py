@@ -141,8 +141,12 @@ def test_more_prototypes_than_a_tasks_proxy_images_are_refused_before_the_tasks_
     config = _with_options(config_file, prototypes_per_task=3)
     assert len(config_sources(config)[1][1].proxy()) == 3  # as many prototypes as images: each image is one
     monkeypatch.setattr("esmpp.sources.load_labelled_folder", _slow_preparation)
-    with pytest.raises(ConfigError, match=r"prototypes_per_task 4 is more than the 3 proxy images of task 'task1'"):
+    with pytest.raises(
+        ConfigError, match=r"prototypes_per_task 4 is more than the 3 proxy images of task 'task1'"
+    ) as e:
         config_sources(_with_options(config_file, prototypes_per_task=4))
+    # Where proxy_images is the limit, more images in the folder would not help: the advice names both fixes.
+    assert "give the task more proxy images, or raise `proxy_images` (now 32) if its folder holds more" in str(e.value)
 
 
 def test_validation_data_of_only_some_tasks_is_refused_before_the_tasks_load(config_file, monkeypatch):
