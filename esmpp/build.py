@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from esmpp.allocator import release_free_memory
 from esmpp.architecture import Architecture, as_matrix, routed_keys, weight_shapes
-from esmpp.artifact import Artifact, TaskInfo
+from esmpp.artifact import Artifact, TaskInfo, repeated_names
 from esmpp.capture import capture_statistics
 from esmpp.checkpoints import Encoder, check_compatible
 from esmpp.errors import ConfigError, validation_problems
@@ -282,6 +282,9 @@ def build_artifact(
     check_rank(options, pretrained.arch)
     if not tasks:
         raise ConfigError("no tasks to merge: give at least one task with a fine-tuned checkpoint.")
+    repeated = repeated_names([task.name for task in tasks])
+    if repeated:  # the artifact refuses them: say so now, not at its save after the whole build
+        raise ConfigError(f"tasks named more than once: {', '.join(repeated)}. Give each task its own name.")
     for task in tasks:
         if task.head is None:
             raise ConfigError(f"task {task.name!r} has no head: give a head file or class names.")

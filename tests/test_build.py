@@ -210,6 +210,13 @@ def test_bad_options_are_named_before_the_merge(pretrained, options, message, mo
         build_artifact(pretrained, _tasks(1, pretrained), options, progress=False)
 
 
+def test_repeated_task_names_are_refused_before_the_merge(pretrained, monkeypatch):
+    monkeypatch.setattr("esmpp.build.merge_streaming", _long_work)
+    tasks = [dataclasses.replace(task, name="cars") for task in _tasks(2, pretrained)]
+    with pytest.raises(ConfigError, match="tasks named more than once: cars. Give each task its own name."):
+        build_artifact(pretrained, tasks, BuildOptions(alpha=1.0, rank=2), progress=False)
+
+
 def test_a_task_source_need_not_know_its_proxy_count(pretrained):
     """proxy_count is optional (TaskSources written before it existed still build); the images are counted as
     they load."""
