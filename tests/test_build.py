@@ -213,7 +213,7 @@ def test_bad_options_are_named_before_the_merge(pretrained, options, message, mo
 def test_repeated_task_names_are_refused_before_the_merge(pretrained, monkeypatch):
     monkeypatch.setattr("esmpp.build.merge_streaming", _long_work)
     tasks = [dataclasses.replace(task, name="cars") for task in _tasks(2, pretrained)]
-    with pytest.raises(ConfigError, match="tasks named more than once: cars. Give each task its own name."):
+    with pytest.raises(ConfigError, match=r"tasks named more than once: cars\. Give each task its own name\."):
         build_artifact(pretrained, tasks, BuildOptions(alpha=1.0, rank=2), progress=False)
 
 
