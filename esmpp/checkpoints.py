@@ -340,10 +340,12 @@ def _describe(arch: Architecture) -> str:
 
 def _tensor(state: dict[str, Tensor], key: str, ndim: int, source: str) -> Tensor:
     value = state.get(key)
-    if value is None or value.ndim != ndim:
+    # An empty dimension describes no model (and would divide by zero when the architecture is inferred).
+    if value is None or value.ndim != ndim or 0 in value.shape:
         found = "missing" if value is None else f"of shape {tuple(value.shape)}"
         raise CheckpointError(
-            f"{source}: {key} is {found}; an open_clip ViT visual tower has a {ndim}-D {key}. "
+            f"{source}: {key} is {found}; an open_clip ViT visual tower has a {ndim}-D {key} with no empty "
+            "dimension. "
             "Check that the file is a CLIP ViT checkpoint, or pass its architecture."
         )
     return value

@@ -234,6 +234,22 @@ def test_infer_architecture_recovers_the_shapes(width_heads, layers, patch, grid
     assert inferred.vision["head_width"] == width // heads
 
 
+@pytest.mark.parametrize(
+    ("key", "shape"),
+    [
+        ("conv1.weight", (0, 0, 0, 0)),
+        ("positional_embedding", (0, 32)),
+        ("transformer.resblocks.0.mlp.c_fc.weight", (0, 32)),
+    ],
+)
+def test_an_empty_dimension_is_a_checkpoint_error(tiny_visual, key, shape):
+    """Found by the nightly fuzz: an empty conv1.weight divided by zero (width 0), an empty positional
+    embedding gave math.isqrt(-1)."""
+    state = dict(tiny_visual.state_dict()) | {key: torch.zeros(shape)}
+    with pytest.raises(CheckpointError, match=rf"{re.escape(key)} is of shape {re.escape(str(shape))}.*no empty"):
+        infer_architecture(state, source="edited")
+
+
 @pytest.mark.parametrize(("name", "head_width"), [("ViT-B-32", 64), ("ViT-H-14", 80)])
 def test_infer_architecture_names_open_clip_configs(name, head_width):
     with torch.device("meta"):
