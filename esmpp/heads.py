@@ -8,10 +8,11 @@ prompt templates, times the model's logit scale.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from esmpp.errors import ConfigError
@@ -26,11 +27,16 @@ _TEXT_KEYS = ("token_embedding.weight", "text_projection", "ln_final.weight")
 _PREFIXES = ("module.", "model.", "clip_model.")
 
 
-def _full_state(path: Path) -> dict[str, torch.Tensor]:
+def _full_state(path: Path, keys_only: bool = False) -> dict[str, Any]:
+    """The whole CLIP state dict in ``path``, its keys without a prefix that all share; with ``keys_only``, a
+    safetensors file's keys alone (values None: its header is read, not its tensors)."""
     try:
-        if path.suffix == ".safetensors":
+        if path.suffix == ".safetensors" and keys_only:
+            with safe_open(path, framework="pt") as handle:
+                state = dict.fromkeys(handle.keys())
+        elif path.suffix == ".safetensors":
             state = load_file(path)
-        else:
+        else:  # a torch file is read whole either way
             state = torch.load(path, map_location="cpu", weights_only=True)
     except (OSError, SafetensorError, RuntimeError, ValueError) as exc:
         raise ConfigError(f"{path}: cannot read the pretrained checkpoint for zero-shot heads ({exc}).") from exc
@@ -44,6 +50,33 @@ def _full_state(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def _check_model_name(model_name: str) -> None:
+    import open_clip
+
+    if open_clip.get_model_config(model_name) is None:
+        raise ConfigError(
+            f"zero-shot heads need an open_clip model name (e.g. ViT-B-32), got {model_name!r}. "
+            "Set `architecture:` in the config, or give a head file instead."
+        )
+
+
+def _check_text_tower(checkpoint: Path, state: dict[str, Any]) -> None:
+    missing = [key for key in _TEXT_KEYS if key not in state]
+    if missing:
+        raise ConfigError(
+            f"{checkpoint}: has no text tower (missing {missing}), so class names cannot become a zero-shot head. "
+            "Give the task a head file (`head:`) or a whole-CLIP pretrained checkpoint."
+        )
+
+
+def check_zero_shot_source(checkpoint: Path, model_name: str) -> None:
+    """Raise now the ``ConfigError`` that :func:`zero_shot_head` would raise for an unknown ``model_name`` or a
+    ``checkpoint`` without a text tower, reading only a safetensors file's keys (a build checks this before
+    its slow work; building the heads means running the text tower)."""
+    _check_model_name(model_name)
+    _check_text_tower(checkpoint, _full_state(Path(checkpoint), keys_only=True))
+
+
 def zero_shot_head(
     checkpoint: Path, model_name: str, classes: list[str], templates: tuple[str, ...] = DEFAULT_TEMPLATES
 ) -> torch.Tensor:
@@ -53,18 +86,9 @@ def zero_shot_head(
 
     if not classes:
         raise ConfigError("zero-shot heads need at least one class name.")
-    if open_clip.get_model_config(model_name) is None:
-        raise ConfigError(
-            f"zero-shot heads need an open_clip model name (e.g. ViT-B-32), got {model_name!r}. "
-            "Set `architecture:` in the config, or give a head file instead."
-        )
+    _check_model_name(model_name)
     state = _full_state(Path(checkpoint))
-    missing = [key for key in _TEXT_KEYS if key not in state]
-    if missing:
-        raise ConfigError(
-            f"{checkpoint}: has no text tower (missing {missing}), so class names cannot become a zero-shot head. "
-            "Give the task a head file (`head:`) or a whole-CLIP pretrained checkpoint."
-        )
+    _check_text_tower(checkpoint, state)
     model = open_clip.create_model(model_name, pretrained=None)
     result = model.load_state_dict(state, strict=False)
     text_missing = [key for key in result.missing_keys if not key.startswith("visual.")]

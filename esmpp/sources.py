@@ -15,7 +15,7 @@ from esmpp.build import BuildOptions, check_alpha_search, check_prototypes_per_t
 from esmpp.checkpoints import Encoder, load_encoder, probe_checkpoint
 from esmpp.config import BuildConfig
 from esmpp.errors import ConfigError
-from esmpp.heads import zero_shot_head
+from esmpp.heads import check_zero_shot_source, zero_shot_head
 from esmpp.images import check_image_file, preprocess_images, preprocess_uint8
 from esmpp.merge import TaskSource
 from esmpp.zoo import check_zoo_tasks
@@ -127,6 +127,8 @@ def config_sources(
         if task.validation is not None:
             classes = head_files[task.name][1] if task.head is not None else task.classes
             validation_files[task.name] = labelled_files(task.validation, classes)
+    if any(task.head is None for task in config.tasks):  # their zero-shot heads come after --out is checked
+        check_zero_shot_source(config.pretrained, arch.name)
     check_prototypes_per_task(
         options,
         {name: len(files) for name, files in proxies.items()},

@@ -184,6 +184,23 @@ def test_an_undecodable_validation_image_of_the_last_task_is_named_before_the_sl
     assert before == []
 
 
+def test_a_zero_shot_task_without_a_text_tower_is_named_before_the_slow_work(config_file, monkeypatch):
+    """A task with class names and no head file needs the pretrained CLIP's text tower and an open_clip model
+    name; here it has neither (a visual tower of the custom 'tiny'), found only after the CLI had made the
+    folder for --out."""
+    config = yaml.safe_load(config_file.read_text())
+    del config["tasks"][1]["head"]
+    config["tasks"][1]["classes"] = ["yes", "no"]
+    config_file.write_text(yaml.safe_dump(config))
+    monkeypatch.setattr("esmpp.sources.load_labelled_folder", _slow_preparation)
+    before = []
+    with pytest.raises(
+        ConfigError, match=r"zero-shot heads need an open_clip model name \(e\.g\. ViT-B-32\), got 'tiny'"
+    ):
+        config_sources(load_config(config_file), before_slow_work=lambda: before.append("called"))
+    assert before == []
+
+
 def test_a_missing_checkpoint_is_named_before_any_task_loads(config_file):
     (config_file.parent / "task1.safetensors").unlink()  # the last task: found only after the others, before
     with pytest.raises(CheckpointError, match=r"task1\.safetensors does not exist"):

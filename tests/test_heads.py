@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import save_file
 
 from esmpp.errors import ConfigError
-from esmpp.heads import zero_shot_head
+from esmpp.heads import check_zero_shot_source, zero_shot_head
 
 TINY_CLIP = {
     "embed_dim": 16,
@@ -48,3 +48,14 @@ def test_visual_only_checkpoint_has_no_text_tower(tiny_clip, tmp_path):
 def test_custom_architectures_need_a_head_file(tiny_clip):
     with pytest.raises(ConfigError, match="open_clip model name"):
         zero_shot_head(tiny_clip[1], "custom", ["cat"])
+
+
+def test_the_cheap_check_refuses_what_the_head_would_and_passes_a_whole_clip(tiny_clip, tmp_path):
+    model, path = tiny_clip
+    check_zero_shot_source(path, "esmpp-test-clip")  # a whole CLIP: nothing to refuse
+    visual_only = tmp_path / "visual.safetensors"
+    save_file({f"visual.{k}": v.contiguous() for k, v in model.visual.state_dict().items()}, visual_only)
+    with pytest.raises(ConfigError, match="has no text tower"):
+        check_zero_shot_source(visual_only, "esmpp-test-clip")
+    with pytest.raises(ConfigError, match="open_clip model name"):
+        check_zero_shot_source(path, "custom")
