@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from esmpp.allocator import release_free_memory
-from esmpp.architecture import Architecture, as_matrix, routed_keys, weight_shapes
+from esmpp.architecture import ROUTED_KINDS, Architecture, as_matrix, routed_keys, weight_shapes
 from esmpp.artifact import Artifact, TaskInfo, repeated_names
 from esmpp.capture import capture_statistics
 from esmpp.checkpoints import Encoder, check_compatible
@@ -82,6 +82,9 @@ ALPHA_SEARCH = (0.0, 2.0)
 MAX_ALPHA = 10.0
 
 
+RoutedKind = Literal[ROUTED_KINDS]  # the architecture's list, as the choices pydantic names in its errors
+
+
 class OptionsConfig(pydantic.BaseModel):
     """BuildOptions' choices, validated: the one statement of their bounds, for a build config's `options:`,
     the command line's flags and :meth:`BuildOptions.check` alike. Floats must be finite: a NaN or infinite α,
@@ -93,9 +96,7 @@ class OptionsConfig(pydantic.BaseModel):
     alpha: float | None = pydantic.Field(_DEFAULTS.alpha, ge=0.0, le=MAX_ALPHA)
     rank: int = pydantic.Field(_DEFAULTS.rank, ge=1)
     rank_energy: float | None = pydantic.Field(_DEFAULTS.rank_energy, gt=0.0, le=1.0)
-    routed_kinds: list[Literal["patch", "qkv", "out", "fc", "proj"]] = pydantic.Field(
-        list(_DEFAULTS.routed_kinds), min_length=1
-    )
+    routed_kinds: list[RoutedKind] = pydantic.Field(list(_DEFAULTS.routed_kinds), min_length=1)
     prototype_source: Literal["finetuned", "runtime"] = _DEFAULTS.prototype_source
     prototypes_per_task: int = pydantic.Field(_DEFAULTS.prototypes_per_task, ge=1)
     router: Literal["cosine", "discriminant"] = _DEFAULTS.router
