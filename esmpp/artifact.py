@@ -49,7 +49,7 @@ def repeated_names(names: list[str]) -> list[str]:
     return sorted({name for name in names if names.count(name) > 1})
 
 
-def _ranks(experts: dict[str, Experts]) -> dict[str, int]:
+def expert_ranks(experts: dict[str, Experts]) -> dict[str, int]:
     """The rank of each routed layer's experts, as the manifest records it."""
     return {key: int(layer.up.shape[2]) for key, layer in experts.items()}
 
@@ -187,7 +187,7 @@ def describe_artifact(artifact: Artifact) -> dict[str, Any]:
         "architecture": artifact.arch.to_dict(),
         "tasks": [{"name": task.name, "classes": task.classes} for task in artifact.tasks],
         "routed_layers": list(artifact.experts),
-        "ranks": _ranks(artifact.experts),
+        "ranks": expert_ranks(artifact.experts),
         "build": artifact.build,
     }
 
@@ -349,7 +349,7 @@ def load_artifact(path: Path) -> Artifact:
     _refuse_unlisted(path / "heads.safetensors", heads_file, heads)
     artifact = Artifact(arch, tasks, tensors["backbone.safetensors"], experts, list(heads.values()), manifest["build"])
     artifact.validate(str(path))
-    stored_ranks = _ranks(experts)  # the shapes are known to be consistent once validated
+    stored_ranks = expert_ranks(experts)  # the shapes are known to be consistent once validated
     wrong = [key for key, rank in manifest["ranks"].items() if rank != stored_ranks[key]]
     if wrong:
         key = wrong[0]

@@ -339,6 +339,8 @@ def _zoo_task_subset(zoo: Preset, tasks: str) -> list[str]:
 
 
 def _print_summary(path: Path, artifact, seconds: float) -> None:
+    from esmpp.artifact import expert_ranks
+
     sizes = {f.name: f.stat().st_size for f in sorted(path.iterdir())}
     build = artifact.build
     typer.echo(
@@ -347,7 +349,7 @@ def _print_summary(path: Path, artifact, seconds: float) -> None:
         + ")"
     )
     typer.echo(f"tasks: {', '.join(t.name for t in artifact.tasks)}")
-    ranks = sorted({int(layer.up.shape[2]) for layer in artifact.experts.values()})
+    ranks = sorted(set(expert_ranks(artifact.experts).values()))
     typer.echo(
         f"backbone: {build['method']}, alpha {build['alpha']:.3f}; experts: "
         + (f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks[0]} to {ranks[-1]}")
