@@ -85,7 +85,7 @@ class RoutedEncoder(nn.Module):
         return int(self.heads.shape[0])
 
     def forward(self, pixels: torch.Tensor, task_ids: torch.Tensor | None = None) -> RoutedOutput:
-        self.control.start_pass(task_ids)
+        self.control.start_pass(task_ids, self.num_tasks)
         embedding = self.visual(pixels)
         task = self.control.image_task
         head = self.heads[task]  # [B, C_max, D]

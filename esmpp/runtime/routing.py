@@ -87,8 +87,13 @@ class RoutingControl:
     forced_tasks: torch.Tensor | None = None
     decisions: list[torch.Tensor] = field(default_factory=list)
 
-    def start_pass(self, forced_tasks: torch.Tensor | None = None) -> None:
-        """Forget the previous pass's decisions; ``forced_tasks`` [B] skips routing for this pass."""
+    def start_pass(self, forced_tasks: torch.Tensor | None = None, num_tasks: int | None = None) -> None:
+        """Forget the previous pass's decisions; ``forced_tasks`` [B] skips routing for this pass. A routed pass
+        checks the options first (see :func:`check_routing_options`; ``num_tasks``: the model's), once for all
+        its layers: they may have been set on the control directly, past the Predictor's check, where a mode it
+        does not know would route hard and a temperature of 0 give NaN weights."""
+        if forced_tasks is None and num_tasks is not None:  # None: a reset, no pass follows (see onnx._trace)
+            check_routing_options(self.mode, self.top_k, self.temperature, self.route_once, num_tasks)
         self.forced_tasks = forced_tasks
         self.decisions = []
 
@@ -104,9 +109,6 @@ class RoutingControl:
         elif self.route_once and self.decisions:
             ids, weights = self._first
         else:
-            # The options may have been set on the control directly, past the Predictor's check: a mode it does
-            # not know would route hard, a temperature of 0 give NaN weights.
-            check_routing_options(self.mode, self.top_k, self.temperature, self.route_once, prototypes.shape[0])
             similarity = task_scores(routing_feature(tokens), prototypes, bias)
             if self.mode == "soft":
                 ids, weights = soft_route(similarity, self.top_k, self.temperature)
