@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import os
 import shutil
 import signal
@@ -59,6 +60,23 @@ def write_failure_advice(exc: Exception, folder: Path, elsewhere: str) -> str:
 def nearest_existing(path: Path) -> Path:
     """``path`` itself if it exists, else its nearest ancestor that does."""
     return next(folder for folder in (Path(path), *Path(path).absolute().parents) if folder.exists())
+
+
+def _missing_folders(folder: Path) -> list[Path]:
+    """``folder`` and those of its ancestors that do not exist, deepest first: what ``mkdir(parents=True)``
+    would create."""
+    folder = Path(folder).absolute()
+    return list(itertools.takewhile(lambda path: not path.exists(), (folder, *folder.parents)))
+
+
+def _remove_empty_folders(folders: list[Path]) -> None:
+    """Remove ``folders`` (deepest first, as :func:`_missing_folders` lists them) up to the first that is gone
+    or not empty: what they hold now, another process's files included, is never deleted."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
 
 
 def free_mib(path: Path) -> float:
@@ -147,7 +165,8 @@ def _describe_unreplaceable(destination: Path, marker: str | None) -> str:
 def _staging_directory(
     destination: Path, overwrite: bool, elsewhere: str, marker: str | None, owns: Owner | None
 ) -> Iterator[Path]:
-    """An empty hidden sibling of ``destination`` for the duration of the block, removed after it; failed
+    """An empty hidden sibling of ``destination`` for the duration of the block, removed after it with the
+    parent folders made for it (unless ``destination`` is in them now, moved there by the block); failed
     writes in the block, its own creation included, become a :class:`StorageError` (see
     :func:`atomic_directory`)."""
     _check_replaceable(destination, overwrite, elsewhere, marker, owns)
@@ -157,6 +176,7 @@ def _staging_directory(
         return f"could not write {destination} ({exc}). Nothing was written: {advice}."
 
     staging = None
+    made = _missing_folders(destination.parent)
     try:
         with storage_errors(describe):
             destination.parent.mkdir(parents=True, exist_ok=True)
@@ -169,6 +189,9 @@ def _staging_directory(
     finally:
         if staging is not None and staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+        # A failed write, or a check (which writes nothing), leaves no folder behind; a written destination
+        # is in them, so they stay.
+        _remove_empty_folders(made)
 
 
 def check_destination(
@@ -179,8 +202,9 @@ def check_destination(
     owns: Owner | None = None,
 ) -> None:
     """Fail now, before any long work, where :func:`atomic_directory` would fail at the end: ``destination``
-    exists and may not be replaced, or its folder cannot be created or written. Creates the missing parent
-    folders, as the write would."""
+    exists and may not be replaced, or its folder cannot be created or written. Leaves nothing behind: the
+    missing parent folders are created to find out, and removed again (the write creates them anew), so that a
+    command failing in its long work leaves no empty folder for its --out."""
     with _staging_directory(Path(destination), overwrite, elsewhere, marker, owns):
         pass
 
@@ -199,9 +223,10 @@ def atomic_directory(
     Raises ``EsmppError`` up front if ``destination`` exists, unless ``overwrite`` and it is a folder holding
     the file ``marker`` (what this writer writes, e.g. an artifact's manifest.json) and, with ``owns``, one
     that ``owns`` recognises as this writer's (another writer may write a file of the same name): anything else
-    there is never replaced. On any error the temporary directory is removed and ``destination`` is
-    left as it was; a failed write (a full disk, a forbidden folder) becomes a :class:`StorageError` that
-    names ``destination``, the room left there when the disk is full, and how to write ``elsewhere``.
+    there is never replaced. On any error the temporary directory and the parent folders made for it are
+    removed and ``destination`` is left as it was; a failed write (a full disk, a forbidden folder) becomes a
+    :class:`StorageError` that names ``destination``, the room left there when the disk is full, and how to
+    write ``elsewhere``.
     """
     destination = Path(destination)
     with _staging_directory(destination, overwrite, elsewhere, marker, owns) as staging:

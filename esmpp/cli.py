@@ -314,8 +314,8 @@ def build(
 
         build_config = load_config(config)
         options = _build_options("build", build_config.options, **flags)
-        # --out is checked once the config's files are good (a bad config makes no folder for it), before the
-        # slow part of reading the config (zero-shot heads, validation images) and the build.
+        # --out is checked once the config's files are good, before the slow part of reading the config
+        # (zero-shot heads, validation images) and the build. The check leaves no folder for it behind.
         pretrained, sources = config_sources(
             build_config, options, before_slow_work=lambda: check_artifact_destination(out, overwrite)
         )

@@ -103,8 +103,8 @@ def config_sources(
     images and the validation folder's listing; so are the rules of ``options`` that depend on them (the rank
     on the layers' widths, the prototypes per task on the proxy images, an α search on the validation data of
     every task). Then ``before_slow_work`` is called, if given: the place for the caller's own checks that
-    must pass before the slow part but only once the config's files are good (the CLI's of --out, which
-    creates its folder). Checkpoints and proxy images load lazily."""
+    must pass before the slow part but only once the config's files are good (the CLI's of --out). Checkpoints
+    and proxy images load lazily."""
     options = options or config.options.to_build_options()
     check_alpha_search(options, {task.name: task.validation is not None for task in config.tasks})
     pretrained = load_encoder(config.pretrained, arch=config.architecture, allow_pickle=config.allow_pickle)

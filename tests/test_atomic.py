@@ -52,7 +52,7 @@ def test_a_destination_whose_folder_cannot_be_made_is_a_storage_error_that_does_
     assert sorted(tmp_path.iterdir()) == [a_file]
 
 
-def test_checking_a_destination_fails_where_the_write_would_and_leaves_only_its_parent_folders(tmp_path):
+def test_checking_a_destination_fails_where_the_write_would_and_leaves_nothing(tmp_path):
     (tmp_path / "file").write_text("not a folder")
     with pytest.raises(StorageError, match="File exists"):  # mkdir of the folder, which is a file
         check_destination(tmp_path / "file" / "artifact")
@@ -62,8 +62,19 @@ def test_checking_a_destination_fails_where_the_write_would_and_leaves_only_its_
     with pytest.raises(EsmppError, match="Pass --overwrite to replace it"):
         check_destination(existing, marker="manifest.json")
     check_destination(existing, overwrite=True, marker="manifest.json")
-    check_destination(tmp_path / "new" / "artifact")
-    assert sorted(path.name for path in tmp_path.rglob("*")) == ["existing", "file", "manifest.json", "new"]
+    check_destination(tmp_path / "new" / "deeper" / "artifact")  # its folders are made to check, then removed
+    assert sorted(path.name for path in tmp_path.rglob("*")) == ["existing", "file", "manifest.json"]
+
+
+def test_a_failed_write_removes_the_folders_it_made_and_keeps_those_it_found(tmp_path):
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(ValueError), atomic_directory(tmp_path / "kept" / "new" / "deeper" / "artifact") as staging:
+        (staging / "backbone.safetensors").write_bytes(b"partial")
+        raise ValueError("a bug")
+    assert list(tmp_path.rglob("*")) == [tmp_path / "kept"]
+    with atomic_directory(tmp_path / "kept" / "new" / "artifact") as staging:
+        (staging / "manifest.json").write_text("{}")
+    assert (tmp_path / "kept" / "new" / "artifact" / "manifest.json").is_file()  # a written one keeps its folders
 
 
 @pytest.mark.parametrize("kind", ["folder", "file"])

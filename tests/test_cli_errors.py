@@ -540,6 +540,32 @@ def test_a_config_error_creates_no_folder_for_the_artifact(monkeypatch, capsys, 
     assert not (root / "new").exists()
 
 
+def _fails(*args, **kwargs) -> NoReturn:
+    raise ConfigError("the long work failed")
+
+
+# `esmpp build` arguments (but --out) under the given root, and the long work, after --out is checked, made to fail.
+LONG_WORK_FAILURES = {
+    "slow pass of the config": (
+        lambda root: ["build", _variant(root, "validated", _validation_folders(0, 1))],
+        "esmpp.sources.load_labelled_folder",
+    ),
+    "build from a config": (lambda root: ["build", _variant(root, "plain", _options())], "esmpp.build.build_artifact"),
+    "zoo build": (lambda root: ["build", "--zoo", "tiny"], "esmpp.zoo.build_zoo"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LONG_WORK_FAILURES))
+def test_a_failure_after_the_out_check_leaves_no_folder_for_out(monkeypatch, capsys, tmp_path, case):
+    """Checking --out used to create its missing parent folders, left behind empty when the long work failed."""
+    make_args, work = LONG_WORK_FAILURES[case]
+    monkeypatch.setattr(work, _fails)
+    out = tmp_path / "new" / "deeper" / "artifact"
+    code, _, err = _run(monkeypatch, capsys, *make_args(tmp_path), "--out", out)
+    assert code == 1 and err == "error: the long work failed\n"
+    assert not (tmp_path / "new").exists()
+
+
 def test_an_existing_out_is_refused_before_the_slow_part_of_reading_the_config(monkeypatch, capsys, tmp_path):
     config = _variant(tmp_path, "validated", _validation_folders(0, 1))
     monkeypatch.setattr("esmpp.sources.load_labelled_folder", _long_work)  # the validation images: slow ones
