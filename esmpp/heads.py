@@ -7,6 +7,7 @@ prompt templates, times the model's logit scale.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -70,21 +71,25 @@ def _check_text_tower(checkpoint: Path, state: dict[str, Any]) -> None:
 
 
 def check_zero_shot_source(checkpoint: Path, model_name: str) -> None:
-    """Raise now the ``ConfigError`` that :func:`zero_shot_head` would raise for an unknown ``model_name`` or a
+    """Raise now the ``ConfigError`` that :func:`zero_shot_heads` would raise for an unknown ``model_name`` or a
     ``checkpoint`` without a text tower, reading only a safetensors file's keys (a build checks this before
     its slow work; building the heads means running the text tower)."""
     _check_model_name(model_name)
     _check_text_tower(checkpoint, _full_state(Path(checkpoint), keys_only=True))
 
 
-def zero_shot_head(
-    checkpoint: Path, model_name: str, classes: list[str], templates: tuple[str, ...] = DEFAULT_TEMPLATES
-) -> torch.Tensor:
-    """The zero-shot head [len(classes), embed_dim] of the open_clip model ``model_name`` whose whole CLIP
-    state dict (vision and text towers) is in ``checkpoint``."""
+def zero_shot_heads(
+    checkpoint: Path,
+    model_name: str,
+    class_lists: Sequence[list[str]],
+    templates: tuple[str, ...] = DEFAULT_TEMPLATES,
+) -> list[torch.Tensor]:
+    """The zero-shot head [len(classes), embed_dim] of each ``classes`` of ``class_lists``, with the open_clip
+    model ``model_name`` whose whole CLIP state dict (vision and text towers) is in ``checkpoint``: read once
+    for all of them (it is the whole model, hundreds of MB for a ViT-B)."""
     import open_clip
 
-    if not classes:
+    if not all(class_lists):
         raise ConfigError("zero-shot heads need at least one class name.")
     _check_model_name(model_name)
     state = _full_state(Path(checkpoint))
@@ -96,9 +101,13 @@ def zero_shot_head(
         raise ConfigError(f"{checkpoint}: text tower incomplete for {model_name}: missing {text_missing[:3]}.")
     tokenizer = open_clip.get_tokenizer(model_name)
     model.eval()
-    rows = []
-    with torch.no_grad():
+
+    def head(classes: list[str]) -> torch.Tensor:
+        rows = []
         for name in classes:
             texts = tokenizer([template.format(name) for template in templates])
             rows.append(F.normalize(F.normalize(model.encode_text(texts), dim=-1).mean(dim=0), dim=-1))
         return torch.stack(rows) * model.logit_scale.exp()
+
+    with torch.no_grad():
+        return [head(classes) for classes in class_lists]

@@ -15,7 +15,7 @@ from esmpp.build import BuildOptions, check_alpha_search, check_prototypes_per_t
 from esmpp.checkpoints import Encoder, load_encoder, probe_checkpoint
 from esmpp.config import BuildConfig
 from esmpp.errors import ConfigError
-from esmpp.heads import check_zero_shot_source, zero_shot_head
+from esmpp.heads import check_zero_shot_source, zero_shot_heads
 from esmpp.images import check_image_file, preprocess_images, preprocess_uint8
 from esmpp.merge import TaskSource
 from esmpp.zoo import check_zoo_tasks
@@ -110,7 +110,7 @@ def config_sources(
     pretrained = load_encoder(config.pretrained, arch=config.architecture, allow_pickle=config.allow_pickle)
     arch = pretrained.arch
     check_rank(options, pretrained.arch)
-    head_files: dict[str, tuple[torch.Tensor, list[str]]] = {}
+    heads: dict[str, tuple[torch.Tensor, list[str]]] = {}  # of the tasks with a head file; zero-shot ones below
     proxies: dict[str, list[Path]] = {}
     validation_files: dict[str, tuple[list[Path], list[int]]] = {}
     for task in config.tasks:
@@ -122,12 +122,13 @@ def config_sources(
             allow_pickle=config.allow_pickle,
         )
         if task.head is not None:
-            head_files[task.name] = load_head(task.head, task.classes, arch.embed_dim)
+            heads[task.name] = load_head(task.head, task.classes, arch.embed_dim)
         proxies[task.name] = proxy_files(task.proxy, config.proxy_images)
         if task.validation is not None:
-            classes = head_files[task.name][1] if task.head is not None else task.classes
+            classes = heads[task.name][1] if task.head is not None else task.classes
             validation_files[task.name] = labelled_files(task.validation, classes)
-    if any(task.head is None for task in config.tasks):  # their zero-shot heads come after --out is checked
+    zero_shot = [task for task in config.tasks if task.head is None]
+    if zero_shot:  # their heads come after --out is checked
         check_zero_shot_source(config.pretrained, arch.name)
     check_prototypes_per_task(
         options,
@@ -138,12 +139,12 @@ def config_sources(
     )
     if before_slow_work is not None:
         before_slow_work()
+    if zero_shot:  # one read of the pretrained CLIP for all of them
+        made = zero_shot_heads(config.pretrained, arch.name, [task.classes for task in zero_shot])
+        heads |= {task.name: (head, task.classes) for task, head in zip(zero_shot, made)}
     tasks = []
     for task in config.tasks:
-        if task.name in head_files:
-            head, classes = head_files[task.name]
-        else:
-            head, classes = zero_shot_head(config.pretrained, arch.name, task.classes), task.classes
+        head, classes = heads[task.name]
         tasks.append(
             TaskSource(
                 name=task.name,

@@ -3,12 +3,16 @@ routed artifacts built from it, and ``tiny_zoo``: the tiny zoo preset built once
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
+import open_clip
 import pytest
 import torch
 from hypothesis import HealthCheck, settings
+from safetensors.torch import save_file
 
 from esmpp.architecture import Architecture, as_matrix, build_visual, routed_keys
 from esmpp.artifact import Artifact, TaskInfo, save_artifact
@@ -29,6 +33,29 @@ TINY_ARCH = Architecture(
     vision={"width": 32, "layers": 2, "patch_size": 8, "image_size": 16, "head_width": 16},
     name="tiny",
 )
+
+
+# A whole CLIP (vision and text towers) as small as open_clip builds one, registered as the open_clip model
+# "esmpp-test-clip" by the fixture ``tiny_clip``: for zero-shot heads.
+TINY_CLIP = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 16, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory: pytest.TempPathFactory) -> tuple[torch.nn.Module, Path]:
+    """The open_clip model "esmpp-test-clip" (registered here) with random weights, and the safetensors file
+    of its whole state dict (keys prefixed ``model.``, as some trainers save them)."""
+    folder = tmp_path_factory.mktemp("configs")
+    (folder / "esmpp-test-clip.json").write_text(json.dumps(TINY_CLIP))
+    open_clip.add_model_config(folder)
+    torch.manual_seed(0)
+    model = open_clip.create_model("esmpp-test-clip", pretrained=None).eval()
+    path = folder / "clip.safetensors"
+    save_file({f"model.{k}": v.contiguous() for k, v in model.state_dict().items()}, path)
+    return model, path
 
 
 @pytest.fixture

@@ -8,13 +8,15 @@ import pytest
 import torch
 import yaml
 from PIL import Image
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
+from esmpp import heads
 from esmpp.architecture import build_visual
 from esmpp.build import build_artifact
 from esmpp.checkpoints import Encoder, save_encoder
 from esmpp.config import load_config
 from esmpp.errors import CheckpointError, ConfigError, ImageError
+from esmpp.heads import zero_shot_heads
 from esmpp.sources import config_sources, zoo_sources
 from tests.conftest import TINY_ARCH
 
@@ -199,6 +201,31 @@ def test_a_zero_shot_task_without_a_text_tower_is_named_before_the_slow_work(con
     ):
         config_sources(load_config(config_file), before_slow_work=lambda: before.append("called"))
     assert before == []
+
+
+def test_the_zero_shot_heads_of_a_config_read_the_pretrained_checkpoint_once(tiny_clip, tmp_path, monkeypatch):
+    """Each task's zero-shot head used to read the whole pretrained CLIP again (hundreds of MB for a ViT-B)."""
+    _, clip = tiny_clip
+    class_lists = {"pets": ["cat", "dog"], "vehicles": ["car"], "colours": ["red", "green", "blue"]}
+    for name in class_lists:
+        _write_images(tmp_path / name, (200, 10, 10), 2)
+    config = {
+        "architecture": "esmpp-test-clip",
+        "pretrained": str(clip),
+        "tasks": [
+            {"name": name, "checkpoint": str(clip), "classes": classes, "proxy": name}
+            for name, classes in class_lists.items()
+        ],
+        "options": {"rank": 2},
+    }
+    (tmp_path / "build.yaml").write_text(yaml.safe_dump(config))
+    loads = []
+    monkeypatch.setattr(heads, "load_file", lambda *args: loads.append(args) or load_file(*args))
+    _, tasks = config_sources(load_config(tmp_path / "build.yaml"))
+    assert len(loads) == 1
+    for task, classes in zip(tasks, class_lists.values(), strict=True):
+        assert task.classes == classes
+        torch.testing.assert_close(task.head, zero_shot_heads(clip, "esmpp-test-clip", [classes])[0])
 
 
 def test_a_missing_checkpoint_is_named_before_any_task_loads(config_file):
