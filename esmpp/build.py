@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import pydantic
@@ -140,7 +140,7 @@ def check_prototypes_per_task(
     task name → how many it has): a prototype stands for a group of a task's proxy images, so with more
     prototypes than images some would repeat an image. ``more_images``: how to give a task more, where the
     caller can say (a zoo's are fixed: None)."""
-    if not proxy_counts:  # no count known before the images load: they are counted then (see proxy_batches)
+    if not proxy_counts:  # no count known before the images load: checked then (see _checked_as_they_load)
         return
     fewest = min(proxy_counts, key=proxy_counts.__getitem__)
     available = proxy_counts[fewest]
@@ -150,6 +150,20 @@ def check_prototypes_per_task(
             f"{fewest!r}: set `prototypes_per_task` (--prototypes-per-task) to at most {available}"
             + (f", or {more_images}." if more_images else ".")
         )
+
+
+def _checked_as_they_load(task: TaskSource, options: BuildOptions) -> TaskSource:
+    """``task``, whose ``proxy_count`` is unknown, with its proxy images checked against ``options`` each time
+    they load (:func:`check_prototypes_per_task`): the build stops at their first load (the merge's, if the
+    method captures statistics, else the experts'), not after the merge, in :func:`task_prototypes`."""
+
+    def proxy() -> torch.Tensor:
+        images = task.proxy()
+        if images.shape[0]:  # none at all: proxy_batches says so in its own words
+            check_prototypes_per_task(options, {task.name: images.shape[0]})
+        return images
+
+    return replace(task, proxy=proxy)
 
 
 def check_alpha_search(options: BuildOptions, has_validation: Mapping[str, bool]) -> None:
@@ -290,6 +304,7 @@ def build_artifact(
         if task.head is None:
             raise ConfigError(f"task {task.name!r} has no head: give a head file or class names.")
     check_prototypes_per_task(options, {task.name: task.proxy_count for task in tasks if task.proxy_count is not None})
+    tasks = [task if task.proxy_count is not None else _checked_as_they_load(task, options) for task in tasks]
     check_alpha_search(options, {task.name: task.validation is not None for task in tasks})
     timings: dict[str, float] = {}
 

@@ -225,6 +225,25 @@ def test_a_task_source_need_not_know_its_proxy_count(pretrained):
     assert [task.name for task in artifact.tasks] == ["task0", "task1"]
 
 
+@pytest.mark.parametrize("method", ["esm", "task_arithmetic"])  # images loaded in the merge, or first for experts
+def test_more_prototypes_than_the_images_of_a_task_of_unknown_proxy_count_are_refused_as_they_load(
+    pretrained, method, monkeypatch
+):
+    """They used to fail after the merge, in task_prototypes, with a raw ValueError."""
+    tasks = [dataclasses.replace(task, proxy_count=None) for task in _tasks(2, pretrained)]
+    tasks[0].proxy = partial(_task_images, 0, 2, 0)
+    for work in ("esmpp.merge.capture_blockwise", "esmpp.build.capture_statistics", "esmpp.build.residual_expert"):
+        monkeypatch.setattr(work, _long_work)
+    with pytest.raises(
+        ConfigError,
+        match=r"^prototypes_per_task 3 is more than the 2 proxy images of task 'task0': set `prototypes_per_task` "
+        r"\(--prototypes-per-task\) to at most 2, or give the task more proxy images\.$",
+    ):
+        build_artifact(
+            pretrained, tasks, BuildOptions(alpha=1.0, rank=2, prototypes_per_task=3, method=method), progress=False
+        )
+
+
 def test_a_proxy_count_the_images_contradict_is_refused_when_they_load(pretrained):
     tasks = [dataclasses.replace(task, proxy_count=32) for task in _tasks(2, pretrained)]  # each gives 6
     with pytest.raises(ConfigError, match="task 'task0': its proxy gave 6 images, its proxy_count says 32"):
