@@ -422,7 +422,12 @@ def predict(
 
 @app.command("eval")
 def eval_encoder(
-    checkpoint: Annotated[Path, typer.Argument(help="An encoder checkpoint, or an artifact directory.")],
+    checkpoint: Annotated[
+        Path,
+        typer.Argument(
+            help="An encoder checkpoint (a file, or a Hugging Face or open_clip model folder), or an artifact folder."
+        ),
+    ],
     zoo: Annotated[Preset, typer.Option(help="Zoo whose test splits and heads to use.")] = Preset.mini,
     debug: DebugOpt = False,
 ) -> None:
@@ -431,17 +436,23 @@ def eval_encoder(
     from esmpp.checkpoints import load_encoder
     from esmpp.compare import evaluate_routed
     from esmpp.evaluation import evaluate, format_table
+    from esmpp.folders import folder_kind, is_artifact
     from esmpp.zoo import get_preset
 
     # The argument is read and checked against the zoo's preset before the zoo is built (15 minutes for mini).
-    if checkpoint.is_dir():
+    if is_artifact(checkpoint):
         from esmpp.artifact import load_artifact
 
         artifact = load_artifact(checkpoint)
         _check_artifact_fits_zoo(artifact, checkpoint, zoo)
         results = evaluate_routed(artifact, _zoo(zoo, None))
         rows = [{"method": f"{checkpoint.name} {k}", "accuracy": v} for k, v in results.items()]
-    else:
+    elif (kind := folder_kind(checkpoint)) is not None:  # a zoo, an ONNX export: no encoder to load
+        raise ConfigError(
+            f"{checkpoint} is {kind}, which eval does not measure: give an encoder checkpoint (a file, or a "
+            "Hugging Face or open_clip model folder) or an esmpp artifact folder."
+        )
+    else:  # a file, or any other folder: the checkpoint loader reads model folders or says what it lacks
         # The zoo fixes the architecture: naming another (the loader's usual advice) cannot help here.
         fix = f"eval measures encoders of the {zoo.value} zoo's architecture; give a checkpoint fine-tuned from it"
         encoder = load_encoder(checkpoint, arch=get_preset(zoo.value).arch, fix=fix)

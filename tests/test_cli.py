@@ -6,9 +6,11 @@ import pytest
 import torch
 import typer
 from PIL import Image
+from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from esmpp.artifact import load_artifact
+from esmpp.checkpoints import load_encoder
 from esmpp.cli import app
 from esmpp.images import preprocess_uint8
 
@@ -85,6 +87,24 @@ def test_eval_measures_each_artifact_task_on_the_zoo_task_of_its_name(cache, tmp
             routed = model(pixels).task
         assert table["subset task_given"][task] == f"{100 * (given.numpy() == labels).mean():.1f}"
         assert table["subset routing"][task] == f"{100 * (routed.numpy() == index).mean():.1f}"
+
+
+def test_eval_reads_a_folder_that_is_not_an_artifact_as_a_checkpoint(cache, tmp_path):
+    """A sharded safetensors checkpoint (a folder, as Hugging Face writes large models) was refused as an
+    incomplete artifact: it is measured as the same weights in one file are."""
+    file = cache.finetuned_path("digits")
+    state = load_encoder(file).state
+    folder = tmp_path / "sharded"
+    folder.mkdir()
+    keys = sorted(state)
+    shards = {"model-00001-of-00002.safetensors": keys[::2], "model-00002-of-00002.safetensors": keys[1::2]}
+    for name, shard_keys in shards.items():
+        save_file({key: state[key] for key in shard_keys}, folder / name)
+    weight_map = {key: name for name, shard_keys in shards.items() for key in shard_keys}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    by_folder = _accuracy_table(_invoke("eval", folder, "--zoo", "tiny"))
+    by_file = _accuracy_table(_invoke("eval", file, "--zoo", "tiny"))
+    assert by_folder["sharded"] == by_file[file.name]
 
 
 def test_build_needs_exactly_one_source(tmp_path):

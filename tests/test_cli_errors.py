@@ -281,9 +281,19 @@ CASES = {
         lambda root, *_: ["eval", root / "missing.safetensors", "--zoo", "tiny"],
         "missing.safetensors does not exist",
     ),
-    "eval folder that is not an artifact": (
+    # A folder that is not an artifact goes to the checkpoint loader, which reads model folders.
+    "eval folder without model weights": (
         lambda root, *_: ["eval", root / "proxy0", "--zoo", "tiny"],
-        "is not a complete esmpp artifact",
+        "proxy0 is a directory without model weights: expected one of model.safetensors",
+    ),
+    "eval a zoo": (
+        lambda root, *_: ["eval", _zoo_manifest_in(root / "zoo"), "--zoo", "tiny"],
+        "zoo is an esmpp zoo, which eval does not measure: give an encoder checkpoint (a file, or a Hugging Face "
+        "or open_clip model folder) or an esmpp artifact folder.",
+    ),
+    "eval an ONNX export": (
+        lambda root, *_: ["eval", _write(_made(root / "onnx-export") / "export.json", "{}").parent, "--zoo", "tiny"],
+        "onnx-export is an esmpp ONNX export, which eval does not measure",
     ),
     "eval checkpoint of another architecture": (
         lambda root, *_: ["eval", root / "task0.safetensors", "--zoo", "tiny"],
