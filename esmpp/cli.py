@@ -541,10 +541,12 @@ def _compare(
     variants,
     method_options=None,
     report_is_a_folder: str | None = None,
+    report_folder: str | None = None,
 ):
     """Run the comparison, print the tables and routing, write the JSON report; save the last ESM++
     variant's artifact to ``artifact_out`` when given. ``method_options`` go to the static methods that
-    have them; ``report_is_a_folder`` is the error when ``out`` is a folder (see :func:`_prepare_output`).
+    have them; ``report_is_a_folder`` is the error when ``out`` is a folder, ``report_folder`` how the errors name
+    the folder that holds it (see :func:`_prepare_output`).
     Returns the zoo."""
     from esmpp.artifact import check_artifact_destination, save_artifact
     from esmpp.compare import compare_on_zoo
@@ -561,7 +563,7 @@ def _compare(
             f"--out {out} is inside --artifact {artifact_out}, which the new artifact replaces whole: write the "
             f"report elsewhere, e.g. --out {artifact_out.parent / out.name}."
         )
-    _prepare_output(out, report_is_a_folder)
+    _prepare_output(out, report_is_a_folder, report_folder)
     artifact_elsewhere = "choose another folder for the artifact"  # --artifact of compare, --out of demo
     if artifact_out is not None:
         check_artifact_destination(artifact_out, overwrite=True, elsewhere=artifact_elsewhere)
@@ -620,7 +622,15 @@ def demo(
     report = out / "compare.json"
     # compare's advice to give the report's file in --out would be wrong here.
     report_is_a_folder = f"{report} is a folder, where demo writes its report: remove it, or choose another --out."
-    z = _compare(zoo, "all", report, out / "artifact", variants, report_is_a_folder=report_is_a_folder)
+    z = _compare(
+        zoo,
+        "all",
+        report,
+        out / "artifact",
+        variants,
+        report_is_a_folder=report_is_a_folder,
+        report_folder=f"--out {out}",
+    )
     predictor = Predictor.load(out / "artifact")
     typer.echo("\nTask-agnostic predictions on test images (the router picks the task):")
     for task in z.tasks:
@@ -739,15 +749,17 @@ def bench(
     typer.echo(f"\nreport written to {out}")
 
 
-def _prepare_output(out: Path, is_a_folder: str | None = None) -> None:
+def _prepare_output(out: Path, is_a_folder: str | None = None, folder: str | None = None) -> None:
     """Check the report's path ``out`` and create its folder before the long work, so that a bad --out fails at
-    once rather than when the report is written. ``is_a_folder`` is the error when ``out`` is a folder, for a
-    command whose --out is not the report's file (default: give the report's file in --out)."""
+    once rather than when the report is written. For a command whose --out is not the report's file but its
+    folder (demo), ``is_a_folder`` is the error when ``out`` is a folder (default: give the report's file in
+    --out) and ``folder`` how the errors name the folder (default: the folder of --out OUT)."""
     if out.is_dir():
         raise ConfigError(
             is_a_folder or f"--out {out} is a folder; give the report's file, e.g. --out {out / 'report.json'}."
         )
-    with storage_errors(lambda exc: f"cannot create the folder of --out {out} ({exc}). Choose another --out."):
+    folder = folder or f"the folder of --out {out}"
+    with storage_errors(lambda exc: f"cannot create {folder} ({exc}). Choose another --out."):
         out.parent.mkdir(parents=True, exist_ok=True)
     check_writable_folder(out.parent, "choose another --out")
 

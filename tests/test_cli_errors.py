@@ -356,6 +356,17 @@ def test_a_report_folder_that_cannot_be_written_is_refused_before_the_run(monkey
     assert not cache.exists()  # no zoo was built
 
 
+def test_demo_names_its_out_folder_that_cannot_be_created_as_given(monkeypatch, capsys, tmp_path, project):
+    """demo's --out is a folder: its error used to name `--out DIR/compare.json`, an option no one typed."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("ESMPP_CACHE", str(cache))
+    out = project[1] / "demo"  # under a file
+    code, _, err = _run(monkeypatch, capsys, "demo", "--zoo", "tiny", "--out", out)
+    assert code == 1 and err.startswith(f"error: cannot create --out {out} (") and err.count("\n") == 1
+    assert err.endswith("). Choose another --out.\n") and "compare.json" not in err
+    assert not cache.exists()  # no zoo was built
+
+
 def test_eval_on_a_cache_folder_that_holds_no_zoo_names_ESMPP_CACHE(monkeypatch, capsys, tmp_path):
     """eval reads the zoo of --zoo PRESET from the cache: it has no --out to choose another of."""
     monkeypatch.setenv("ESMPP_CACHE", str(tmp_path / "cache"))
