@@ -26,13 +26,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
+import pydantic
 import torch
 from tqdm.auto import tqdm
 
 from esmpp.architecture import Architecture, build_visual, linear_keys
-from esmpp.artifact import Artifact, TaskInfo, save_artifact
+from esmpp.artifact import Artifact, TaskInfo, repeated_names, save_artifact
 from esmpp.atomic import (
     check_writable_folder,
     exit_on_terminate,
@@ -40,9 +41,9 @@ from esmpp.atomic import (
     storage_errors,
     write_failure_advice,
 )
-from esmpp.build import BuildOptions, build_artifact, check_rank
+from esmpp.build import BuildOptions, RoutedKind, build_artifact, check_rank
 from esmpp.checkpoints import Encoder, load_encoder, save_encoder
-from esmpp.errors import ArchitectureError, ConfigError, StorageError
+from esmpp.errors import ArchitectureError, ConfigError, StorageError, validation_problems
 from esmpp.merge import TaskSource, apply_task_vector, merge_streaming
 from esmpp.merging import available_methods, check_run_options, get_method, options_share
 from esmpp.profiling import StageProfile, recording, resident_bytes, stage
@@ -55,27 +56,79 @@ WORKDIR_HINT = "pass another --workdir"  # the bench writes its checkpoints and 
 BUILD_STAGES = ("load", "capture", "decompose", "merge", "alpha", "experts", "prototypes", "save", "other")
 
 
-@dataclass(frozen=True)
-class BenchConfig:
-    """What `esmpp bench` measures. Defaults fit a laptop: ViT-B-32 with 2 and 8 tasks."""
+# The `esmpp bench` flag that sets each field of BenchConfig, named beside the field in its errors.
+FLAGS = {
+    "archs": "--arch",
+    "task_counts": "--tasks",
+    "methods": "--methods",
+    "proxy_images": "--proxy-images",
+    "rank": "--rank",
+    "build_repeats": "--build-repeats",
+    "runtime_repeats": "--runtime-repeats",
+    "batch_sizes": "--batch-sizes",
+    "threads": "--threads",
+    "method_options": "--method-option",
+}
 
-    archs: tuple[str, ...] = ("ViT-B-32",)
-    task_counts: tuple[int, ...] = (2, 8)
-    methods: tuple[str, ...] = DEFAULT_METHODS
-    proxy_images: int = 32
-    rank: int = 32
-    routed_kinds: tuple[str, ...] = ("qkv", "fc")
-    build_repeats: int = 1
-    runtime_repeats: int = 5
-    warmup: int = 1
-    batch_sizes: tuple[int, ...] = (1, 32)
+
+def _some(items: tuple[Any, ...]) -> tuple[Any, ...]:
+    if not items:
+        raise ValueError("give at least one")
+    return items
+
+
+def _each_once(items: tuple[Any, ...]) -> tuple[Any, ...]:
+    repeated = repeated_names([str(item) for item in items])  # a workload or a method measured twice
+    if repeated:
+        raise ValueError(f"has {', '.join(repeated)} more than once: give each once")
+    return items
+
+
+_Count = Annotated[int, pydantic.Field(ge=1)]
+_AtLeastOne, _EachOnce = pydantic.AfterValidator(_some), pydantic.AfterValidator(_each_once)
+
+
+@pydantic.dataclasses.dataclass(frozen=True, config=pydantic.ConfigDict(extra="forbid"))
+class BenchConfig:
+    """What `esmpp bench` measures. Defaults fit a laptop: ViT-B-32 with 2 and 8 tasks.
+
+    Checked when made, as the command line's flags are, so that no run starts on a value that would fail or
+    mean nothing: a one-line :class:`ConfigError` names each field out of bounds (and its flag), an unknown
+    method or method option, or a rank above the routed layers' width; an unknown architecture raises
+    :class:`ArchitectureError`. Values are read as pydantic reads them: ``task_counts=["2", 8]`` is ``(2, 8)``."""
+
+    archs: Annotated[tuple[str, ...], _AtLeastOne, _EachOnce] = ("ViT-B-32",)
+    task_counts: Annotated[tuple[_Count, ...], _AtLeastOne, _EachOnce] = (2, 8)
+    methods: Annotated[tuple[str, ...], _EachOnce] = DEFAULT_METHODS  # none: the runtime only
+    proxy_images: _Count = 32
+    rank: _Count = 32
+    routed_kinds: Annotated[tuple[RoutedKind, ...], _AtLeastOne, _EachOnce] = ("qkv", "fc")
+    build_repeats: _Count = 1
+    runtime_repeats: _Count = 5
+    warmup: Annotated[int, pydantic.Field(ge=0)] = 1
+    batch_sizes: Annotated[tuple[_Count, ...], _AtLeastOne, _EachOnce] = (1, 32)
     runtime: bool = True
     onnx: bool = True  # also time both models in onnxruntime (each exported once per architecture)
-    threads: int | None = None  # torch intra-op threads (None: torch's default); 1 is steadier on a busy machine
+    threads: _Count | None = None  # torch intra-op threads (None: torch's default); 1 is steadier on a busy machine
     seed: int = 0
     # Merge-method options for the whole run (`--method-option`): each method, ESM++'s backbone included,
     # gets those it has (rank_fraction=0.5: ESM with half the authors' rank budget).
     method_options: dict[str, Any] = field(default_factory=dict)
+
+    @pydantic.model_validator(mode="wrap")
+    @classmethod
+    def _one_line(cls, data: Any, handler: pydantic.ValidatorFunctionWrapHandler) -> BenchConfig:
+        try:
+            return handler(data)
+        except pydantic.ValidationError as exc:
+            raise ConfigError(f"invalid bench options: {validation_problems(exc, FLAGS)}.") from exc
+
+    def __post_init__(self) -> None:
+        # Checked now, not when run_bench reaches them: an unknown second architecture used to fail only after
+        # the first one's whole benchmark.
+        check_methods(self.methods, self.method_options)
+        for arch in architectures(self.archs):  # the builds' experts and the runtime's random ones
+            check_rank(BuildOptions(rank=self.rank, routed_kinds=self.routed_kinds), arch)
 
 
 @dataclass(frozen=True)
@@ -454,11 +507,9 @@ def _version(package: str) -> str | None:
 
 
 def run_bench(config: BenchConfig, workdir: Path, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run every workload of ``config`` (checkpoints under ``workdir``) and return the JSON-able report."""
-    check_methods(config.methods, config.method_options)
+    """Run every workload of ``config`` (checkpoints under ``workdir``; its values were checked when it was
+    made) and return the JSON-able report."""
     archs = architectures(config.archs)
-    for arch in archs:  # the builds' experts and the runtime's random ones: no more directions than a layer has
-        check_rank(BuildOptions(rank=config.rank, routed_kinds=config.routed_kinds), arch)
     if config.methods:  # the builds write their checkpoints and outputs there
         check_writable_folder(workdir, WORKDIR_HINT)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -9,7 +9,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # pydantic is imported by what validates, not by every command that may raise
+    from collections.abc import Mapping
+
     from pydantic import ValidationError
+    from pydantic_core import ErrorDetails
 
 
 class EsmppError(Exception):
@@ -44,13 +47,23 @@ class StorageError(EsmppError):
     """Working files cannot be written where esmpp puts them (a full disk, no permission)."""
 
 
-def validation_problems(error: ValidationError) -> str:
+def validation_problems(error: ValidationError, flags: Mapping[str, str] | None = None) -> str:
     """pydantic's findings as one line: ``where: what`` for each, ``where`` the dotted field path (e.g.
-    ``options.rank: Input should be greater than or equal to 1``)."""
-    return "; ".join(
-        f"{'.'.join(map(str, problem['loc']))}: {plain(problem['msg'])}" if problem["loc"] else plain(problem["msg"])
-        for problem in error.errors(include_url=False)
-    )
+    ``options.rank: Input should be greater than or equal to 1``). With ``flags`` (top-level field → the
+    command-line flag that sets it), for values a caller gave: each names the flag too, and the value refused
+    (``task_counts.1 (--tasks): Input should be greater than or equal to 1 (got 0)``)."""
+
+    def line(problem: ErrorDetails) -> str:
+        loc, what = problem["loc"], plain(problem["msg"])
+        if not loc:
+            return what
+        where = ".".join(map(str, loc))
+        if flags is None:
+            return f"{where}: {what}"
+        flag = flags.get(str(loc[0]))
+        return f"{where}{f' ({flag})' if flag else ''}: {what} (got {problem['input']!r})"
+
+    return "; ".join(line(problem) for problem in error.errors(include_url=False))
 
 
 def plain(message: str) -> str:

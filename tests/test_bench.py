@@ -7,11 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import typer
 
 from esmpp import artifact as artifact_module
 from esmpp import bench as bench_module
 from esmpp import checkpoints as checkpoints_module
 from esmpp.bench import (
+    FLAGS,
     NO_TARGETS_HINT,
     RUNTIMES,
     BenchConfig,
@@ -25,7 +27,8 @@ from esmpp.bench import (
     write_workload,
 )
 from esmpp.checkpoints import load_encoder
-from esmpp.errors import StorageError
+from esmpp.cli import app
+from esmpp.errors import ArchitectureError, ConfigError, StorageError
 from esmpp.merging import get_method
 from tests.conftest import TINY_ARCH
 
@@ -170,3 +173,55 @@ def test_runtime_without_onnx_times_torch_only():
     runtime = run_runtime(TINY_ARCH, 2, config, torch.device("cpu"))
     assert set(runtime) == {"torch", "expert_flops_ratio"}
     assert "onnxruntime" not in "\n".join(format_runtime("tiny", runtime))
+
+
+# BenchConfig made from Python with values the command line refuses: (fields, part of the one-line error).
+BAD_CONFIGS = {
+    "no threads": ({"threads": 0}, "threads (--threads): Input should be greater than or equal to 1 (got 0)"),
+    "rank 0": ({"rank": 0}, "rank (--rank): Input should be greater than or equal to 1 (got 0)"),
+    "no proxy images": ({"proxy_images": -1}, "proxy_images (--proxy-images): Input should be greater than or equal"),
+    "no builds": ({"build_repeats": 0}, "build_repeats (--build-repeats): Input should be greater than or equal"),
+    "no timed forwards": ({"runtime_repeats": 0}, "runtime_repeats (--runtime-repeats): Input should be greater"),
+    "negative warm-up": ({"warmup": -1}, "warmup: Input should be greater than or equal to 0 (got -1)"),
+    "no task count": ({"task_counts": ()}, "task_counts (--tasks): give at least one (got ())"),
+    "a task count of 0": ({"task_counts": (2, 0)}, "task_counts.1 (--tasks): Input should be greater than or equal"),
+    "a task count twice": ({"task_counts": (2, 8, 2)}, "task_counts (--tasks): has 2 more than once: give each once"),
+    "a fraction of a task": ({"task_counts": (2.5,)}, "task_counts.0 (--tasks): Input should be a valid integer"),
+    "no batch size": ({"batch_sizes": ()}, "batch_sizes (--batch-sizes): give at least one"),
+    "a negative batch size": ({"batch_sizes": (1, -4)}, "batch_sizes.1 (--batch-sizes): Input should be greater"),
+    "a batch size twice": ({"batch_sizes": (4, 4)}, "batch_sizes (--batch-sizes): has 4 more than once"),
+    "no architecture": ({"archs": ()}, "archs (--arch): give at least one"),
+    "an architecture twice": ({"archs": ("ViT-B-32", "ViT-B-32")}, "archs (--arch): has ViT-B-32 more than once"),
+    "a method twice": ({"methods": ("tsv", "tsv")}, "methods (--methods): has tsv more than once"),
+    "unknown method": ({"methods": ("esm++", "magic")}, "no method 'magic'. Choose from esm++, averaging, esm,"),
+    "no routed kind": ({"routed_kinds": ()}, "routed_kinds: give at least one"),
+    "unknown routed kind": ({"routed_kinds": ("mlp",)}, "routed_kinds.0: Input should be 'patch', 'qkv',"),
+    "rank above the layers' width": ({"rank": 769}, "rank 769 is more than the 768 directions"),
+    "option no method has": ({"method_options": {"x": 1}}, "'x' is an option of none of the methods"),
+    "misspelt field": ({"tasks": (2,)}, "tasks: Unexpected keyword argument"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CONFIGS))
+def test_bench_config_refuses_what_the_command_line_refuses_in_one_line(case):
+    """run_bench used to start (writing gigabytes of checkpoints) on a config the command line would refuse."""
+    values, expected = BAD_CONFIGS[case]
+    with pytest.raises(ConfigError) as raised:
+        BenchConfig(**values)
+    assert expected in str(raised.value) and "\n" not in str(raised.value)
+
+
+def test_bench_config_resolves_every_architecture_when_made():
+    with pytest.raises(ArchitectureError, match="--arch: Unknown architecture 'ViT-X'"):
+        BenchConfig(archs=("ViT-B-32", "ViT-X"))
+
+
+def test_bench_config_reads_numbers_as_the_command_line_gives_them():
+    config = BenchConfig(task_counts=["2", "8"], batch_sizes=[1], methods=())  # methods=(): the runtime only
+    assert config.task_counts == (2, 8) and config.batch_sizes == (1,) and config.methods == ()
+
+
+def test_the_flags_bench_config_errors_name_are_options_of_esmpp_bench():
+    command = typer.main.get_command(app).commands["bench"]
+    assert set(FLAGS.values()) <= {name for param in command.params for name in param.opts}
+    assert set(FLAGS) <= set(BenchConfig.__dataclass_fields__)
