@@ -69,14 +69,20 @@ def _missing_folders(folder: Path) -> list[Path]:
     return list(itertools.takewhile(lambda path: not path.exists(), (folder, *folder.parents)))
 
 
-def _remove_empty_folders(folders: list[Path]) -> None:
-    """Remove ``folders`` (deepest first, as :func:`_missing_folders` lists them) up to the first that is gone
-    or not empty: what they hold now, another process's files included, is never deleted."""
-    for folder in folders:
-        try:
-            folder.rmdir()
-        except OSError:
-            return
+@contextlib.contextmanager
+def folders_made_undone(folder: Path) -> Iterator[None]:
+    """After the block, remove ``folder`` and its ancestors that the block created, deepest first, up to the
+    first that is not empty: a check that creates a folder to find out whether it can, or a write that failed,
+    leaves no empty folder behind, while one holding what was written (anyone's files included) stays."""
+    made = _missing_folders(folder)
+    try:
+        yield
+    finally:
+        for created in made:
+            try:
+                created.rmdir()
+            except OSError:
+                break
 
 
 def free_mib(path: Path) -> float:
@@ -176,22 +182,21 @@ def _staging_directory(
         return f"could not write {destination} ({exc}). Nothing was written: {advice}."
 
     staging = None
-    made = _missing_folders(destination.parent)
-    try:
-        with storage_errors(describe):
-            destination.parent.mkdir(parents=True, exist_ok=True)
-            for stale in destination.parent.glob(f".{destination.name}.tmp-*"):
-                shutil.rmtree(stale, ignore_errors=True)
-            staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.tmp-", dir=destination.parent))
-            # mkdtemp makes it 0700, a mode the rename would publish: readable by its owner alone.
-            staging.chmod(_plain_folder_mode(staging))
-            yield staging
-    finally:
-        if staging is not None and staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
-        # A failed write, or a check (which writes nothing), leaves no folder behind; a written destination
-        # is in them, so they stay.
-        _remove_empty_folders(made)
+    # A failed write, or a check (which writes nothing), leaves no folder behind; a written destination is
+    # in them, so they stay.
+    with folders_made_undone(destination.parent):
+        try:
+            with storage_errors(describe):
+                destination.parent.mkdir(parents=True, exist_ok=True)
+                for stale in destination.parent.glob(f".{destination.name}.tmp-*"):
+                    shutil.rmtree(stale, ignore_errors=True)
+                staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.tmp-", dir=destination.parent))
+                # mkdtemp makes it 0700, a mode the rename would publish: readable by its owner alone.
+                staging.chmod(_plain_folder_mode(staging))
+                yield staging
+        finally:
+            if staging is not None and staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)
 
 
 def check_destination(

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from typer.core import TyperGroup
 
-from esmpp.atomic import check_writable_folder, exit_on_terminate, storage_errors
+from esmpp.atomic import check_writable_folder, exit_on_terminate, folders_made_undone, storage_errors
 from esmpp.errors import ConfigError, EsmppError, plain
 
 if TYPE_CHECKING:
@@ -754,16 +754,20 @@ def _prepare_output(out: Path, is_a_folder: str | None = None, folder: str | Non
             is_a_folder or f"--out {out} is a folder; give the report's file, e.g. --out {out / 'report.json'}."
         )
     folder = folder or f"the folder of --out {out}"
-    with storage_errors(lambda exc: f"cannot create {folder} ({exc}). Choose another --out."):
-        out.parent.mkdir(parents=True, exist_ok=True)
-    check_writable_folder(out.parent, "choose another --out")
+    # The folder is made only to find out whether it can be: a run that fails in its long work leaves no empty
+    # folder for a report it never wrote (_write_report makes it again).
+    with folders_made_undone(out.parent):
+        with storage_errors(lambda exc: f"cannot create {folder} ({exc}). Choose another --out."):
+            out.parent.mkdir(parents=True, exist_ok=True)
+        check_writable_folder(out.parent, "choose another --out")
 
 
 def _write_report(out: Path, report: dict) -> None:
-    """Write ``report`` as JSON to ``out`` (whose tables were printed above)."""
+    """Write ``report`` as JSON to ``out`` (whose tables were printed above), making its folder."""
     with storage_errors(
         lambda exc: f"could not write the report {out} ({exc}); its tables are printed above. Choose another --out."
     ):
+        out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=2))
 
 

@@ -572,7 +572,7 @@ def _fails(*args, **kwargs) -> NoReturn:
     raise ConfigError("the long work failed")
 
 
-# `esmpp build` arguments (but --out) under the given root, and the long work, after --out is checked, made to fail.
+# A command's arguments (but --out) under the given root, and its long work, after --out is checked, made to fail.
 LONG_WORK_FAILURES = {
     "slow pass of the config": (
         lambda root: ["build", _variant(root, "validated", _validation_folders(0, 1))],
@@ -580,6 +580,9 @@ LONG_WORK_FAILURES = {
     ),
     "build from a config": (lambda root: ["build", _variant(root, "plain", _options())], "esmpp.build.build_artifact"),
     "zoo build": (lambda root: ["build", "--zoo", "tiny"], "esmpp.zoo.build_zoo"),
+    "compare's report": (lambda root: ["compare", "--zoo", "tiny"], "esmpp.zoo.build_zoo"),
+    "demo's folder": (lambda root: ["demo", "--zoo", "tiny"], "esmpp.zoo.build_zoo"),
+    "bench's report": (lambda root: ["bench", "--workdir", root / "work"], "esmpp.bench.run_bench"),
 }
 
 
@@ -588,7 +591,7 @@ def test_a_failure_after_the_out_check_leaves_no_folder_for_out(monkeypatch, cap
     """Checking --out used to create its missing parent folders, left behind empty when the long work failed."""
     make_args, work = LONG_WORK_FAILURES[case]
     monkeypatch.setattr(work, _fails)
-    out = tmp_path / "new" / "deeper" / "artifact"
+    out = tmp_path / "new" / "deeper" / "out"
     code, _, err = _run(monkeypatch, capsys, *make_args(tmp_path), "--out", out)
     assert code == 1 and err == "error: the long work failed\n"
     assert not (tmp_path / "new").exists()
