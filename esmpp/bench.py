@@ -126,6 +126,8 @@ class BenchConfig:
     def __post_init__(self) -> None:
         # Checked now, not when run_bench reaches them: an unknown second architecture used to fail only after
         # the first one's whole benchmark.
+        if not self.methods and not self.runtime:
+            raise ConfigError("invalid bench options: nothing to measure: give --methods, or leave out --no-runtime.")
         check_methods(self.methods, self.method_options)
         for arch in architectures(self.archs):  # the builds' experts and the runtime's random ones
             check_rank(BuildOptions(rank=self.rank, routed_kinds=self.routed_kinds), arch)

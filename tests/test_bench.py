@@ -199,6 +199,7 @@ BAD_CONFIGS = {
     "rank above the layers' width": ({"rank": 769}, "rank 769 is more than the 768 directions"),
     "option no method has": ({"method_options": {"x": 1}}, "'x' is an option of none of the methods"),
     "misspelt field": ({"tasks": (2,)}, "tasks: Unexpected keyword argument"),
+    "nothing to measure": ({"methods": (), "runtime": False}, "nothing to measure: give --methods, or leave out"),
 }
 
 

@@ -42,7 +42,7 @@ def options_share(method: type[MergeMethod], given: Mapping[str, Any]) -> dict[s
 def check_run_options(names: Sequence[str], given: Mapping[str, Any]) -> None:
     """Raise :class:`ConfigError` before a run of the methods ``names`` when an entry of ``given`` is an
     option of none of them, or a value is invalid for a method that has it (not after its first build)."""
-    methods = [get_method(name) for name in names]
+    methods = list({name: get_method(name) for name in names}.values())  # esm++ and esm share a backbone
     unknown = [key for key in given if not any(key in method.Options.model_fields for method in methods)]
     if unknown:
         known = "; ".join(f"{m.name}: {', '.join(m.Options.model_fields) or 'none'}" for m in methods)

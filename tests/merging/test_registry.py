@@ -76,3 +76,10 @@ def test_a_run_option_no_method_has_or_an_invalid_value_is_refused_before_the_ru
         check_run_options(["tsv", "task_arithmetic"], {"rank_fraction": 0.5})
     with pytest.raises(ConfigError, match=r"Invalid options for merge method 'esm'.*rank_fraction"):
         check_run_options(["esm", "tsv"], {"rank_fraction": 2.0})  # a share of d_out: at most 1
+
+
+def test_a_method_named_twice_is_listed_once_in_the_unknown_option_error():
+    """esm++ builds on esm: a run of both used to list esm's options twice."""
+    with pytest.raises(ConfigError) as refused:
+        check_run_options(["esm", "tsv", "esm"], {"magic": 1})
+    assert str(refused.value).count("esm:") == 1
