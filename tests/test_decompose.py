@@ -361,3 +361,28 @@ def test_isotropic_factor_of_a_float32_matrix_is_as_accurate_as_the_float32_svd(
     svd_error = (s32.mean() * (u32 @ vh32)).double() - reference
     error = isotropic_factor(matrix.float()).double() - reference
     assert error.norm() <= min(2 * svd_error.norm(), 1e-6 * reference.norm())
+
+
+@pytest.mark.parametrize("condition", [2e6, 1e7])
+def test_isotropic_factor_and_product_of_an_ill_conditioned_float32_matrix_match_the_float64_svd(condition):
+    """Past the Gram route's bound a float32 matrix takes the SVD, in float64: the float32 SVD was 1.5e-2 and
+    3.6e-2 relative off here (now 2.5e-8, the rounding of the float32 result), the Gram route would be 9e-6
+    and 4e-3."""
+    generator = torch.Generator().manual_seed(0)
+    n = 256
+    u, _ = torch.linalg.qr(torch.randn(n, n, generator=generator, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(n, n, generator=generator, dtype=torch.float64))
+    singular_values = torch.logspace(0, -torch.log10(torch.tensor(condition)).item(), n, dtype=torch.float64)
+    matrix = ((u * singular_values) @ v.T).float()
+    right = torch.randn(n, 64, generator=generator).float()
+    s = torch.linalg.svdvals(matrix.double())
+    assert s[0] / s[-1] > _gram_route_max_condition(torch.float32)  # the SVD is taken
+
+    def reference(tensor: torch.Tensor) -> torch.Tensor:
+        u, s, vh = torch.linalg.svd(tensor.double(), full_matrices=False)
+        return s.mean() * (u @ vh)
+
+    factor, product = reference(matrix), reference(matrix) @ reference(right)
+    assert isotropic_factor(matrix).dtype == isotropic_product(matrix, right).dtype == torch.float32
+    assert (isotropic_factor(matrix).double() - factor).norm() <= 1e-6 * factor.norm()
+    assert (isotropic_product(matrix, right).double() - product).norm() <= 1e-6 * product.norm()

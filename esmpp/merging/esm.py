@@ -112,7 +112,7 @@ def esm_merge(summaries: list[EssentialSummary], options: EsmOptions) -> Tensor:
 
     Returned in the summaries' dtype and device. The orthogonalisation of P (``d_out × Tk``) and C
     (``Tk × d_in``) dominates the cost of ESM; :func:`isotropic_product` does it through float64 Grams (or
-    the SVD in the summaries' dtype when P is too ill-conditioned for that), and the rest needs no float64.
+    float64 SVDs when P is too ill-conditioned for that), and the rest needs no float64.
     """
     exponent = options.polarization_exponent
     like = summaries[0].basis
