@@ -282,9 +282,10 @@ def _gram_route_max_condition(dtype: torch.dtype) -> float:
     float64 SVD's about eps₆₄·κ, below a float32 result's rounding at any κ a float32 matrix has; the SVD
     takes 1.6× as long as the Gram route on 2304² and 3072². For float64 input the bound keeps the Gram
     route within 2e-7 (κ = 3e4). For float32 input it stays accurate far past that: 4e-7 relative on ESM's
-    P of a ViT-B/32 at κ = 8e5 (that workload's P have κ = 8e3-8e5), 4e-6 at κ = 1e6 with log-spaced
-    singular values, but 3e-4 at 3e6 and 4e-3 at 1e7. So it stops at κ = 1e6, where σ_min² is still 10⁴
-    times the rounding of the Gram's entries; rank-deficient inputs take the SVD.
+    P of a ViT-B/32 at κ = 8e5, 4e-6 at κ = 1e6 with log-spaced singular values, but 3e-4 at 3e6 and 4e-3
+    at 1e7. So it stops at κ = 1e6, where σ_min² is still 10⁴ times the rounding of the Gram's entries;
+    rank-deficient inputs take the SVD. (The bench's ViT-B/32 workload at T = 8 has P of κ = 2e3-2e5, and
+    one of 1.2e6: the last block's qkv.)
     (A float32 Gram would square κ into float32's rounding: 3-7 % errors at κ = 2e3-8e3.)
     """
     return 3e4 if dtype == torch.float64 else 1e6
