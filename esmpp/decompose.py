@@ -307,6 +307,7 @@ def _isotropic_times(matrix: Tensor, other: Tensor | None) -> Tensor:
     work = matrix.to(torch.float64)
     singular_values = eigenvalues.clamp(min=0).sqrt()
     if singular_values[0] <= singular_values[-1] / _gram_route_max_condition(matrix.dtype):
+        del vectors  # the SVD's factors and workspace take its place at the peak
         u, s, vh = torch.linalg.svd(work, full_matrices=False)
         result = s.mean() * (u @ vh if other is None else u @ (vh @ other.to(torch.float64)))
         return result.to(matrix.dtype)
