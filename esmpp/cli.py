@@ -393,7 +393,12 @@ def predict(
     mode: Annotated[
         str | None, typer.Option(help="Routing: hard (one expert per layer) or soft (top-k mixed). (default: hard)")
     ] = None,
-    top_k: Annotated[int | None, typer.Option(help="Experts mixed by soft routing. (default: 2)")] = None,
+    top_k: Annotated[
+        int | None,
+        typer.Option(
+            help="Experts mixed by soft routing, 1 to the artifact's tasks. (default: 2; 1 for a one-task artifact)"
+        ),
+    ] = None,
     temperature: Annotated[
         float | None, typer.Option(help="Softmax temperature of soft routing. (default: 0.05)")
     ] = None,

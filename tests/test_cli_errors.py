@@ -620,6 +620,19 @@ def test_an_unusable_image_in_a_later_batch_is_named_by_its_file(monkeypatch, ca
     assert err.startswith(f"error: {unusable}: float pixels must be finite and in [0, 1]")
 
 
+def test_soft_routing_of_a_one_task_artifact_needs_no_top_k(monkeypatch, capsys, tmp_path):
+    """--mode soft alone was refused: "top_k 2 is more than the artifact's 1 tasks", a default nobody gave."""
+    artifact = save_artifact(random_artifact(num_tasks=1), tmp_path / "one")
+    image = tmp_path / "image.png"
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(image)
+    code, out, _ = _run(monkeypatch, capsys, "predict", artifact, image, "--json", "--mode", "soft")
+    assert code == 0 and json.loads(out)["task"] == "task0"
+    code, _, err = _run(monkeypatch, capsys, "predict", artifact, image, "--mode", "soft", "--top-k", "2")
+    assert (
+        code == 1 and err == "error: top_k 2 is more than the artifact's 1 tasks; soft routing mixes 1 to 1 experts.\n"
+    )
+
+
 def test_routing_flags_reach_the_predictor(monkeypatch, capsys, project):
     given = {}
     load = Predictor.load

@@ -30,6 +30,8 @@ class Predictor:
     ``predict(images, task=None)``: without a task every image is routed and the routed task's head is
     used — prediction without knowing the task. Concurrent calls are serialised around the forward pass
     (the model's routing decisions of a pass are shared state); preprocessing runs in parallel.
+    Soft routing's ``top_k``: None mixes ``DEFAULT_TOP_K`` experts, or every task when the artifact has
+    fewer; a number given above the artifact's tasks is refused.
     """
 
     def __init__(
@@ -37,7 +39,7 @@ class Predictor:
         artifact: Artifact,
         device: str | torch.device = "cpu",
         mode: RoutingMode = "hard",
-        top_k: int = 2,
+        top_k: int | None = None,
         temperature: float = 0.05,
         route_once: bool = False,
     ) -> None:

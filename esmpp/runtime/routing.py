@@ -19,6 +19,13 @@ from esmpp.errors import ConfigError
 
 RoutingMode = Literal["hard", "soft"]
 ROUTING_MODES: tuple[str, ...] = get_args(RoutingMode)
+# Experts soft routing mixes when top_k is not given, at most every task of the artifact.
+DEFAULT_TOP_K = 2
+
+
+def is_whole_number(value: object) -> bool:
+    """An integer of Python or numpy (``numbers.Integral``), but not a bool: ``True`` must not mean 1."""
+    return isinstance(value, Integral) and not isinstance(value, bool)
 
 
 def routing_feature(tokens: torch.Tensor) -> torch.Tensor:
@@ -50,16 +57,17 @@ def soft_route(similarity: torch.Tensor, top_k: int, temperature: float) -> tupl
     return ids, torch.softmax(values / temperature, dim=-1)
 
 
-def check_routing_options(mode: str, top_k: int, temperature: float, route_once: bool, num_tasks: int) -> None:
+def check_routing_options(mode: str, top_k: int | None, temperature: float, route_once: bool, num_tasks: int) -> None:
     """Refuse routing options the router cannot honour, with a ``ConfigError`` naming the option and the values
     it takes: a mode the router does not know would fall back to hard routing, a temperature ≤ 0 gives NaN or
-    inverted weights, and soft routing cannot mix fewer than 1 or more than ``num_tasks`` experts."""
+    inverted weights, and soft routing cannot mix fewer than 1 or more than ``num_tasks`` experts. ``top_k``
+    None is the default, ``DEFAULT_TOP_K`` experts or every task when there are fewer."""
     if mode not in ROUTING_MODES:
         raise ConfigError(f"routing mode {mode!r} is not one of {list(ROUTING_MODES)}.")
-    if isinstance(top_k, bool) or not isinstance(top_k, Integral) or top_k < 1:
+    if top_k is not None and (not is_whole_number(top_k) or top_k < 1):
         raise ConfigError(f"top_k {top_k!r} is not a whole number ≥ 1 (how many experts soft routing mixes).")
-    # Hard routing ignores top_k: the default 2 stays valid for a one-task artifact.
-    if mode == "soft" and top_k > num_tasks:
+    # Hard routing ignores top_k; a top_k the caller gave above the tasks is refused rather than quietly lowered.
+    if mode == "soft" and top_k is not None and top_k > num_tasks:
         raise ConfigError(
             f"top_k {top_k} is more than the artifact's {num_tasks} tasks; soft routing mixes 1 to {num_tasks} experts."
         )
@@ -81,7 +89,7 @@ class RoutingControl:
     forwards (the Predictor holds a lock), because the decisions of a pass are stored here."""
 
     mode: RoutingMode = "hard"
-    top_k: int = 2
+    top_k: int | None = None  # None: DEFAULT_TOP_K, or every task when there are fewer
     temperature: float = 0.05
     route_once: bool = False
     forced_tasks: torch.Tensor | None = None
@@ -111,7 +119,9 @@ class RoutingControl:
         else:
             similarity = task_scores(routing_feature(tokens), prototypes, bias)
             if self.mode == "soft":
-                ids, weights = soft_route(similarity, self.top_k, self.temperature)
+                ids, weights = soft_route(
+                    similarity, DEFAULT_TOP_K if self.top_k is None else self.top_k, self.temperature
+                )
             else:
                 ids = hard_route(similarity)
             if not self.decisions:

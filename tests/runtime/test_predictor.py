@@ -6,6 +6,7 @@ import pytest
 from esmpp.artifact import save_artifact
 from esmpp.errors import ConfigError, EsmppError, ImageError
 from esmpp.runtime.predictor import Predictor
+from tests.conftest import random_artifact
 
 
 @pytest.fixture
@@ -82,6 +83,16 @@ def test_soft_routing_mixes_at_most_every_task(artifact):
         Predictor(artifact, mode="soft", top_k=4)
     every_task = Predictor(artifact, mode="soft", top_k=3).predict(_images(2))
     assert all(0 < p.score <= 1 for p in every_task)
+
+
+def test_soft_routing_by_default_on_a_one_task_artifact_mixes_its_one_expert():
+    """The default top_k (2) was refused as "more than the artifact's 1 tasks", though nobody gave it."""
+    artifact = random_artifact(num_tasks=1)
+    soft = Predictor(artifact, mode="soft").predict(_images(2))
+    assert [p.task for p in soft] == ["task0", "task0"]
+    assert [p.label for p in soft] == [p.label for p in Predictor(artifact).predict(_images(2))]
+    with pytest.raises(ConfigError, match=r"top_k 2 is more than the artifact's 1 tasks; soft routing mixes 1 to 1"):
+        Predictor(artifact, mode="soft", top_k=2)
 
 
 def test_concurrent_predictions_equal_sequential_ones(predictor):

@@ -57,6 +57,16 @@ def test_forced_task_sets_the_image_task_and_head():
     assert (output.logits[0, 3:] == -1.0e4).all() and (output.logits[1] > -1.0e4).all()
 
 
+def test_soft_routing_set_on_the_control_of_a_one_task_model_mixes_its_one_expert():
+    model = random_artifact(num_tasks=1).to_model()
+    model.control.mode = "soft"
+    with torch.no_grad():
+        assert model(torch.rand(2, 3, 16, 16)).task.tolist() == [0, 0]
+    model.control.top_k = 2  # given, not the default: refused
+    with pytest.raises(ConfigError, match="top_k 2 is more than the artifact's 1 tasks"), torch.no_grad():
+        model(torch.rand(2, 3, 16, 16))
+
+
 @pytest.mark.parametrize(
     ("option", "value", "message"),
     [
