@@ -387,7 +387,13 @@ def inspect(artifact: Annotated[Path, typer.Argument(help="Artifact directory.")
 def predict(
     artifact: Annotated[Path, typer.Argument(help="Artifact directory.")],
     images: Annotated[list[Path], typer.Argument(help="Image files.")],
-    task: Annotated[str | None, typer.Option(help="Task name; default: routed per image.")] = None,
+    task: Annotated[
+        str | None,
+        typer.Option(
+            help="Task: a name, or an index from 0 in the artifact's order (a task named like a number is that "
+            "name); default: routed per image."
+        ),
+    ] = None,
     routes: Annotated[bool, typer.Option(help="Show each routed layer's choice.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines.")] = False,
     mode: Annotated[
@@ -417,7 +423,11 @@ def predict(
     given = {"mode": mode, "top_k": top_k, "temperature": temperature}
     routing = {name: value for name, value in given.items() if value is not None}
     predictor = Predictor.load(artifact, route_once=route_once, **routing)
-    for path, result in zip(images, predictor.predict(list(images), task=task, return_routes=routes)):
+    # --task is text: digits are an index, as the Predictor's error for an unknown task offers, unless a task
+    # has that name.
+    index = task is not None and task.isdecimal() and task not in predictor.task_names
+    chosen = int(task) if index else task
+    for path, result in zip(images, predictor.predict(list(images), task=chosen, return_routes=routes)):
         if as_json:
             typer.echo(json.dumps({"image": str(path), **asdict(result)}))
         else:

@@ -10,6 +10,7 @@ from typing import NoReturn
 import numpy as np
 import pytest
 import torch
+import typer
 import yaml
 from PIL import Image
 from safetensors.torch import save_file
@@ -17,7 +18,7 @@ from safetensors.torch import save_file
 from esmpp import atomic, cli
 from esmpp import bench as bench_module
 from esmpp.architecture import build_visual
-from esmpp.artifact import save_artifact
+from esmpp.artifact import TaskInfo, save_artifact
 from esmpp.checkpoints import Encoder, save_encoder
 from esmpp.cli import run
 from esmpp.errors import ArtifactError, ConfigError, StorageError
@@ -618,6 +619,23 @@ def test_an_unusable_image_in_a_later_batch_is_named_by_its_file(monkeypatch, ca
     code, out, err = _run(monkeypatch, capsys, "predict", artifact, *[image] * 65, unusable)
     assert code == 1 and out == ""
     assert err.startswith(f"error: {unusable}: float pixels must be finite and in [0, 1]")
+
+
+def test_task_takes_an_index_unless_a_task_has_that_name(monkeypatch, capsys, project, tmp_path):
+    """The unknown-task error offers "an index from 0 to 2", but --task 1 was looked up as a name."""
+    _, _, artifact, image = project
+    code, out, _ = _run(monkeypatch, capsys, "predict", artifact, image, "--json", "--task", "1")
+    assert code == 0 and json.loads(out)["task"] == "task1" and not json.loads(out)["routed"]
+    code, _, err = _run(monkeypatch, capsys, "predict", artifact, image, "--task", "3")
+    assert code == 1 and err.startswith("error: unknown task 3; this artifact serves ['task0', 'task1', 'task2'] (a")
+    numbered = random_artifact()
+    numbered.tasks = [TaskInfo(name, task.classes) for name, task in zip(["2", "0", "1"], numbered.tasks)]
+    code, out, _ = _run(
+        monkeypatch, capsys, "predict", save_artifact(numbered, tmp_path / "a"), image, "--json", "--task", "1"
+    )
+    assert code == 0 and json.loads(out)["task"] == "1"
+    task_help = next(p for p in typer.main.get_command(cli.app).commands["predict"].params if p.name == "task").help
+    assert "a name, or an index from 0" in task_help
 
 
 def test_soft_routing_of_a_one_task_artifact_needs_no_top_k(monkeypatch, capsys, tmp_path):

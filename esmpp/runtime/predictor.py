@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
+from numbers import Integral
 from pathlib import Path
 
 import torch
@@ -12,7 +13,7 @@ import torch
 from esmpp.artifact import Artifact, load_artifact
 from esmpp.errors import ConfigError, EsmppError
 from esmpp.images import ImageInput, preprocess_images
-from esmpp.runtime.routing import RoutingMode, check_routing_options
+from esmpp.runtime.routing import RoutingMode, check_routing_options, is_whole_number
 
 
 @dataclass
@@ -62,10 +63,10 @@ class Predictor:
         """Load the artifact directory ``path`` (validated) onto ``device``."""
         return cls(load_artifact(Path(path)), device=device, **routing)
 
-    def _task_index(self, task: str | int) -> int:
-        # bool is an int: task=True must not quietly mean task 1
-        if isinstance(task, int) and not isinstance(task, bool) and 0 <= task < len(self.task_names):
-            return task
+    def _task_index(self, task: str | Integral) -> int:
+        # A name, or an index (numpy's integers too); bool is an int, but task=True must not quietly mean task 1.
+        if is_whole_number(task) and 0 <= task < len(self.task_names):
+            return int(task)
         if isinstance(task, str) and task in self.task_names:
             return self.task_names.index(task)
         raise ConfigError(
@@ -75,14 +76,18 @@ class Predictor:
 
     def predict(
         self,
-        images: ImageInput | Sequence[ImageInput],
-        task: str | int | None = None,
+        images: ImageInput | Iterable[ImageInput],
+        task: str | Integral | None = None,
         batch_size: int = 64,
         return_routes: bool = False,
     ) -> list[Prediction]:
-        """One ``Prediction`` per image (a single image may be passed bare)."""
-        if not isinstance(images, (list, tuple)):
-            images = [images]
+        """One ``Prediction`` per image: ``images`` is one image or any iterable of them (a generator is read
+        once). ``task``: a name, or an index from 0 (an int or numpy integer); None routes each image.
+        ``batch_size``: images per forward pass, a whole number ≥ 1."""
+        if not is_whole_number(batch_size) or batch_size < 1:
+            raise ConfigError(f"batch_size {batch_size!r} is not a whole number ≥ 1 (images per forward pass).")
+        # An array, a tensor or a path is iterable too, but is one image.
+        images = list(images) if isinstance(images, Iterable) and not isinstance(images, ImageInput) else [images]
         if not images:
             raise EsmppError("no images given to predict.")
         forced = None if task is None else self._task_index(task)

@@ -58,6 +58,29 @@ def test_a_boolean_is_not_a_task_index(predictor):
         predictor.predict(_images(1), task=True)
 
 
+def test_a_numpy_integer_is_a_task_index(predictor):
+    """np.int64(1), as from np.argmax or an array of task ids, was refused as an unknown task."""
+    (prediction,) = predictor.predict(_images(1), task=np.int64(1))
+    assert prediction.task == "task1" and not prediction.routed
+
+
+@pytest.mark.parametrize("batch_size", [-1, 0, 2.5, True, "8", None])
+def test_a_batch_size_that_is_not_a_whole_number_of_at_least_one_is_refused(predictor, batch_size):
+    """-1 returned [] for 5 images, 0 raised range()'s ValueError, 2.5 a TypeError."""
+    with pytest.raises(ConfigError, match=rf"^batch_size {batch_size!r} is not a whole number ≥ 1 \(images per"):
+        predictor.predict(_images(5), batch_size=batch_size)
+    assert len(predictor.predict(_images(5), batch_size=np.int64(2))) == 5
+
+
+def test_images_may_come_from_any_iterable(predictor):
+    """A generator was taken for one image: "image 0: unsupported image input"."""
+    images = _images(3)
+    expected = predictor.predict(images)
+    assert predictor.predict(image for image in images) == expected
+    assert predictor.predict(iter(images), batch_size=2) == expected
+    assert predictor.predict(np.stack(images)[0]) == expected[:1]  # an array is one image, not rows of pixels
+
+
 @pytest.mark.parametrize(
     ("options", "message"),
     [
