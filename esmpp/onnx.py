@@ -3,7 +3,8 @@
 The exported graph is the real ``RoutedEncoder`` traced by ``torch.onnx.export`` (dynamo): routing is
 already written with graph ops (mean, MatMul, ArgMax, Gather on the stacked experts, Einsum), so the
 graph routes each image of a dynamic batch itself. Inputs ``pixel_values`` [batch, 3, H, W] float32
-(+ ``forced_task_id`` [batch] int64 in task-input mode, which skips routing); outputs ``task_id`` [batch] int64,
+(+ ``forced_task_id`` [batch] int64 in task-input mode, which skips routing; an id outside [0, T) fails the run,
+see :func:`esmpp.runtime.routing.forced_route`); outputs ``task_id`` [batch] int64,
 ``logits`` [batch, max_classes] (padding classes = ``PADDED_LOGIT``) and ``embedding`` [batch, embed_dim].
 Everything a server needs (tasks, classes, preprocessing, the artifact's manifest) is in the model's
 ``metadata_props`` under ``esmpp.*`` keys.

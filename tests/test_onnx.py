@@ -77,6 +77,17 @@ def test_metadata_lets_a_server_run_without_the_artifact(exported, saved_artifac
     assert json.loads((out / REPORT_FILE).read_text()) == json.loads(json.dumps(report.to_dict()))
 
 
+@pytest.mark.parametrize("exported", [True], ids=["task_input"], indirect=True)
+def test_a_forced_task_id_outside_the_tasks_fails_the_run(exported):
+    """-1 gave the last task's logits with task_id -1 (ONNX's Gather reads -1 as Python does); 3 failed."""
+    _, out = exported
+    pixels = torch.randn(2, 3, 16, 16)
+    assert _run(out / "model.onnx", pixels, torch.tensor([2, 0]))[0].tolist() == [2, 0]
+    for task_ids in ([-1, 0], [0, 3], [1, -4]):
+        with pytest.raises(ort.capi.onnxruntime_pybind11_state.InvalidArgument, match="invalid index found, index = 3"):
+            _run(out / "model.onnx", pixels, torch.tensor(task_ids))
+
+
 def _tamper(proto):
     """Perturb the largest float initializer (not by a constant, which a LayerNorm would cancel): a broken
     export that still loads and runs."""

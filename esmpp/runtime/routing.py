@@ -77,9 +77,23 @@ def check_routing_options(mode: str, top_k: int | None, temperature: float, rout
         raise ConfigError(f"route_once {route_once!r} is not True or False.")
 
 
-def forced_route(task_ids: torch.Tensor) -> torch.Tensor:
-    """Routing given by the caller: ``task_ids`` [B] → ids [B, 1] int64 (each at weight 1)."""
-    return task_ids.reshape(-1, 1).long()
+def forced_route(task_ids: torch.Tensor, num_tasks: int) -> torch.Tensor:
+    """Routing given by the caller: ``task_ids`` [B] → ids [B, 1] int64 (each at weight 1).
+
+    An id outside [0, ``num_tasks``) becomes ``num_tasks``, an index that no Gather takes: eager runs refuse such
+    ids before (see :meth:`RoutingControl.start_pass`), but a traced graph cannot raise, and ONNX's Gather, like
+    Python, would read −1 as the last task and answer for it. So the graph's run fails instead."""
+    ids = task_ids.reshape(-1, 1).long()
+    return torch.where((ids >= 0) & (ids < num_tasks), ids, num_tasks)
+
+
+def check_forced_tasks(task_ids: torch.Tensor, num_tasks: int) -> None:
+    """Refuse ``task_ids`` [B] with an id outside [0, ``num_tasks``) (−1 would index the last task)."""
+    outside = (task_ids < 0) | (task_ids >= num_tasks)
+    if bool(outside.any()):
+        raise ConfigError(
+            f"task id {int(task_ids[outside][0])} is outside 0 to {num_tasks - 1}: the model has {num_tasks} tasks."
+        )
 
 
 @dataclass
@@ -99,9 +113,13 @@ class RoutingControl:
         """Forget the previous pass's decisions; ``forced_tasks`` [B] skips routing for this pass. A routed pass
         checks the options first (see :func:`check_routing_options`; ``num_tasks``: the model's), once for all
         its layers: they may have been set on the control directly, past the Predictor's check, where a mode it
-        does not know would route hard and a temperature of 0 give NaN weights."""
-        if forced_tasks is None and num_tasks is not None:  # None: a reset, no pass follows (see onnx._trace)
-            check_routing_options(self.mode, self.top_k, self.temperature, self.route_once, num_tasks)
+        does not know would route hard and a temperature of 0 give NaN weights. An eager forced pass refuses ids
+        outside [0, ``num_tasks``) (see :func:`check_forced_tasks`)."""
+        if num_tasks is not None:  # None: a reset, no pass follows (see onnx._trace)
+            if forced_tasks is None:
+                check_routing_options(self.mode, self.top_k, self.temperature, self.route_once, num_tasks)
+            elif not torch.compiler.is_compiling():  # a traced graph cannot raise: forced_route guards it
+                check_forced_tasks(forced_tasks, num_tasks)
         self.forced_tasks = forced_tasks
         self.decisions = []
 
@@ -113,7 +131,7 @@ class RoutingControl:
         experts then need not multiply by); the top task per image is appended to ``decisions``."""
         weights = None
         if self.forced_tasks is not None:
-            ids = forced_route(self.forced_tasks)
+            ids = forced_route(self.forced_tasks, prototypes.shape[0])
         elif self.route_once and self.decisions:
             ids, weights = self._first
         else:

@@ -4,7 +4,7 @@ import torch.nn.functional as F
 
 from esmpp.errors import ConfigError
 from esmpp.runtime.model import RoutedEncoder
-from esmpp.runtime.routing import RoutingControl, hard_route, soft_route, task_scores
+from esmpp.runtime.routing import RoutingControl, forced_route, hard_route, soft_route, task_scores
 from tests.conftest import random_artifact
 
 
@@ -55,6 +55,20 @@ def test_forced_task_sets_the_image_task_and_head():
     assert output.task.tolist() == [1, 2]
     # task 1 has 3 classes, task 2 has 4 (the widest head): padding classes are never chosen
     assert (output.logits[0, 3:] == -1.0e4).all() and (output.logits[1] > -1.0e4).all()
+
+
+@pytest.mark.parametrize("task_ids", [[-1, 0], [0, 3], [-4, 1]], ids=["-1", "T", "-T-1"])
+def test_a_forced_task_outside_the_tasks_is_refused(task_ids):
+    """-1 answered for the last task, as Python's negative indexing does (the Predictor refused it)."""
+    model = random_artifact(num_tasks=3).to_model()
+    bad = next(t for t in task_ids if not 0 <= t < 3)
+    with pytest.raises(ConfigError, match=rf"^task id {bad} is outside 0 to 2: the model has 3 tasks"), torch.no_grad():
+        model(torch.rand(2, 3, 16, 16), torch.tensor(task_ids))
+
+
+def test_forced_route_sends_an_id_outside_the_tasks_past_every_gather():
+    """In a traced graph nothing can raise: -1 must not become the last task, as Gather would read it."""
+    assert forced_route(torch.tensor([0, 2, -1, 3, -4]), num_tasks=3).squeeze(1).tolist() == [0, 2, 3, 3, 3]
 
 
 def test_soft_routing_set_on_the_control_of_a_one_task_model_mixes_its_one_expert():
