@@ -77,6 +77,20 @@ def test_metadata_lets_a_server_run_without_the_artifact(exported, saved_artifac
     assert json.loads((out / REPORT_FILE).read_text()) == json.loads(json.dumps(report.to_dict()))
 
 
+def test_the_logits_metadata_states_the_formula_the_graph_computes(exported, saved_artifact):
+    """It said "cosine(embedding, class head)", but heads carry the logit scale (norm 16 in the zoo)."""
+    _, out = exported
+    meta = {prop.key: prop.value for prop in onnx.load(str(out / "model.onnx")).metadata_props}
+    assert meta["esmpp.logits"].startswith("normalize(embedding) @ head.T (the task's class heads, logit scale")
+    heads = load_artifact(saved_artifact).heads
+    task_ids = torch.tensor([0, 1, 2]) if meta["esmpp.mode"] == "task_input" else None
+    task, logits, embedding = _run(out / "model.onnx", torch.randn(3, 3, 16, 16), task_ids)
+    unit = embedding / np.linalg.norm(embedding, axis=-1, keepdims=True)
+    for i, t in enumerate(task.tolist()):
+        expected = unit[i] @ heads[t].numpy().T
+        np.testing.assert_allclose(logits[i, : len(expected)], expected, atol=1e-4, rtol=0)
+
+
 @pytest.mark.parametrize("exported", [True], ids=["task_input"], indirect=True)
 def test_a_forced_task_id_outside_the_tasks_fails_the_run(exported):
     """-1 gave the last task's logits with task_id -1 (ONNX's Gather reads -1 as Python does); 3 failed."""
