@@ -30,9 +30,10 @@ def image_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 
-def proxy_files(folder: Path, count: int) -> list[Path]:
+def proxy_files(folder: Path, count: int, image_size: int) -> list[Path]:
     """The first ``count`` images of ``folder`` (sorted by name): at least one, else a ConfigError, and each
-    one decodable, else the ImageError naming it (now, not when the build reaches the task)."""
+    one usable by a model of ``image_size``, else the ImageError naming it (now, not when the build reaches the
+    task)."""
     files = image_files(folder)[:count]
     if not files:
         raise ConfigError(
@@ -40,14 +41,14 @@ def proxy_files(folder: Path, count: int) -> list[Path]:
             f"Put a few unlabeled training images of the task there (up to `proxy_images`, {count}, are used)."
         )
     for file in files:
-        check_image_file(file)
+        check_image_file(file, image_size)
     return files
 
 
-def labelled_files(folder: Path, classes: list[str]) -> tuple[list[Path], list[int]]:
+def labelled_files(folder: Path, classes: list[str], image_size: int) -> tuple[list[Path], list[int]]:
     """The images of a folder with one subfolder per class (named as in ``classes``) and their labels (class
-    indices): at least one image, else a ConfigError, and each one decodable, else the ImageError naming it
-    (checked for every task before the slow work, as proxy images are)."""
+    indices): at least one image, else a ConfigError, and each one usable by a model of ``image_size``, else the
+    ImageError naming it (checked for every task before the slow work, as proxy images are)."""
     images, labels = [], []
     for label, name in enumerate(classes):
         files = image_files(folder / name) if (folder / name).is_dir() else []
@@ -56,7 +57,7 @@ def labelled_files(folder: Path, classes: list[str]) -> tuple[list[Path], list[i
     if not images:
         raise ConfigError(f"{folder}: no validation images; expected subfolders named after the classes {classes[:5]}.")
     for image in images:
-        check_image_file(image)
+        check_image_file(image, image_size)
     return images, labels
 
 
@@ -123,10 +124,10 @@ def config_sources(
         )
         if task.head is not None:
             heads[task.name] = load_head(task.head, task.classes, arch.embed_dim)
-        proxies[task.name] = proxy_files(task.proxy, config.proxy_images)
+        proxies[task.name] = proxy_files(task.proxy, config.proxy_images, arch.image_size)
         if task.validation is not None:
             classes = heads[task.name][1] if task.head is not None else task.classes
-            validation_files[task.name] = labelled_files(task.validation, classes)
+            validation_files[task.name] = labelled_files(task.validation, classes, arch.image_size)
     zero_shot = [task for task in config.tasks if task.head is None]
     if zero_shot:  # their heads come after --out is checked
         check_zero_shot_source(config.pretrained, arch.name)

@@ -11,15 +11,20 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidGraph, InvalidProtobuf
-from PIL import Image
+from PIL import ExifTags, Image, ImageOps
 
-ImageSource = str | Path | Image.Image
+ImageSource = str | Path | Image.Image | np.ndarray
+
+# The limits of esmpp.images (this kit runs without esmpp): an image over MAX_PIXELS, or one that resizing its short
+# side to the model's size would take over it, is refused (a decompression bomb or a thin strip exhausts memory).
+MAX_PIXELS = 64 * 1024 * 1024
 
 
 class ServingError(ValueError):
@@ -38,31 +43,94 @@ def check_image_exists(path: str | Path) -> Path:
     """``path`` as a Path, or a ``ServingError`` if it is no file (checked for every image before the model loads;
     the rule and message of ``esmpp.images.check_image_exists``, repeated as this kit runs without esmpp)."""
     path = Path(path)
+    if path.is_dir():
+        raise ServingError(
+            f"{path} is a folder, not an image file: name its image files (a shell glob: {path / '*.jpg'})."
+        )
     if not path.is_file():
         raise ServingError(f"{path}: no such image file.")
     return path
 
 
-def _open(source: ImageSource, name: str) -> Image.Image:
-    """``source`` decoded (a path opened), or a ``ServingError`` naming it."""
-    if isinstance(source, (str, Path)):
-        source = check_image_exists(source)
+def _check_size(image: Image.Image, name: str, image_size: int) -> None:
+    """Refuse an empty image, one over ``MAX_PIXELS``, and one whose aspect ratio is over ``MAX_PIXELS /
+    image_size²`` (resized, it would be over ``MAX_PIXELS``), from the header, before any pixel is decoded."""
+    width, height = image.size
+    if width < 1 or height < 1:
+        raise ServingError(f"{name}: the image is empty ({width}×{height}).")
+    if width * height > MAX_PIXELS:
+        raise ServingError(f"{name}: {width}×{height} is over {MAX_PIXELS} pixels; downscale it first.")
+    if max(width, height) * image_size**2 > MAX_PIXELS * min(width, height):
+        raise ServingError(
+            f"{name}: {width}×{height} is too elongated: resized to the model's {image_size}-pixel short side it "
+            f"would be over {MAX_PIXELS} pixels (the aspect ratio must be at most {MAX_PIXELS / image_size**2:.0f}:1); "
+            "crop it first."
+        )
+
+
+@contextmanager
+def _decoding(name: str) -> Iterator[None]:
     try:
-        image = Image.open(source) if isinstance(source, Path) else source
-        image.load()
+        yield
+    except ServingError:  # a ValueError, but not PIL's
+        raise
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:  # what PIL raises on bad bytes
         raise ServingError(f"{name}: cannot decode the image ({exc}). Is it a valid PNG/JPEG file?") from exc
-    return image
 
 
-def _rgb(source: ImageSource, name: str) -> Image.Image:
-    """``source`` as 8-bit RGB, converted as ``esmpp.images`` converts it (this kit runs without esmpp, so the
-    rules are repeated here; tests/export/test_serve.py feeds every mode to both)."""
-    image = _open(source, name)
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # The top 8 of 16 bits (32-bit values beyond 16 bits saturate): convert("RGB") would clip at 255 instead,
-        # turning most of a 16-bit image white.
-        image = Image.fromarray((np.asarray(image, dtype=np.uint32) >> 8).clip(0, 255).astype(np.uint8))
+def _from_array(array: np.ndarray, name: str) -> Image.Image:
+    """A uint8 array [H, W], [H, W, 3] or [H, W, 4] as an image (esmpp takes more kinds; this kit these alone)."""
+    if array.dtype != np.uint8 or not (array.ndim == 2 or (array.ndim == 3 and array.shape[-1] in (3, 4))):
+        raise ServingError(
+            f"{name}: a numpy array of shape {array.shape} and dtype {array.dtype}; pass uint8 [H, W], [H, W, 3] "
+            "or [H, W, 4] arrays, image paths or PIL images."
+        )
+    return Image.fromarray(np.ascontiguousarray(array))
+
+
+def _open(source: ImageSource, name: str, image_size: int) -> Image.Image:
+    """``source`` decoded (a path opened), its size checked first; or a ``ServingError`` naming it."""
+    if isinstance(source, np.ndarray):
+        source = _from_array(source, name)
+    elif isinstance(source, (str, Path)):
+        path = check_image_exists(source)
+        with _decoding(name):
+            source = Image.open(path)
+    elif not isinstance(source, Image.Image):
+        raise ServingError(
+            f"{name}: unsupported image input ({type(source).__name__}); pass image paths, PIL images or uint8 arrays."
+        )
+    _check_size(source, name, image_size)
+    with _decoding(name):
+        source.load()
+    return source
+
+
+def _upright(image: Image.Image) -> Image.Image:
+    """``image`` as viewers show it: a camera stores a photo as shot and notes the turn in its EXIF orientation."""
+    # exif_transpose copies an image it does not turn; most have no orientation, and a copy of a large one costs.
+    if image.getexif().get(ExifTags.Base.Orientation, 1) == 1:
+        return image
+    return ImageOps.exif_transpose(image)
+
+
+def _rgb(source: ImageSource, name: str, image_size: int) -> Image.Image:
+    """``source`` as upright 8-bit RGB, converted as ``esmpp.images`` converts it (this kit runs without esmpp, so
+    the rules are repeated here; tests/export/test_serve.py feeds every mode to both)."""
+    image = _open(source, name, image_size)
+    with _decoding(name):  # an EXIF block PIL cannot parse
+        image = _upright(image)
+    if image.mode.startswith("I"):
+        # The top 8 of 16 bits (convert("RGB") would clip at 255, turning most of a 16-bit image white); the mode
+        # "I" does not say how many bits are used, its values do: all ≤ 255 are 8-bit, all ≤ 65535 16-bit.
+        pixels = np.asarray(image).astype(np.int64)
+        low, high = int(pixels.min()), int(pixels.max())
+        if low < 0 or high > 65535:
+            raise ServingError(
+                f"{name}: 32-bit integer pixels from {low} to {high}; they are read as 8-bit (0 to 255) or 16-bit "
+                "(0 to 65535) values: save the image with 8 or 16 bits."
+            )
+        image = Image.fromarray((pixels if image.mode == "I" and high <= 255 else pixels >> 8).astype(np.uint8))
     elif image.mode == "F":
         pixels = np.asarray(image)
         if not np.isfinite(pixels).all() or pixels.min() < 0 or pixels.max() > 1:
@@ -77,13 +145,14 @@ def _rgb(source: ImageSource, name: str) -> Image.Image:
 def preprocess(images: Sequence[ImageSource], spec: dict) -> np.ndarray:
     """Images → float32 [N, 3, S, S] following ``spec`` (the ``esmpp.preprocessing`` metadata): 8-bit RGB as
     esmpp makes it, resize the shortest side to S (bicubic), centre crop, scale to [0, 1], normalise — open_clip's
-    evaluation transform. Missing or undecodable files and float images out of [0, 1] raise ``ServingError``."""
+    evaluation transform. What ``esmpp.images`` refuses raises ``ServingError``: missing or undecodable files,
+    empty, oversized or too elongated images, float images out of [0, 1], 32-bit integer images beyond 16 bits."""
     size = int(spec["image_size"])
     mean = np.asarray(spec["mean"], dtype=np.float32).reshape(3, 1, 1)
     std = np.asarray(spec["std"], dtype=np.float32).reshape(3, 1, 1)
     batch = []
     for index, source in enumerate(images):
-        image = _rgb(source, str(source) if isinstance(source, (str, Path)) else f"image {index}")
+        image = _rgb(source, str(source) if isinstance(source, (str, Path)) else f"image {index}", size)
         width, height = image.size
         short, long = min(width, height), max(width, height)
         resized_long = int(size * long / short)
@@ -133,8 +202,13 @@ class OnnxClassifier:
     def providers(self) -> list[str]:
         return self.session.get_providers()
 
-    def predict(self, images: Sequence[ImageSource], task: str | None = None) -> list[dict]:
-        """``[{"task", "label", "score"}]``; score is the softmax probability within the task's classes."""
+    def predict(self, images: ImageSource | Sequence[ImageSource], task: str | None = None) -> list[dict]:
+        """``[{"task", "label", "score"}]``, one per image (a single image may be passed bare); score is the
+        softmax probability within the task's classes."""
+        if not isinstance(images, (list, tuple)):  # the esmpp Predictor's rule: a str is one path, not a list
+            images = [images]
+        if not images:
+            raise ServingError("no images given to predict.")
         # The task first: a wrong one fails before any image is decoded.
         if self.mode == "task_input" and task not in self.tasks:
             raise ServingError(f"this model takes the task as input: pass one of {self.tasks} (--task), got {task!r}")

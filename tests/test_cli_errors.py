@@ -111,6 +111,10 @@ CASES = {
         "missing.png: no such image file",
     ),
     "not an image": (lambda root, config, artifact, image: ["predict", artifact, config], "cannot decode"),
+    "a folder for an image": (
+        lambda root, config, artifact, image: ["predict", artifact, root],
+        "is a folder, not an image file: name its image files (a shell glob: ",
+    ),
     "unknown task": (
         lambda root, config, artifact, image: ["predict", artifact, image, "--task", "cars"],
         "unknown task",

@@ -124,6 +124,14 @@ def test_an_undecodable_proxy_image_of_the_last_task_is_named_before_the_build(c
         config_sources(load_config(config_file))
 
 
+def test_a_too_elongated_proxy_image_is_named_before_the_build(config_file, monkeypatch):
+    """Only decoding was checked up front: a thin strip failed when the build reached its task."""
+    monkeypatch.setattr("esmpp.sources.load_labelled_folder", _slow_preparation)
+    Image.new("RGB", (300_000, 1)).save(config_file.parent / "proxy1" / "004.png")  # 4,800,000×16 once resized
+    with pytest.raises(ImageError, match=r"proxy1/004\.png: 300000×1 is too elongated"):
+        config_sources(load_config(config_file))
+
+
 def _with_options(config_file, **options):
     config = yaml.safe_load(config_file.read_text())
     config["options"].update(options)
