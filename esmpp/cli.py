@@ -414,15 +414,20 @@ def predict(
     """Predict images with an artifact; without --task the router picks each image's task."""
     from dataclasses import asdict
 
-    from esmpp.images import check_image_exists
+    from esmpp.images import check_image_exists, check_image_file
     from esmpp.runtime.predictor import Predictor
 
-    for path in images:  # a mistyped path fails now, not after the artifact loads and the batches before it run
+    for path in images:  # a mistyped path fails now, not after the artifact loads
         check_image_exists(path)
     # Only the flags given: the Predictor holds the defaults and checks the values (one-line ConfigError).
     given = {"mode": mode, "top_k": top_k, "temperature": temperature}
     routing = {name: value for name, value in given.items() if value is not None}
     predictor = Predictor.load(artifact, route_once=route_once, **routing)
+    # A bad image fails before the first batch, not after the batches before it ran (their results, printed at the
+    # end, would be lost). The check decodes each image once more: on the CPU, 0.5-2 ms for a web-sized JPEG
+    # (decoded reduced), 24 ms for a 12-megapixel one, against 110 ms for a ViT-B/32 forward per image.
+    for path in images:
+        check_image_file(path, predictor.artifact.arch.image_size)
     # --task is text: digits are an index, as the Predictor's error for an unknown task offers, unless a task
     # has that name.
     index = task is not None and task.isdecimal() and task not in predictor.task_names

@@ -655,6 +655,24 @@ def test_soft_routing_of_a_one_task_artifact_needs_no_top_k(monkeypatch, capsys,
     )
 
 
+@pytest.mark.parametrize("fault", ["truncated JPEG", "too elongated"])
+def test_a_bad_image_fails_before_the_first_batch(monkeypatch, capsys, project, tmp_path, fault):
+    """Only existence was checked up front: an undecodable image failed in its batch, after the batches before it
+    ran (and their results were lost: the command prints when all are done)."""
+    _, _, artifact, image = project
+    bad = tmp_path / ("bad.jpg" if fault == "truncated JPEG" else "bad.png")
+    if fault == "truncated JPEG":
+        Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), np.uint8)).save(bad)
+        bad.write_bytes(bad.read_bytes()[:-200])
+    else:
+        Image.new("RGB", (1, 300_000)).save(bad)  # 16×4,800,000 pixels once resized for the 16-pixel model
+    batches = []
+    monkeypatch.setattr(Predictor, "predict", lambda *args, **kwargs: batches.append(args))
+    code, out, err = _run(monkeypatch, capsys, "predict", artifact, *[image] * 65, bad)
+    assert code == 1 and out == "" and batches == []
+    assert err.startswith(f"error: {bad}: " + ("cannot decode" if fault == "truncated JPEG" else "1×300000 is too"))
+
+
 def test_routing_flags_reach_the_predictor(monkeypatch, capsys, project):
     given = {}
     load = Predictor.load
