@@ -137,12 +137,14 @@ Owner = Callable[[Path], bool]
 
 def _check_replaceable(
     destination: Path, overwrite: bool, elsewhere: str, marker: str | None, owns: Owner | None
-) -> None:
-    """Refuse to replace ``destination`` unless ``overwrite`` and it is a folder this writer made before (one
-    holding the file ``marker``, and that ``owns`` accepts, if given): --overwrite on a mistyped path must not
-    delete a user's folder or file, nor another kind of esmpp folder. A refusal says how to write ``elsewhere``."""
-    if not (destination.exists() or destination.is_symlink()):
-        return
+) -> bool:
+    """Refuse to replace ``destination`` unless it is an empty folder (nothing to lose), or ``overwrite`` and it
+    is a folder this writer made before (one holding the file ``marker``, and that ``owns`` accepts, if given):
+    --overwrite on a mistyped path must not delete a user's folder or file, nor another kind of esmpp folder.
+    A refusal says how to write ``elsewhere``. Returns whether ``destination`` is such a folder of the writer's,
+    to be replaced (False: nothing is there, or an empty folder)."""
+    if not (destination.exists() or destination.is_symlink()) or _is_empty_folder(destination):
+        return False
     holds_marker = marker is not None and destination.is_dir() and (destination / marker).is_file()
     if not holds_marker or (owns is not None and not owns(destination)):
         raise EsmppError(
@@ -152,6 +154,18 @@ def _check_replaceable(
     # Last: --overwrite is suggested only for what it would replace.
     if not overwrite:
         raise EsmppError(f"{destination} already exists. Pass --overwrite to replace it, or {elsewhere}.")
+    return True
+
+
+def _is_empty_folder(path: Path) -> bool:
+    """Whether ``path`` is a folder (not a link to one) that holds nothing: a write may take its place without
+    --overwrite, renaming onto it (see :func:`atomic_directory`)."""
+    if path.is_symlink() or not path.is_dir():
+        return False
+    try:
+        return next(path.iterdir(), None) is None
+    except OSError:  # unreadable: what it holds is unknown
+        return False
 
 
 def _describe_unreplaceable(destination: Path, marker: str | None) -> str:
@@ -225,25 +239,29 @@ def atomic_directory(
     """Yield an empty temporary directory next to ``destination``; on success move it into place, with the
     modes a plain ``mkdir`` and ``open`` would have given it and its files (the umask's).
 
-    Raises ``EsmppError`` up front if ``destination`` exists, unless ``overwrite`` and it is a folder holding
-    the file ``marker`` (what this writer writes, e.g. an artifact's manifest.json) and, with ``owns``, one
-    that ``owns`` recognises as this writer's (another writer may write a file of the same name): anything else
-    there is never replaced. On any error the temporary directory and the parent folders made for it are
-    removed and ``destination`` is left as it was; a failed write (a full disk, a forbidden folder) becomes a
-    :class:`StorageError` that names ``destination``, the room left there when the disk is full, and how to
-    write ``elsewhere``.
+    Raises ``EsmppError`` up front (and again before the move) if ``destination`` exists and is not an empty
+    folder, unless ``overwrite`` and it is a folder holding the file ``marker`` (what this writer writes, e.g.
+    an artifact's manifest.json) and, with ``owns``, one that ``owns`` recognises as this writer's (another
+    writer may write a file of the same name): anything else there is never replaced. On any error the temporary
+    directory and the parent folders made for it are removed and ``destination`` is left as it was; a failed
+    write (a full disk, a forbidden folder) becomes a :class:`StorageError` that names ``destination``, the room
+    left there when the disk is full, and how to write ``elsewhere``.
     """
     destination = Path(destination)
     with _staging_directory(destination, overwrite, elsewhere, marker, owns) as staging:
         yield staging
         _give_plain_modes(staging)
         _fsync_tree(staging)
-        if destination.exists():
+        # Again: during the long write, something may have been made at the destination or put into the empty
+        # folder there, and it is no more replaceable than it would have been at the start.
+        if _check_replaceable(destination, overwrite, elsewhere, marker, owns):
             retired = Path(tempfile.mkdtemp(prefix=f".{destination.name}.tmp-old-", dir=destination.parent))
             os.replace(destination, retired / destination.name)
             os.replace(staging, destination)
             shutil.rmtree(retired, ignore_errors=True)
         else:
+            # Onto nothing or onto an empty folder, which rename replaces atomically; it refuses a folder that is
+            # not empty (ENOTEMPTY, a StorageError), so a file put there since the check above is not lost.
             os.replace(staging, destination)
 
 

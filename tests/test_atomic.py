@@ -102,6 +102,7 @@ def test_what_would_not_be_replaced_is_refused_without_suggesting_overwrite(tmp_
     user = tmp_path / "thesis"
     if kind == "folder":
         user.mkdir()
+        (user / "notes.txt").write_text("years of work")
     else:
         user.write_text("years of work")
     with pytest.raises(EsmppError) as refused:
@@ -114,15 +115,70 @@ def test_a_refusal_says_how_to_write_elsewhere_as_its_caller_does(tmp_path):
     """Not always 'choose another --out': a zoo in the cache is moved by ESMPP_CACHE, and eval has no --out."""
     user = tmp_path / "thesis"
     user.mkdir()
+    (user / "notes.txt").write_text("years of work")
     with pytest.raises(EsmppError) as refused:
         check_destination(user, overwrite=True, elsewhere="set ESMPP_CACHE to another folder", marker="manifest.json")
     assert str(refused.value).endswith(
         "whatever the flags say: set ESMPP_CACHE to another folder, or remove it yourself."
     )
     assert "--out" not in str(refused.value)
+    (user / "notes.txt").unlink()
     (user / "manifest.json").write_text("{}")
     with pytest.raises(EsmppError, match="Pass --overwrite to replace it, or choose another folder for the artifact"):
         check_destination(user, elsewhere="choose another folder for the artifact", marker="manifest.json")
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_an_empty_folder_is_written_into_without_overwrite(tmp_path, overwrite):
+    """An empty folder (made with mkdir for the output) was refused as a folder esmpp did not write, whatever
+    the flags: it holds nothing to lose."""
+    out = tmp_path / "out"
+    out.mkdir()
+    check_destination(out, overwrite, marker="export.json")
+    with atomic_directory(out, overwrite, marker="export.json") as staging:
+        (staging / "export.json").write_text("{}")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["out"]
+    assert [path.name for path in out.iterdir()] == ["export.json"]
+
+
+def test_an_empty_folder_filled_during_the_write_is_not_replaced(tmp_path):
+    """The empty folder allowed at the start is checked again before the move, which renames onto it: what was
+    put there meanwhile stays, and the write fails naming it."""
+    out = tmp_path / "out"
+    out.mkdir()
+    refused = pytest.raises(EsmppError, match="out is a folder that esmpp did not write")
+    with refused, atomic_directory(out, overwrite=True, marker="manifest.json") as staging:
+        (staging / "manifest.json").write_text("{}")
+        (out / "notes.txt").write_text("written meanwhile")
+    assert (out / "notes.txt").read_text() == "written meanwhile"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["out"]
+
+
+def test_a_file_put_into_the_empty_folder_after_the_last_check_is_not_lost(tmp_path, monkeypatch):
+    """The move renames onto the empty folder, which fails if it is no longer empty: nothing is deleted."""
+    out = tmp_path / "out"
+    out.mkdir()
+    check = atomic._check_replaceable
+
+    def check_then_fill(destination, *args):
+        replaces = check(destination, *args)
+        if any(tmp_path.glob(".out.tmp-*")):  # the check before the move, not the one before the staging exists
+            (out / "notes.txt").write_text("written meanwhile")
+        return replaces
+
+    monkeypatch.setattr(atomic, "_check_replaceable", check_then_fill)
+    failed = pytest.raises(StorageError, match=f"could not write {re.escape(str(out))}")
+    with failed, atomic_directory(out, marker="manifest.json") as staging:
+        (staging / "manifest.json").write_text("{}")
+    assert [path.name for path in out.iterdir()] == ["notes.txt"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["out"]
+
+
+def test_a_link_to_an_empty_folder_is_not_taken_for_one(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "empty")
+    with pytest.raises(EsmppError, match="link is a folder that esmpp did not write"):
+        check_destination(tmp_path / "link", marker="manifest.json")
 
 
 # What a writer of artifacts (a manifest.json that is_artifact accepts) finds in its way, and how it names it.

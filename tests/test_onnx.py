@@ -156,6 +156,7 @@ def test_an_out_that_would_be_refused_is_refused_before_the_artifact_is_read(sav
 
     monkeypatch.setattr(esmpp_onnx, "load_artifact", read)
     (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "holiday.jpg").write_bytes(b"memories")
     with pytest.raises(EsmppError, match="photos is a folder that esmpp did not write"):
         export_onnx(saved_artifact, tmp_path / "photos")
 
@@ -197,6 +198,15 @@ def test_cli_exports_fp16_and_prints_parity_and_provider(saved_artifact, tmp_pat
     assert proto.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
     report = json.loads((tmp_path / "m" / REPORT_FILE).read_text())
     assert report["fp16"] and 0 < report["parity"]["logits_error"] <= 2e-2
+
+
+def test_cli_exports_into_an_empty_out_folder_without_overwrite(saved_artifact, tmp_path):
+    """`mkdir out && esmpp export ART --out out` was refused: out has no export.json, so esmpp had not written it."""
+    (tmp_path / "out").mkdir()
+    result = CliRunner().invoke(app, ["export", str(saved_artifact), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert sorted(path.name for path in (tmp_path / "out").iterdir()) == [REPORT_FILE, "model.onnx"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["out"]
 
 
 def test_soft_top_k_routing_exports_and_matches_pytorch(tmp_path):
