@@ -30,7 +30,7 @@ import esmpp
 from esmpp.architecture import PATCH_KEY, Architecture, block_index, build_visual, routed_kind
 from esmpp.atomic import atomic_directory, check_destination
 from esmpp.errors import ArchitectureError, ArtifactError
-from esmpp.folders import MANIFEST, is_artifact
+from esmpp.folders import MANIFEST, folder_kind, is_artifact
 from esmpp.runtime.model import Experts, RoutedEncoder
 
 # 2: the discriminant router's ``prototype_bias``. A reader of format 1 would take its weights for cosine
@@ -241,11 +241,40 @@ def _member(path: Path, name: str, missing: str) -> Path:
     return file
 
 
+# What every command that loads an artifact (predict, inspect, export, Predictor.load) takes.
+_GIVE_AN_ARTIFACT = "give an artifact folder (what `esmpp build` writes to --out)"
+
+
+def _refuse_what_is_no_artifact(path: Path) -> None:
+    """Refuse a ``path`` that is no artifact, damaged or not, saying what it is instead: missing, a file, another
+    kind of esmpp folder, or a folder that holds artifacts in subfolders (named). A folder holding some of an
+    artifact's files but not a readable manifest passes: it is a damaged artifact, which :func:`read_manifest`
+    names as such."""
+    if not path.exists():
+        raise ArtifactError(f"{path} is not an artifact directory. Create one with `esmpp build CONFIG --out {path}`.")
+    if not path.is_dir():
+        if is_artifact(path.parent):
+            raise ArtifactError(f"{path} is a file of the artifact in {path.parent}: give that folder.")
+        raise ArtifactError(f"{path} is a file, not an artifact: {_GIVE_AN_ARTIFACT}.")
+    if not is_artifact(path) and (kind := folder_kind(path)) is not None:
+        raise ArtifactError(f"{path} is {kind}, not an artifact: {_GIVE_AN_ARTIFACT}.")
+    if any((path / name).exists() for name in (MANIFEST, *TENSOR_FILES)):
+        return
+    try:
+        held = [str(child) for child in sorted(path.iterdir()) if child.is_dir() and is_artifact(child)]
+    except OSError:  # unreadable: said below as of any folder without a manifest
+        held = []
+    if len(held) == 1:
+        raise ArtifactError(f"{path} is not an artifact, but holds one in {held[0]}: give that folder.")
+    if held:
+        raise ArtifactError(f"{path} is not an artifact, but holds {len(held)}: give one of {', '.join(held)}.")
+    raise ArtifactError(f"{path} is not an artifact (it holds no {MANIFEST}): {_GIVE_AN_ARTIFACT}.")
+
+
 def read_manifest(path: Path) -> dict[str, Any]:
     """Read and validate ``path/manifest.json`` (format, version, field types); tensors are not read."""
     path = Path(path)
-    if not path.is_dir():
-        raise ArtifactError(f"{path} is not an artifact directory. Create one with `esmpp build CONFIG --out {path}`.")
+    _refuse_what_is_no_artifact(path)
     manifest_path = _member(path, MANIFEST, f"{path} is not a complete esmpp artifact. Rebuild it.")
     try:
         manifest = json.loads(manifest_path.read_text())

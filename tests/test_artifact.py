@@ -1,5 +1,6 @@
 import hashlib
 import json
+import re
 import stat
 
 import pytest
@@ -199,12 +200,64 @@ def test_duplicate_task_names_are_not_saved(tmp_path, artifact):
     assert not (tmp_path / "art").exists()
 
 
-def test_missing_directory_and_manifest(tmp_path):
+def test_missing_directory_and_manifest(tmp_path, artifact):
     with pytest.raises(ArtifactError, match="not an artifact directory"):
         load_artifact(tmp_path / "nothing")
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(ArtifactError, match=r"manifest\.json is missing"):
-        load_artifact(tmp_path / "empty")
+    damaged = save_artifact(artifact, tmp_path / "damaged")
+    (damaged / MANIFEST).unlink()
+    with pytest.raises(ArtifactError, match=r"manifest\.json is missing: .*damaged is not a complete esmpp artifact"):
+        load_artifact(damaged)
+
+
+def _export(folder):
+    (folder / "export.json").write_text("{}")
+
+
+def _zoo(folder):
+    (folder / MANIFEST).write_text(json.dumps({"preset": {"name": "tiny"}, "tasks": {"digits": {}}}))
+
+
+# What the loader is given instead of an artifact, and what it says (it said "not a complete esmpp artifact.
+# Rebuild it." of the first, "not an esmpp artifact manifest. Rebuild the artifact." of a zoo, and advised
+# building onto a file).
+NOT_ARTIFACTS = {
+    "an empty folder": (lambda folder: None, "is not an artifact (it holds no manifest.json): give an artifact folder"),
+    "an ONNX export": (_export, "is an esmpp ONNX export, not an artifact: give an artifact folder"),
+    "a zoo": (_zoo, "is an esmpp zoo, not an artifact: give an artifact folder"),
+}
+
+
+@pytest.mark.parametrize(("make", "said"), NOT_ARTIFACTS.values(), ids=NOT_ARTIFACTS.keys())
+def test_a_folder_that_is_no_artifact_is_named_as_what_it_is(tmp_path, make, said):
+    folder = tmp_path / "given"
+    folder.mkdir()
+    make(folder)
+    for load in (read_manifest, load_artifact):
+        with pytest.raises(ArtifactError) as refused:
+            load(folder)
+        assert str(refused.value) == f"{folder} {said} (what `esmpp build` writes to --out)."
+
+
+def test_a_file_is_named_as_a_file_and_one_of_an_artifact_its_folder(tmp_path, artifact):
+    (tmp_path / "cat.png").write_bytes(b"pixels")
+    with pytest.raises(ArtifactError, match=r"cat\.png is a file, not an artifact: give an artifact folder"):
+        load_artifact(tmp_path / "cat.png")
+    path = save_artifact(artifact, tmp_path / "art")
+    with pytest.raises(ArtifactError) as refused:
+        load_artifact(path / MANIFEST)
+    assert str(refused.value) == f"{path / MANIFEST} is a file of the artifact in {path}: give that folder."
+
+
+def test_a_folder_holding_artifacts_names_them(tmp_path, artifact):
+    """demo's --out holds its artifact in artifact/: given the --out, the loader said to rebuild it."""
+    first = save_artifact(artifact, tmp_path / "out" / "artifact")
+    (tmp_path / "out" / "compare.json").write_text("{}")
+    with pytest.raises(ArtifactError) as refused:
+        load_artifact(tmp_path / "out")
+    assert str(refused.value) == f"{tmp_path / 'out'} is not an artifact, but holds one in {first}: give that folder."
+    second = save_artifact(artifact, tmp_path / "out" / "other")
+    with pytest.raises(ArtifactError, match=re.escape(f"holds 2: give one of {first}, {second}.")):
+        read_manifest(tmp_path / "out")
 
 
 def test_inconsistent_experts_are_refused_and_nothing_is_written(tmp_path, artifact):

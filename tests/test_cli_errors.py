@@ -168,6 +168,24 @@ CASES = {
         "Missing option '--out'. See `",
     ),
     "inspect missing": (lambda root, *_: ["inspect", root / "nothing"], "not an artifact directory"),
+    # What is no artifact is named as what it is, not as an artifact to rebuild (or to build onto a file).
+    "inspect an ONNX export": (
+        lambda root, *_: ["inspect", _write(_made(root / "exported") / "export.json", "{}").parent],
+        "exported is an esmpp ONNX export, not an artifact: give an artifact folder (what `esmpp build` writes to "
+        "--out).",
+    ),
+    "predict with a zoo": (
+        lambda root, config, artifact, image: ["predict", _zoo_manifest_in(root / "zoo"), image],
+        "zoo is an esmpp zoo, not an artifact: give an artifact folder",
+    ),
+    "inspect a file": (
+        lambda root, config, artifact, image: ["inspect", image],
+        "image.png is a file, not an artifact: give an artifact folder",
+    ),
+    "export the folder that holds the artifact": (
+        lambda root, config, artifact, *_: ["export", _holding(root / "demo-out", artifact), "--out", root / "x"],
+        "demo-out is not an artifact, but holds one in ",
+    ),
     # A report under a file: refused before the zoo or the workload is made (they would take minutes).
     "report under a file": (
         lambda root, config, *_: ["compare", "--zoo", "tiny", "--out", config / "report.json"],
@@ -328,6 +346,13 @@ def _write(path, text):
 
 def _made(folder):
     folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def _holding(folder, artifact):
+    """``folder`` holding a copy of ``artifact`` in its subfolder ``artifact``, as demo's --out does; made once."""
+    if not folder.exists():
+        shutil.copytree(artifact, folder / "artifact")
     return folder
 
 
