@@ -1,19 +1,23 @@
 """Serve an exported esmpp model with onnxruntime alone (no torch, no esmpp): images in, task + label +
 score out. Everything but the graph — tasks, class names, preprocessing — comes from the model's metadata.
 
-    python -m export.serve_onnx out/model.onnx cat.jpg dog.png [--task NAME]
+    python -m export.serve_onnx out/model.onnx cat.jpg dog.png [--task NAME]   # from the folder holding export/
+    python path/to/export/serve_onnx.py out/model.onnx cat.jpg                 # from any folder
 
-A routed model (the default export) picks each image's task itself; a model exported with
-``--task-input`` needs ``--task``. onnxruntime-gpu is used when installed (CUDA first, CPU fallback).
+One JSON line per image on stdout, the execution providers on stderr. A routed model (the default export) picks
+each image's task itself; a model exported with ``--task-input`` needs ``--task``. onnxruntime-gpu is used when
+installed (CUDA first, CPU fallback).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+import sys
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import onnxruntime as ort
@@ -29,6 +33,64 @@ MAX_PIXELS = 64 * 1024 * 1024
 
 class ServingError(ValueError):
     """A problem with what was sent (model file, image, task), not a bug: the command line prints it as one line."""
+
+
+@contextlib.contextmanager
+def one_line_errors(parser: argparse.ArgumentParser) -> Iterator[None]:
+    """A ``ServingError`` in the block printed as one line, as esmpp prints its errors (a message may quote a
+    multi-line one from onnxruntime), and exit code 1; this kit's commands (serve_onnx, triton) share it."""
+    try:
+        yield
+    except ServingError as exc:
+        parser.exit(1, "error: " + " ".join(str(exc).split()) + "\n")
+
+
+def check_model_file(model_path: str | Path) -> Path:
+    """``model_path`` as a Path, or a ``ServingError`` if it is no file."""
+    path = Path(model_path)
+    if path.is_dir():
+        inside = f" ({path / 'model.onnx'} in it?)" if (path / "model.onnx").is_file() else ""
+        raise ServingError(f"{model_path} is a folder: pass the model.onnx file that `esmpp export` wrote{inside}.")
+    if not path.is_file():
+        raise ServingError(f"{model_path}: no such model file; pass the model.onnx that `esmpp export` wrote.")
+    return path
+
+
+def unreadable_model(model_path: str | Path, exc: Exception) -> ServingError:
+    """The error for a ``model_path`` that onnxruntime or onnx cannot read as an ONNX model (``exc``)."""
+    return ServingError(
+        f"{model_path} is not a readable ONNX model ({exc}); pass the model.onnx that `esmpp export` wrote, "
+        "in its folder (its weights may be in model.onnx.data beside it)."
+    )
+
+
+class EsmppMetadata(NamedTuple):
+    """What ``esmpp export`` writes in a model's metadata for a server: how the task is chosen, the tasks, their
+    class names and the preprocessing."""
+
+    mode: str
+    tasks: list[str]
+    classes: list[list[str]]
+    preprocessing: dict
+
+
+def read_metadata(meta: Mapping[str, str], model_path: str | Path) -> EsmppMetadata:
+    """The esmpp metadata of the model ``model_path`` from its metadata entries ``meta``, or a ``ServingError``
+    if they are not esmpp's, or incomplete or damaged."""
+    if meta.get("esmpp.format") != "esmpp-onnx":
+        raise ServingError(f"{model_path} was not written by `esmpp export` (no esmpp metadata)")
+    try:
+        return EsmppMetadata(
+            meta["esmpp.mode"],
+            json.loads(meta["esmpp.tasks"]),
+            json.loads(meta["esmpp.classes"]),
+            json.loads(meta["esmpp.preprocessing"]),
+        )
+    except (KeyError, json.JSONDecodeError) as exc:
+        raise ServingError(
+            f"{model_path}: its esmpp metadata is incomplete or damaged ({exc!r}); export the artifact again "
+            "with `esmpp export`."
+        ) from exc
 
 
 def default_providers() -> list[str]:
@@ -68,7 +130,7 @@ def _check_size(image: Image.Image, name: str, image_size: int) -> None:
         )
 
 
-@contextmanager
+@contextlib.contextmanager
 def _decoding(name: str) -> Iterator[None]:
     try:
         yield
@@ -175,28 +237,13 @@ class OnnxClassifier:
     """An exported esmpp model and its metadata; ``predict(images, task=None)`` → one dict per image."""
 
     def __init__(self, model_path: str | Path, providers: list[str] | None = None) -> None:
-        if not Path(model_path).is_file():
-            raise ServingError(f"{model_path}: no such model file; pass the model.onnx that `esmpp export` wrote.")
+        check_model_file(model_path)
         try:
             self.session = ort.InferenceSession(str(model_path), providers=providers or default_providers())
         except (InvalidProtobuf, InvalidGraph, Fail) as exc:
-            raise ServingError(
-                f"{model_path} is not a readable ONNX model ({exc}); pass the model.onnx that `esmpp export` wrote, "
-                "in its folder (its weights may be in model.onnx.data beside it)."
-            ) from exc
-        meta = self.session.get_modelmeta().custom_metadata_map
-        if meta.get("esmpp.format") != "esmpp-onnx":
-            raise ServingError(f"{model_path} was not written by `esmpp export` (no esmpp metadata)")
-        try:
-            self.mode = meta["esmpp.mode"]
-            self.tasks: list[str] = json.loads(meta["esmpp.tasks"])
-            self.classes: list[list[str]] = json.loads(meta["esmpp.classes"])
-            self.preprocessing: dict = json.loads(meta["esmpp.preprocessing"])
-        except (KeyError, json.JSONDecodeError) as exc:
-            raise ServingError(
-                f"{model_path}: its esmpp metadata is incomplete or damaged ({exc!r}); export the artifact again "
-                "with `esmpp export`."
-            ) from exc
+            raise unreadable_model(model_path, exc) from exc
+        metadata = read_metadata(self.session.get_modelmeta().custom_metadata_map, model_path)
+        self.mode, self.tasks, self.classes, self.preprocessing = metadata
 
     @property
     def providers(self) -> list[str]:
@@ -234,15 +281,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("images", type=Path, nargs="+", help="image files")
     parser.add_argument("--task", help="task name (models exported with --task-input only)")
     args = parser.parse_args(argv)
-    try:
+    with one_line_errors(parser):
         for path in args.images:  # a mistyped path fails before the model loads
             check_image_exists(path)
         classifier = OnnxClassifier(args.model)
         results = classifier.predict(args.images, args.task)
-    except ServingError as exc:
-        # One line, as esmpp prints its errors (a message may quote a multi-line one from onnxruntime).
-        parser.exit(1, "error: " + " ".join(str(exc).split()) + "\n")
-    print(f"providers: {', '.join(classifier.providers)}")
+    # On stderr: stdout is JSON lines only, for a consumer of them.
+    print(f"providers: {', '.join(classifier.providers)}", file=sys.stderr)
     for path, result in zip(args.images, results):
         print(json.dumps({"image": str(path), **result}))
 

@@ -6,8 +6,9 @@ Layout::
     <repository>/<name>/esmpp.json          the model's esmpp.* metadata (tasks, classes, preprocessing)
     <repository>/<name>/<version>/model.onnx (+ model.onnx.data)
 
-Run as ``python -m export.triton MODEL.onnx REPOSITORY [--name esmpp] [--max-batch-size 64] [--cpu]``
-(as a module, so that this file never shadows the ``triton`` compiler package on ``sys.path``).
+Run as ``python -m export.triton MODEL.onnx REPOSITORY [--name esmpp] [--max-batch-size 64] [--cpu]`` from the
+folder that holds ``export/`` (as a module: it imports ``export.serve_onnx``, and run as a file it would shadow
+the ``triton`` compiler package on ``sys.path``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import onnx
+from google.protobuf.message import DecodeError
+
+from export.serve_onnx import ServingError, check_model_file, one_line_errors, read_metadata, unreadable_model
 
 # ONNX element types → Triton data types (model_config.proto's DataType).
 TRITON_TYPES = {
@@ -42,12 +46,12 @@ def tensor_config(value: onnx.ValueInfoProto) -> dict:
     ``dims``; a tensor that is only a batch ([batch]) is declared ``dims: [1]`` and reshaped to ``[]``."""
     tensor = value.type.tensor_type
     if tensor.elem_type not in TRITON_TYPES:
-        raise ValueError(f"{value.name}: ONNX element type {tensor.elem_type} has no Triton data type")
+        raise ServingError(f"{value.name}: ONNX element type {tensor.elem_type} has no Triton data type")
     dims = list(tensor.shape.dim)
     if not dims or dims[0].HasField("dim_value"):
-        raise ValueError(f"{value.name}: the first axis must be a dynamic batch axis for Triton's batching")
+        raise ServingError(f"{value.name}: the first axis must be a dynamic batch axis for Triton's batching")
     if any(not dim.HasField("dim_value") for dim in dims[1:]):
-        raise ValueError(f"{value.name}: only the batch axis may be dynamic, got {dims}")
+        raise ServingError(f"{value.name}: only the batch axis may be dynamic, got {dims}")
     entry = {"name": value.name, "data_type": EnumValue(TRITON_TYPES[tensor.elem_type])}
     if len(dims) == 1:
         return {**entry, "dims": [1], "reshape": {"shape": []}}
@@ -63,6 +67,12 @@ def triton_config(
     gpu: bool = True,
 ) -> dict:
     """The ``ModelConfig`` of ``model`` as nested dicts/lists (``config_text`` writes it)."""
+    if max_batch_size < 1:
+        # Below 1, Triton drops the batch axis from every shape and refuses dynamic batching.
+        raise ServingError(
+            f"max_batch_size (--max-batch-size) must be at least 1, got {max_batch_size}: the model batches along"
+            " its first axis."
+        )
     return {
         "name": name,
         "backend": "onnxruntime",
@@ -114,22 +124,46 @@ def write_triton_repository(
     gpu: bool = True,
 ) -> Path:
     """Write ``repository/name`` for the exported ``model_path`` (its external data file comes along);
-    returns the model directory."""
-    model_path = Path(model_path)
-    model = onnx.load(str(model_path), load_external_data=False)
+    returns the model directory. What cannot be written as Triton would load it is a ``ServingError``, raised
+    before anything is written but for a failing write."""
+    if version < 1:
+        raise ServingError(
+            f"version (--version) must be at least 1, got {version}: Triton ignores a version folder whose name"
+            " starts with 0 or is not a number."
+        )
+    model_path = check_model_file(model_path)
+    try:
+        # Binary protobuf, as `esmpp export` writes it and onnxruntime reads it (onnx guesses from the suffix).
+        model = onnx.load(str(model_path), format="protobuf", load_external_data=False)
+    except DecodeError as exc:
+        raise unreadable_model(model_path, exc) from exc
+    entries = {prop.key: prop.value for prop in model.metadata_props}
+    read_metadata(entries, model_path)  # the same model that serve_onnx serves, for esmpp.json's clients
     config = triton_config(model, name, max_batch_size=max_batch_size, gpu=gpu)
+    data_files = sorted(
+        {entry.value for tensor in model.graph.initializer for entry in tensor.external_data if entry.key == "location"}
+    )
+    for data_file in data_files:
+        if not (model_path.parent / data_file).is_file():
+            raise ServingError(
+                f"{model_path.parent / data_file} is missing: {model_path.name} keeps its weights there; copy it "
+                "beside the model as `esmpp export` wrote it."
+            )
     model_dir = Path(repository) / name
     version_dir = model_dir / str(version)
-    version_dir.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(model_path, version_dir / "model.onnx")
-    data_files = {
-        entry.value for tensor in model.graph.initializer for entry in tensor.external_data if entry.key == "location"
-    }
-    for data_file in data_files:
-        shutil.copyfile(model_path.parent / data_file, version_dir / data_file)
-    (model_dir / "config.pbtxt").write_text(config_text(config) + "\n")
-    metadata = {prop.key: prop.value for prop in model.metadata_props if prop.key.startswith("esmpp.")}
-    (model_dir / "esmpp.json").write_text(json.dumps(metadata, indent=2))
+    existing = next(folder for folder in (version_dir, *version_dir.absolute().parents) if folder.exists())
+    if not existing.is_dir():
+        raise ServingError(f"{existing} is a file: give a folder for the model repository (it is made if missing).")
+    try:
+        version_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(model_path, version_dir / "model.onnx")
+        for data_file in data_files:
+            shutil.copyfile(model_path.parent / data_file, version_dir / data_file)
+        (model_dir / "config.pbtxt").write_text(config_text(config) + "\n")
+        metadata = {key: value for key, value in entries.items() if key.startswith("esmpp.")}
+        (model_dir / "esmpp.json").write_text(json.dumps(metadata, indent=2))
+    except OSError as exc:  # a forbidden folder, a full disk
+        raise ServingError(f"could not write {model_dir} ({exc}); choose another repository folder.") from exc
     return model_dir
 
 
@@ -138,13 +172,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("model", type=Path, help="model.onnx written by `esmpp export`")
     parser.add_argument("repository", type=Path, help="Triton model repository directory")
     parser.add_argument("--name", default="esmpp")
-    parser.add_argument("--version", type=int, default=1)
-    parser.add_argument("--max-batch-size", type=int, default=64)
+    parser.add_argument("--version", type=int, default=1, help="version folder, at least 1 (default: 1)")
+    parser.add_argument("--max-batch-size", type=int, default=64, help="at least 1 (default: 64)")
     parser.add_argument("--cpu", action="store_true", help="KIND_CPU instances instead of KIND_GPU")
     args = parser.parse_args(argv)
-    model_dir = write_triton_repository(
-        args.model, args.repository, args.name, args.version, args.max_batch_size, gpu=not args.cpu
-    )
+    with one_line_errors(parser):
+        model_dir = write_triton_repository(
+            args.model, args.repository, args.name, args.version, args.max_batch_size, gpu=not args.cpu
+        )
     print(f"Triton model repository entry: {model_dir}")
 
 

@@ -1,10 +1,16 @@
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import onnx
 import pytest
+from onnx import TensorProto, helper
 
-from export.triton import TRITON_TYPES, write_triton_repository
+from export.serve_onnx import ServingError
+from export.triton import TRITON_TYPES, main, write_triton_repository
 
+REPO = Path(__file__).parents[2]
 _TOKEN = re.compile(r'\s*(?:("(?:[^"\\]|\\.)*")|([{}\[\]:,])|([^\s{}\[\]:,"]+))')
 
 
@@ -107,3 +113,56 @@ def test_a_fixed_batch_axis_is_refused(exported_model, tmp_path):
     onnx.save(model, str(fixed))
     with pytest.raises(ValueError, match="pixel_values: the first axis must be a dynamic batch axis"):
         write_triton_repository(fixed, tmp_path / "repo")
+
+
+def _plain_onnx(path):
+    """A valid ONNX model with a batch axis that `esmpp export` did not write (no esmpp metadata)."""
+    value = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3])
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "plain", [value], [])
+    graph.output.append(helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3]))
+    onnx.save(helper.make_model(graph), str(path))
+    return path
+
+
+def test_command_line_errors_are_one_line_and_write_nothing(exported_model, tmp_path, capsys):
+    """Each used to end in a traceback (the first four) or to write a repository Triton rejects or ignores, or
+    an esmpp.json of `{}`, with exit code 0."""
+    model_path, _ = exported_model
+    repo = tmp_path / "repo"
+    (tmp_path / "notes.txt").write_text("not a model")
+    cases = {
+        "missing model": ([tmp_path / "none.onnx", repo], "none.onnx: no such model file"),
+        "not ONNX": ([tmp_path / "notes.txt", repo], "notes.txt is not a readable ONNX model"),
+        "a folder as the model": ([model_path.parent, repo], "is a folder: pass the model.onnx file"),
+        "a file as the repository": ([model_path, tmp_path / "notes.txt"], "notes.txt is a file: give a folder"),
+        "batch size 0": ([model_path, repo, "--max-batch-size", "0"], "max_batch_size (--max-batch-size) must"),
+        "negative batch size": ([model_path, repo, "--max-batch-size", "-3"], "must be at least 1, got -3"),
+        "version 0": ([model_path, repo, "--version", "0"], "version (--version) must be at least 1, got 0"),
+        "not esmpp's": ([_plain_onnx(tmp_path / "plain.onnx"), repo], "was not written by `esmpp export`"),
+    }
+    for name, (args, expected) in cases.items():
+        with pytest.raises(SystemExit) as exited:
+            main([str(arg) for arg in args])
+        captured = capsys.readouterr()
+        assert exited.value.code == 1, name
+        assert captured.err.startswith("error: ") and captured.err.count("\n") == 1, (name, captured.err)
+        assert expected in captured.err, (name, captured.err)
+        assert not repo.exists(), name
+
+
+def test_a_missing_weights_file_is_named_before_anything_is_written(exported_model, tmp_path):
+    model_path, _ = exported_model
+    model = onnx.load(str(model_path))
+    onnx.save(model, str(tmp_path / "model.onnx"), save_as_external_data=True, location="model.onnx.data")
+    (tmp_path / "model.onnx.data").unlink()
+    with pytest.raises(ServingError, match=r"model\.onnx\.data is missing: model\.onnx keeps its weights there"):
+        write_triton_repository(tmp_path / "model.onnx", tmp_path / "repo")
+    assert not (tmp_path / "repo").exists()
+
+
+def test_the_module_runs_from_the_folder_that_holds_the_kit(exported_model, tmp_path):
+    model_path, _ = exported_model
+    command = [sys.executable, "-m", "export.triton", str(model_path), str(tmp_path / "repo"), "--version", "3"]
+    output = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+    assert output.returncode == 0, output.stderr
+    assert (tmp_path / "repo" / "esmpp" / "3" / "model.onnx").is_file()
