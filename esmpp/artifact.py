@@ -245,23 +245,30 @@ def _member(path: Path, name: str, missing: str) -> Path:
 _GIVE_AN_ARTIFACT = "give an artifact folder (what `esmpp build` writes to --out)"
 
 
+def _holds_artifact(folder: Path) -> bool:
+    """Whether ``folder`` is an artifact by its own manifest.json: a link out of it is not read (see
+    :func:`_member`)."""
+    manifest = folder / MANIFEST
+    return manifest.is_file() and manifest.resolve().parent == folder.resolve() and is_artifact(folder)
+
+
 def _refuse_what_is_no_artifact(path: Path) -> None:
-    """Refuse a ``path`` that is no artifact, damaged or not, saying what it is instead: missing, a file, another
-    kind of esmpp folder, or a folder that holds artifacts in subfolders (named). A folder holding some of an
-    artifact's files but not a readable manifest passes: it is a damaged artifact, which :func:`read_manifest`
-    names as such."""
+    """Before the manifest is read, refuse a ``path`` that has none, saying what it is instead: missing, a file,
+    an ONNX export, a folder that holds artifacts in subfolders (named), or any other folder. A folder holding
+    some of an artifact's tensor files passes: it is a damaged artifact, which :func:`read_manifest` names as
+    such."""
     if not path.exists():
         raise ArtifactError(f"{path} is not an artifact directory. Create one with `esmpp build CONFIG --out {path}`.")
     if not path.is_dir():
-        if is_artifact(path.parent):
+        if _holds_artifact(path.parent):
             raise ArtifactError(f"{path} is a file of the artifact in {path.parent}: give that folder.")
         raise ArtifactError(f"{path} is a file, not an artifact: {_GIVE_AN_ARTIFACT}.")
-    if not is_artifact(path) and (kind := folder_kind(path)) is not None:
-        raise ArtifactError(f"{path} is {kind}, not an artifact: {_GIVE_AN_ARTIFACT}.")
-    if any((path / name).exists() for name in (MANIFEST, *TENSOR_FILES)):
+    if any((path / name).exists() or (path / name).is_symlink() for name in (MANIFEST, *TENSOR_FILES)):
         return
+    if (kind := folder_kind(path)) is not None:
+        raise ArtifactError(f"{path} is {kind}, not an artifact: {_GIVE_AN_ARTIFACT}.")
     try:
-        held = [str(child) for child in sorted(path.iterdir()) if child.is_dir() and is_artifact(child)]
+        held = [str(child) for child in sorted(path.iterdir()) if child.is_dir() and _holds_artifact(child)]
     except OSError:  # unreadable: said below as of any folder without a manifest
         held = []
     if len(held) == 1:
@@ -281,6 +288,8 @@ def read_manifest(path: Path) -> dict[str, Any]:
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:  # RecursionError: deep nesting
         raise ArtifactError(f"{manifest_path} is not valid JSON ({exc}). Rebuild the artifact.") from exc
     if not isinstance(manifest, dict) or manifest.get("format") != "esmpp-artifact":
+        if (kind := folder_kind(path)) is not None:  # a zoo's manifest, read from inside the folder as above
+            raise ArtifactError(f"{path} is {kind}, not an artifact: {_GIVE_AN_ARTIFACT}.")
         raise ArtifactError(f"{manifest_path} is not an esmpp artifact manifest. Rebuild the artifact.")
     version = _require(manifest, "format_version", int, manifest_path)
     if version > FORMAT_VERSION:

@@ -260,6 +260,15 @@ def test_a_folder_holding_artifacts_names_them(tmp_path, artifact):
         read_manifest(tmp_path / "out")
 
 
+def test_a_subfolder_whose_manifest_links_out_of_it_is_not_named(tmp_path, artifact):
+    """Telling what a folder holds reads no file through a link out of it, as loading does not."""
+    elsewhere = save_artifact(artifact, tmp_path / "elsewhere")
+    (tmp_path / "out" / "linked").mkdir(parents=True)
+    (tmp_path / "out" / "linked" / MANIFEST).symlink_to(elsewhere / MANIFEST)
+    with pytest.raises(ArtifactError, match=r"out is not an artifact \(it holds no manifest\.json\)"):
+        load_artifact(tmp_path / "out")
+
+
 def test_inconsistent_experts_are_refused_and_nothing_is_written(tmp_path, artifact):
     key = next(iter(artifact.experts))
     layer = artifact.experts[key]
