@@ -138,13 +138,20 @@ Owner = Callable[[Path], bool]
 def _check_replaceable(
     destination: Path, overwrite: bool, elsewhere: str, marker: str | None, owns: Owner | None
 ) -> bool:
-    """Refuse to replace ``destination`` unless it is an empty folder (nothing to lose), or ``overwrite`` and it
-    is a folder this writer made before (one holding the file ``marker``, and that ``owns`` accepts, if given):
-    --overwrite on a mistyped path must not delete a user's folder or file, nor another kind of esmpp folder.
-    A refusal says how to write ``elsewhere``. Returns whether ``destination`` is such a folder of the writer's,
-    to be replaced (False: nothing is there, or an empty folder)."""
-    if not (destination.exists() or destination.is_symlink()) or _is_empty_folder(destination):
+    """Refuse to replace ``destination`` unless ``overwrite`` and it is a folder this writer made before (one
+    holding the file ``marker``, and that ``owns`` accepts, if given): --overwrite on a mistyped path must not
+    delete a user's folder or file, nor another kind of esmpp folder. A refusal says how to write ``elsewhere``.
+    Returns whether ``destination`` exists, then a folder of the writer's to be replaced."""
+    if not (destination.exists() or destination.is_symlink()):
         return False
+    if _is_empty_folder(destination):
+        # Not written into: the rename that publishes the output would replace the folder, losing its mode, group
+        # and ACL (and the folder of a shell inside it), and it cannot replace a mount point nor the folder that
+        # holds the staging folder (--out .), which would fail only after the long work.
+        raise EsmppError(
+            f"{destination} is an empty folder: esmpp writes its output as a new folder, in one step, and replaces "
+            f"only a folder it wrote itself. Remove it (rmdir {os.path.abspath(destination)}), or {elsewhere}."
+        )
     holds_marker = marker is not None and destination.is_dir() and (destination / marker).is_file()
     if not holds_marker or (owns is not None and not owns(destination)):
         raise EsmppError(
@@ -158,8 +165,7 @@ def _check_replaceable(
 
 
 def _is_empty_folder(path: Path) -> bool:
-    """Whether ``path`` is a folder (not a link to one) that holds nothing: a write may take its place without
-    --overwrite, renaming onto it (see :func:`atomic_directory`)."""
+    """Whether ``path`` is a folder that holds nothing; not a link to one, which ``rmdir`` would not remove."""
     if path.is_symlink() or not path.is_dir():
         return False
     try:
@@ -239,10 +245,10 @@ def atomic_directory(
     """Yield an empty temporary directory next to ``destination``; on success move it into place, with the
     modes a plain ``mkdir`` and ``open`` would have given it and its files (the umask's).
 
-    Raises ``EsmppError`` up front (and again before the move) if ``destination`` exists and is not an empty
-    folder, unless ``overwrite`` and it is a folder holding the file ``marker`` (what this writer writes, e.g.
-    an artifact's manifest.json) and, with ``owns``, one that ``owns`` recognises as this writer's (another
-    writer may write a file of the same name): anything else there is never replaced. On any error the temporary
+    Raises ``EsmppError`` up front (and again before the move) if ``destination`` exists, unless ``overwrite``
+    and it is a folder holding the file ``marker`` (what this writer writes, e.g. an artifact's manifest.json)
+    and, with ``owns``, one that ``owns`` recognises as this writer's (another writer may write a file of the
+    same name): anything else there, an empty folder included, is never replaced. On any error the temporary
     directory and the parent folders made for it are removed and ``destination`` is left as it was; a failed
     write (a full disk, a forbidden folder) becomes a :class:`StorageError` that names ``destination``, the room
     left there when the disk is full, and how to write ``elsewhere``.
@@ -252,16 +258,14 @@ def atomic_directory(
         yield staging
         _give_plain_modes(staging)
         _fsync_tree(staging)
-        # Again: during the long write, something may have been made at the destination or put into the empty
-        # folder there, and it is no more replaceable than it would have been at the start.
+        # Again: during the long write, something may have been made at the destination, and it is no more
+        # replaceable than it would have been at the start.
         if _check_replaceable(destination, overwrite, elsewhere, marker, owns):
             retired = Path(tempfile.mkdtemp(prefix=f".{destination.name}.tmp-old-", dir=destination.parent))
             os.replace(destination, retired / destination.name)
             os.replace(staging, destination)
             shutil.rmtree(retired, ignore_errors=True)
         else:
-            # Onto nothing or onto an empty folder, which rename replaces atomically; it refuses a folder that is
-            # not empty (ENOTEMPTY, a StorageError), so a file put there since the check above is not lost.
             os.replace(staging, destination)
 
 

@@ -7,15 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from esmpp.artifact import (
-    FORMAT_VERSION,
-    MANIFEST,
-    TENSOR_FILES,
-    check_artifact_destination,
-    load_artifact,
-    read_manifest,
-    save_artifact,
-)
+from esmpp.artifact import FORMAT_VERSION, MANIFEST, TENSOR_FILES, load_artifact, read_manifest, save_artifact
 from esmpp.errors import ArtifactError, EsmppError, StorageError
 from esmpp.runtime.model import Experts
 from tests.conftest import random_artifact
@@ -78,15 +70,6 @@ def test_existing_artifact_needs_overwrite(tmp_path, artifact):
         save_artifact(artifact, path)
     save_artifact(random_artifact(seed=1), path, overwrite=True)
     assert not torch.equal(load_artifact(path).heads[0], artifact.heads[0])
-    assert [p.name for p in tmp_path.iterdir()] == ["art"]
-
-
-def test_an_artifact_is_saved_into_an_empty_folder_without_overwrite(tmp_path, artifact):
-    """`build --out` an empty folder (made with mkdir) was refused as a folder esmpp did not write."""
-    (tmp_path / "art").mkdir()
-    check_artifact_destination(tmp_path / "art")  # what build checks before its long work
-    save_artifact(artifact, tmp_path / "art")
-    assert torch.equal(load_artifact(tmp_path / "art").heads[0], artifact.heads[0])
     assert [p.name for p in tmp_path.iterdir()] == ["art"]
 
 

@@ -129,52 +129,40 @@ def test_a_refusal_says_how_to_write_elsewhere_as_its_caller_does(tmp_path):
 
 
 @pytest.mark.parametrize("overwrite", [False, True])
-def test_an_empty_folder_is_written_into_without_overwrite(tmp_path, overwrite):
-    """An empty folder (made with mkdir for the output) was refused as a folder esmpp did not write, whatever
-    the flags: it holds nothing to lose."""
+def test_an_empty_folder_is_refused_up_front_saying_how_to_write_there(tmp_path, overwrite):
+    """An empty folder was written into by renaming onto it: its mode, group and ACL were lost, and where the
+    rename could not happen (a mount point, --out .) the write failed only after the long work."""
     out = tmp_path / "out"
     out.mkdir()
-    check_destination(out, overwrite, marker="export.json")
-    with atomic_directory(out, overwrite, marker="export.json") as staging:
+    out.chmod(0o2750)
+    elsewhere = "set ESMPP_CACHE to another folder"
+    with pytest.raises(EsmppError) as refused, atomic_directory(out, overwrite, elsewhere) as staging:
         (staging / "export.json").write_text("{}")
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["out"]
-    assert [path.name for path in out.iterdir()] == ["export.json"]
+    assert str(refused.value) == (
+        f"{out} is an empty folder: esmpp writes its output as a new folder, in one step, and replaces only a folder "
+        f"it wrote itself. Remove it (rmdir {out}), or set ESMPP_CACHE to another folder."
+    )
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["out"] and list(out.iterdir()) == []
+    assert stat.S_IMODE(out.stat().st_mode) == 0o2750
 
 
-def test_an_empty_folder_filled_during_the_write_is_not_replaced(tmp_path):
-    """The empty folder allowed at the start is checked again before the move, which renames onto it: what was
-    put there meanwhile stays, and the write fails naming it."""
+@pytest.mark.parametrize("kind", ["empty folder", "file"])
+def test_a_destination_made_during_the_write_is_refused_at_the_move(tmp_path, kind):
+    """It was replaced at the end of the write, as if it had been checked: it is checked again before the move."""
     out = tmp_path / "out"
-    out.mkdir()
-    refused = pytest.raises(EsmppError, match="out is a folder that esmpp did not write")
+    refused = pytest.raises(EsmppError, match=f"out is an? {kind}")
     with refused, atomic_directory(out, overwrite=True, marker="manifest.json") as staging:
         (staging / "manifest.json").write_text("{}")
-        (out / "notes.txt").write_text("written meanwhile")
-    assert (out / "notes.txt").read_text() == "written meanwhile"
+        if kind == "file":
+            out.write_text("made meanwhile")
+        else:
+            out.mkdir()
     assert sorted(path.name for path in tmp_path.iterdir()) == ["out"]
-
-
-def test_a_file_put_into_the_empty_folder_after_the_last_check_is_not_lost(tmp_path, monkeypatch):
-    """The move renames onto the empty folder, which fails if it is no longer empty: nothing is deleted."""
-    out = tmp_path / "out"
-    out.mkdir()
-    check = atomic._check_replaceable
-
-    def check_then_fill(destination, *args):
-        replaces = check(destination, *args)
-        if any(tmp_path.glob(".out.tmp-*")):  # the check before the move, not the one before the staging exists
-            (out / "notes.txt").write_text("written meanwhile")
-        return replaces
-
-    monkeypatch.setattr(atomic, "_check_replaceable", check_then_fill)
-    failed = pytest.raises(StorageError, match=f"could not write {re.escape(str(out))}")
-    with failed, atomic_directory(out, marker="manifest.json") as staging:
-        (staging / "manifest.json").write_text("{}")
-    assert [path.name for path in out.iterdir()] == ["notes.txt"]
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["out"]
+    assert out.read_text() == "made meanwhile" if kind == "file" else list(out.iterdir()) == []
 
 
 def test_a_link_to_an_empty_folder_is_not_taken_for_one(tmp_path):
+    """Not told to rmdir it, which does not remove a link."""
     (tmp_path / "empty").mkdir()
     (tmp_path / "link").symlink_to(tmp_path / "empty")
     with pytest.raises(EsmppError, match="link is a folder that esmpp did not write"):

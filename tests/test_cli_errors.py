@@ -635,6 +635,19 @@ def test_an_existing_out_is_refused_before_the_slow_part_of_reading_the_config(m
     assert code == 1 and f"{out} already exists. Pass --overwrite to replace it" in err
 
 
+def test_out_dot_in_an_empty_folder_is_refused_before_the_export(monkeypatch, capsys, project, tmp_path):
+    """`--out .` passed the check, then the export failed after its work: the staging folder made beside `.` was in
+    it, so `.` was no longer empty when the output was to be renamed onto it."""
+    monkeypatch.setattr("esmpp.onnx.load_artifact", _long_work)
+    monkeypatch.chdir(tmp_path)
+    code, _, err = _run(monkeypatch, capsys, "export", project[2], "--out", ".", "--overwrite")
+    assert code == 1 and err == (
+        "error: . is an empty folder: esmpp writes its output as a new folder, in one step, and replaces only a "
+        f"folder it wrote itself. Remove it (rmdir {tmp_path}), or choose another --out.\n"
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_good_command_still_works(monkeypatch, capsys, project):
     code, out, _ = _run(monkeypatch, capsys, "predict", project[2], project[3], "--json")
     assert code == 0 and '"task": "task' in out

@@ -200,15 +200,6 @@ def test_cli_exports_fp16_and_prints_parity_and_provider(saved_artifact, tmp_pat
     assert report["fp16"] and 0 < report["parity"]["logits_error"] <= 2e-2
 
 
-def test_cli_exports_into_an_empty_out_folder_without_overwrite(saved_artifact, tmp_path):
-    """`mkdir out && esmpp export ART --out out` was refused: out has no export.json, so esmpp had not written it."""
-    (tmp_path / "out").mkdir()
-    result = CliRunner().invoke(app, ["export", str(saved_artifact), "--out", str(tmp_path / "out")])
-    assert result.exit_code == 0, result.output
-    assert sorted(path.name for path in (tmp_path / "out").iterdir()) == [REPORT_FILE, "model.onnx"]
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["out"]
-
-
 def test_soft_top_k_routing_exports_and_matches_pytorch(tmp_path):
     """Soft routing (two weighted experts per image) is graph ops too: the traced graph matches PyTorch."""
     model = random_artifact(num_tasks=3).to_model()

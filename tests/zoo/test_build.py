@@ -114,14 +114,6 @@ def test_a_folder_of_the_users_is_never_replaced_by_a_zoo(tmp_path: Path) -> Non
     assert (tmp_path / "photos" / "holiday.jpg").read_bytes() == b"memories"
 
 
-def test_a_zoo_is_built_into_an_empty_folder(tmp_path: Path) -> None:
-    """An empty folder given as the zoo's root was refused as a folder of the user's, even with --force."""
-    (tmp_path / "z").mkdir()
-    zoo = build_zoo(_one_task_in_two_steps(), root=tmp_path / "z", progress=False)
-    assert zoo.tasks == ["stripes"] and (tmp_path / "z" / "manifest.json").is_file()
-    assert list(tmp_path.iterdir()) == [tmp_path / "z"]
-
-
 def test_an_artifact_is_never_replaced_by_a_zoo(tmp_path: Path) -> None:
     """An artifact has a manifest.json too: `zoo build --out ARTIFACT --force` replaced it."""
     artifact = save_artifact(random_artifact(), tmp_path / "artifact")
