@@ -202,15 +202,18 @@ def _staging_directory(
         return f"could not write {destination} ({exc}). Nothing was written: {advice}."
 
     staging = None
+    # The folder work is on the absolute path: `--out .` has no name and is its own parent's "." entry, which
+    # would put the staging folder inside the destination. Messages keep the path as given.
+    place = _absolute(destination)
     # A failed write, or a check (which writes nothing), leaves no folder behind; a written destination is
     # in them, so they stay.
-    with folders_made_undone(destination.parent):
+    with folders_made_undone(place.parent):
         try:
             with storage_errors(describe):
-                destination.parent.mkdir(parents=True, exist_ok=True)
-                for stale in destination.parent.glob(f".{destination.name}.tmp-*"):
+                place.parent.mkdir(parents=True, exist_ok=True)
+                for stale in place.parent.glob(f".{place.name}.tmp-*"):
                     shutil.rmtree(stale, ignore_errors=True)
-                staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.tmp-", dir=destination.parent))
+                staging = Path(tempfile.mkdtemp(prefix=f".{place.name}.tmp-", dir=place.parent))
                 # mkdtemp makes it 0700, a mode the rename would publish: readable by its owner alone.
                 staging.chmod(_plain_folder_mode(staging))
                 yield staging
@@ -260,13 +263,35 @@ def atomic_directory(
         _fsync_tree(staging)
         # Again: during the long write, something may have been made at the destination, and it is no more
         # replaceable than it would have been at the start.
+        place = _absolute(destination)
         if _check_replaceable(destination, overwrite, elsewhere, marker, owns):
-            retired = Path(tempfile.mkdtemp(prefix=f".{destination.name}.tmp-old-", dir=destination.parent))
-            os.replace(destination, retired / destination.name)
-            os.replace(staging, destination)
-            shutil.rmtree(retired, ignore_errors=True)
+            _replace(place, staging)
         else:
-            os.replace(staging, destination)
+            os.replace(staging, place)
+
+
+def _absolute(path: Path) -> Path:
+    """``path`` made absolute with its ``.`` and ``..`` resolved by name (links are not followed)."""
+    return Path(os.path.abspath(path))
+
+
+def _replace(place: Path, staging: Path) -> None:
+    """Put the folder ``staging`` where the folder ``place`` is, in two renames through a retired folder beside
+    it; if the second fails, the old folder goes back, so a failed replacement loses neither."""
+    retired = Path(tempfile.mkdtemp(prefix=f".{place.name}.tmp-old-", dir=place.parent))
+    try:
+        os.replace(place, retired / place.name)
+    except BaseException:
+        retired.rmdir()
+        raise
+    try:
+        os.replace(staging, place)
+    except BaseException:
+        # Left in the retired folder, the old output would be deleted as stale by the next write here.
+        os.replace(retired / place.name, place)
+        retired.rmdir()
+        raise
+    shutil.rmtree(retired, ignore_errors=True)
 
 
 def exit_on_terminate() -> None:

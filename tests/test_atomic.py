@@ -1,6 +1,7 @@
 import errno
 import re
 import stat
+from pathlib import Path
 
 import pytest
 import torch
@@ -224,3 +225,37 @@ def test_the_published_folder_and_its_files_get_the_modes_the_umask_gives(tmp_pa
         "artifact/weights.safetensors": file,
         "artifact/sub/notes.txt": file,
     }
+
+
+def _written(destination, content, **kwargs):
+    with atomic_directory(destination, marker="manifest.json", **kwargs) as staging:
+        (staging / "manifest.json").write_text(content)
+
+
+def test_out_dot_replaces_the_current_folder_rather_than_writing_inside_it(tmp_path, monkeypatch):
+    """`--out .` has no name and is its own "." entry: the staging folder was made inside the destination, which
+    the move then refused (or failed with EBUSY), after the whole export."""
+    _written(tmp_path / "out", "old")
+    monkeypatch.chdir(tmp_path / "out")
+    _written(Path("."), "new", overwrite=True)
+    assert (tmp_path / "out" / "manifest.json").read_text() == "new"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["out"]
+
+
+def test_a_failed_move_into_place_puts_the_old_folder_back(tmp_path, monkeypatch):
+    """The old output waited in a retired `.NAME.tmp-old-*` folder, which the next write deletes as stale."""
+    destination = tmp_path / "out"
+    _written(destination, "old")
+    real_replace, calls = atomic.os.replace, []
+
+    def second_fails(source, target):
+        calls.append(source)
+        if len(calls) == 2:  # the staging folder onto the destination
+            raise OSError(errno.EIO, "Input/output error")
+        real_replace(source, target)
+
+    monkeypatch.setattr(atomic.os, "replace", second_fails)
+    with pytest.raises(StorageError, match="could not write"):
+        _written(destination, "new", overwrite=True)
+    assert (destination / "manifest.json").read_text() == "old"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["out"]
