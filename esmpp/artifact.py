@@ -252,6 +252,25 @@ def _holds_artifact(folder: Path) -> bool:
     return manifest.is_file() and manifest.resolve().parent == folder.resolve() and is_artifact(folder)
 
 
+def _has_artifact_files(folder: Path, names: tuple[str, ...] = (MANIFEST, *TENSOR_FILES)) -> bool:
+    """Whether ``folder`` has any of the files ``names`` (default: an artifact's own), even as a broken link:
+    told by name, none is opened."""
+    return any((folder / name).exists() or (folder / name).is_symlink() for name in names)
+
+
+def _artifacts_held(folder: Path) -> list[Path]:
+    """The subfolders of ``folder`` that are artifacts by their own manifests. A subfolder that is a link is
+    skipped: it may lead out of ``folder``, whose files alone are read."""
+    try:
+        return [
+            child
+            for child in sorted(folder.iterdir())
+            if child.is_dir() and not child.is_symlink() and _holds_artifact(child)
+        ]
+    except OSError:  # unreadable: a folder without artifacts, as far as can be told
+        return []
+
+
 def _refuse_what_is_no_artifact(path: Path) -> None:
     """Before the manifest is read, refuse a ``path`` that has none, saying what it is instead: missing, a file,
     an ONNX export, a folder that holds artifacts in subfolders (named), or any other folder. A folder holding
@@ -260,17 +279,15 @@ def _refuse_what_is_no_artifact(path: Path) -> None:
     if not path.exists():
         raise ArtifactError(f"{path} is not an artifact directory. Create one with `esmpp build CONFIG --out {path}`.")
     if not path.is_dir():
-        if _holds_artifact(path.parent):
+        # Told by the names beside it, not by reading their manifest: only the path given is the loader's to read.
+        if _has_artifact_files(path.parent, TENSOR_FILES):
             raise ArtifactError(f"{path} is a file of the artifact in {path.parent}: give that folder.")
         raise ArtifactError(f"{path} is a file, not an artifact: {_GIVE_AN_ARTIFACT}.")
-    if any((path / name).exists() or (path / name).is_symlink() for name in (MANIFEST, *TENSOR_FILES)):
+    if _has_artifact_files(path):
         return
     if (kind := folder_kind(path)) is not None:
         raise ArtifactError(f"{path} is {kind}, not an artifact: {_GIVE_AN_ARTIFACT}.")
-    try:
-        held = [str(child) for child in sorted(path.iterdir()) if child.is_dir() and _holds_artifact(child)]
-    except OSError:  # unreadable: said below as of any folder without a manifest
-        held = []
+    held = [str(child) for child in _artifacts_held(path)]
     if len(held) == 1:
         raise ArtifactError(f"{path} is not an artifact, but holds one in {held[0]}: give that folder.")
     if held:

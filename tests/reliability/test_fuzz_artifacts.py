@@ -222,3 +222,22 @@ def test_unchanged_template_loads_and_serves(template):
     with _copy(template) as path:
         _load_and_serve(path)
         assert not isinstance(attempt("load_artifact", load_artifact, path), EsmppError)
+
+
+def test_a_subfolder_that_links_to_an_artifact_elsewhere_is_not_read(template, tmp_path):
+    """Naming the artifacts a folder holds reads their manifests: one behind a linked subfolder lies outside."""
+    given = tmp_path / "given"
+    given.mkdir()
+    (given / "linked").symlink_to(template, target_is_directory=True)
+    _load_and_serve(given)
+    refused = attempt("load_artifact", load_artifact, given)
+    assert isinstance(refused, ArtifactError) and "holds no manifest.json" in str(refused), refused
+
+
+@pytest.mark.parametrize("name", [MANIFEST, *TENSOR_FILES])
+def test_a_file_of_an_artifact_is_named_without_reading_the_files_beside_it(template, name):
+    """Given one file, only that path is the loader's: it tells the artifact around it by the names there."""
+    with _copy(template) as path:
+        _load_and_serve(path / name)
+        refused = attempt("load_artifact", load_artifact, path / name)
+        assert str(refused) == f"{path / name} is a file of the artifact in {path}: give that folder."
