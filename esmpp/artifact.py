@@ -30,7 +30,7 @@ import esmpp
 from esmpp.architecture import PATCH_KEY, Architecture, block_index, build_visual, routed_kind
 from esmpp.atomic import atomic_directory, check_destination
 from esmpp.errors import ArchitectureError, ArtifactError
-from esmpp.folders import MANIFEST, folder_kind, is_artifact
+from esmpp.folders import MANIFEST, folder_kind, is_artifact, is_zoo
 from esmpp.runtime.model import Experts, RoutedEncoder
 
 # 2: the discriminant router's ``prototype_bias``. A reader of format 1 would take its weights for cosine
@@ -269,6 +269,16 @@ def _artifacts_held(folder: Path) -> list[Path]:
         ]
     except OSError:  # unreadable: a folder without artifacts, as far as can be told
         return []
+
+
+def names_an_artifact(path: Path) -> bool:
+    """Whether the loader takes ``path`` for an artifact, whole or damaged (a folder with a manifest.json that is
+    no zoo's or any of an artifact's tensor files), or for a folder holding artifacts in subfolders, which it
+    names: the rule by which ``esmpp eval`` tells an artifact from a checkpoint folder, so that the loader's
+    messages are the ones given. Only files inside ``path`` are read."""
+    if not path.is_dir() or is_zoo(path):
+        return False
+    return _has_artifact_files(path) or (folder_kind(path) is None and bool(_artifacts_held(path)))
 
 
 def _refuse_what_is_no_artifact(path: Path) -> None:

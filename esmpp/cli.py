@@ -453,16 +453,17 @@ def eval_encoder(
 ) -> None:
     """Accuracy of one encoder (or an ESM++ artifact) on the zoo's test splits. An artifact's tasks are
     matched to the zoo's by name: one built on some of the zoo's tasks, in any order, is measured on them."""
+    from esmpp.artifact import load_artifact, names_an_artifact
     from esmpp.checkpoints import load_encoder
     from esmpp.compare import evaluate_routed
     from esmpp.evaluation import evaluate, format_table
-    from esmpp.folders import folder_kind, is_artifact
+    from esmpp.folders import folder_kind
     from esmpp.zoo import get_preset
 
     # The argument is read and checked against the zoo's preset before the zoo is built (15 minutes for mini).
-    if is_artifact(checkpoint):
-        from esmpp.artifact import load_artifact
-
+    # What the artifact loader takes for an artifact (a damaged one, a folder holding one) goes to it: its
+    # messages say what is wrong with it, where the checkpoint loader's would ask for model weights.
+    if names_an_artifact(checkpoint):
         artifact = load_artifact(checkpoint)
         _check_artifact_fits_zoo(artifact, checkpoint, zoo)
         results = evaluate_routed(artifact, _zoo(zoo, None))

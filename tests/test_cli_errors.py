@@ -309,6 +309,20 @@ CASES = {
         lambda root, *_: ["eval", root / "proxy0", "--zoo", "tiny"],
         "proxy0 is a directory without model weights: expected one of model.safetensors",
     ),
+    # What the artifact loader takes for an artifact goes to it, not to the checkpoint loader (which asked for model
+    # weights): a damaged one, or a folder holding one (demo's --out).
+    "eval an artifact without its manifest": (
+        lambda root, config, artifact, image: ["eval", _damaged(root / "no-manifest", artifact, None), "--zoo", "tiny"],
+        "no-manifest/manifest.json is missing: ",
+    ),
+    "eval an artifact with a broken manifest": (
+        lambda root, config, artifact, image: ["eval", _damaged(root / "broken", artifact, "{broken"), "--zoo", "tiny"],
+        "broken/manifest.json is not valid JSON (",
+    ),
+    "eval the folder that holds the artifact": (
+        lambda root, config, artifact, *_: ["eval", _holding(root / "demo-out", artifact), "--zoo", "tiny"],
+        "demo-out is not an artifact, but holds one in ",
+    ),
     "eval a zoo": (
         lambda root, *_: ["eval", _zoo_manifest_in(root / "zoo"), "--zoo", "tiny"],
         "zoo is an esmpp zoo, which eval does not measure: give an encoder checkpoint (a file, or a Hugging Face "
@@ -353,6 +367,18 @@ def _holding(folder, artifact):
     """``folder`` holding a copy of ``artifact`` in its subfolder ``artifact``, as demo's --out does; made once."""
     if not folder.exists():
         shutil.copytree(artifact, folder / "artifact")
+    return folder
+
+
+def _damaged(folder, artifact, manifest):
+    """``folder`` holding a copy of ``artifact`` whose manifest.json holds the text ``manifest`` (None: is removed);
+    made once."""
+    if not folder.exists():
+        shutil.copytree(artifact, folder)
+        if manifest is None:
+            (folder / "manifest.json").unlink()
+        else:
+            _write(folder / "manifest.json", manifest)
     return folder
 
 
