@@ -15,7 +15,7 @@ import argparse
 import contextlib
 import json
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -249,11 +249,11 @@ class OnnxClassifier:
     def providers(self) -> list[str]:
         return self.session.get_providers()
 
-    def predict(self, images: ImageSource | Sequence[ImageSource], task: str | None = None) -> list[dict]:
-        """``[{"task", "label", "score"}]``, one per image (a single image may be passed bare); score is the
-        softmax probability within the task's classes."""
-        if not isinstance(images, (list, tuple)):  # the esmpp Predictor's rule: a str is one path, not a list
-            images = [images]
+    def predict(self, images: ImageSource | Iterable[ImageSource], task: str | None = None) -> list[dict]:
+        """``[{"task", "label", "score"}]``, one per image: ``images`` is one image or any iterable of them (a
+        generator is read once); score is the softmax probability within the task's classes."""
+        # The esmpp Predictor's rule: a path (a str too), a PIL image or an array is iterable, but is one image.
+        images = list(images) if isinstance(images, Iterable) and not isinstance(images, ImageSource) else [images]
         if not images:
             raise ServingError("no images given to predict.")
         # The task first: a wrong one fails before any image is decoded.

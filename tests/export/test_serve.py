@@ -149,6 +149,9 @@ def test_predict_takes_what_its_docs_say(exported_model, artifact_path, image_fi
         expected = [(p.task, p.label) for p in predictor.predict([image_files[0], array], task=task)]
     for single, pair in [(str(image_files[0]), expected[0]), (array, expected[1])]:
         assert [(r["task"], r["label"]) for r in classifier.predict(single, task=task)] == [pair]
+    # Any iterable, read once, as the Predictor reads it: a generator was taken for one image and refused.
+    given = classifier.predict((source for source in [image_files[0], array]), task=task)
+    assert [(r["task"], r["label"]) for r in given] == expected
     refusals = {
         "no images given to predict.": [],
         "image 0: a numpy array of shape (4, 4) and dtype float32; pass uint8 [H, W], [H, W, 3] or [H, W, 4] arrays, "
