@@ -766,10 +766,11 @@ def bench(
 
 
 def _prepare_output(out: Path, is_a_folder: str | None = None, folder: str | None = None) -> None:
-    """Check the report's path ``out`` and create its folder before the long work, so that a bad --out fails at
-    once rather than when the report is written. For a command whose --out is not the report's file but its
-    folder (demo), ``is_a_folder`` is the error when ``out`` is a folder (default: give the report's file in
-    --out) and ``folder`` how the errors name the folder (default: the folder of --out OUT)."""
+    """Check the report's path ``out`` before the long work, so that a bad --out fails at once rather than when
+    the report is written: ``out`` is no folder, and its folder can be created and written to (a folder made to
+    find this out is removed again: :func:`_write_report` makes it). For a command whose --out is not the
+    report's file but its folder (demo), ``is_a_folder`` is the error when ``out`` is a folder (default: give the
+    report's file in --out) and ``folder`` how the errors name the folder (default: the folder of --out OUT)."""
     if out.is_dir():
         raise ConfigError(
             is_a_folder or f"--out {out} is a folder; give the report's file, e.g. --out {out / 'report.json'}."
