@@ -77,7 +77,8 @@ def test_images_may_come_from_any_iterable(predictor):
     images = _images(3)
     expected = predictor.predict(images)
     assert predictor.predict(image for image in images) == expected
-    assert predictor.predict(iter(images), batch_size=2) == expected
+    # Against the same batching: another batch size changes the GEMMs' blocking, and scores in the 8th digit.
+    assert predictor.predict(iter(images), batch_size=2) == predictor.predict(images, batch_size=2)
     assert predictor.predict(np.stack(images)[0]) == expected[:1]  # an array is one image, not rows of pixels
 
 
