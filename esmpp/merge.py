@@ -75,14 +75,17 @@ def merge_streaming(
     method: MergeMethod,
     progress: bool = True,
     batch_size: int = 64,
+    on_statistics: Callable[[int, str, ActivationStats], None] | None = None,
 ) -> dict[str, torch.Tensor]:
     """The merged task vector of ``method`` over ``tasks`` (parameter name → tensor), before α.
 
-    One fine-tuned encoder and one task's proxy images in memory at a time; with ``method.needs_grams``
-    the activation statistics are captured one transformer block at a time and that block's linear layers
-    are summarised before the next block runs; summaries that methods park go to a temporary directory.
-    With ``method.shift_moments``, layers that narrow (d_out < d_in, the MLP's c_proj) get the moment of
-    their activation shift, ``d_out × d_out``, instead of the Gram of their input, ``d_in × d_in``.
+    One fine-tuned encoder and one task's proxy images in memory at a time; for the layers of
+    ``method.statistics_kinds()`` the activation statistics are captured one transformer block at a time
+    and that block's linear layers are summarised before the next block runs; summaries that methods park
+    go to a temporary directory. With ``method.shift_moments``, layers that narrow (d_out < d_in, the MLP's
+    c_proj) get the moment of their activation shift, ``d_out × d_out``, instead of the Gram of their input,
+    ``d_in × d_in``. ``on_statistics(t, key, stats)`` sees each layer's statistics of task ``t`` (index in
+    ``tasks``) as they are captured, for a caller that needs them again after the merge.
     """
     summaries: dict[str, Any] = {}
 
@@ -96,9 +99,9 @@ def merge_streaming(
         d_out, d_in = pretrained.state[key].shape
         return task_vector(finetuned, key).double() if d_out < d_in else None
 
-    stat_keys = linear_keys(pretrained.arch) if method.needs_grams else []
+    stat_keys = linear_keys(pretrained.arch, method.statistics_kinds())
 
-    def summarize_task(task: TaskSource) -> None:
+    def summarize_task(t: int, task: TaskSource) -> None:
         # A function, so that the fine-tuned weights and everything sharing them (the module, the
         # projection, the capture generator) are gone when it returns, before the next task loads.
         with stage("load"):
@@ -109,6 +112,9 @@ def merge_streaming(
             projection = partial(shift_projection, finetuned) if method.shift_moments else None
             blocks = capture_blockwise(visual, proxy_batches(task, batch_size), stat_keys, projection)
             for block_stats in staged("capture", blocks):
+                if on_statistics is not None:
+                    for key, stats in block_stats.items():
+                        on_statistics(t, key, stats)
                 with stage("decompose"):
                     for key, stats in layer_stats(block_stats).items():
                         summarize(finetuned, key, stats)
@@ -118,8 +124,8 @@ def merge_streaming(
                 summarize(finetuned, key, None)
 
     with method.spilling():
-        for task in tqdm(tasks, desc=f"merge {method.name}", unit="task", disable=not progress):
-            summarize_task(task)
+        for t, task in enumerate(tqdm(tasks, desc=f"merge {method.name}", unit="task", disable=not progress)):
+            summarize_task(t, task)
             release_free_memory()
         with stage("merge"):
             # In the pretrained model's key order (finalize's scalings average over keys in that order);

@@ -2,8 +2,9 @@
 
 A method that must keep something of every task until ``combine`` (ESM's per-task essential subspaces)
 parks each task's piece — a dataclass holding tensors — in a temporary directory and holds only a
-:class:`Parked` reference; ``combine`` loads the T pieces of one parameter at a time. The ESM++ build's
-experts' pass parks each task's experts the same way until its last fine-tuned model is gone. The directory and
+:class:`Parked` reference; ``combine`` loads the T pieces of one parameter at a time. The ESM++ build parks
+each task's routed-layer statistics from the merge until its experts' pass, and that pass parks each task's
+experts the same way until its last fine-tuned model is gone. The directory and
 everything in it are removed when the :class:`SpillDirectory` closes, also when the merge fails.
 Loading gives back the same tensors bit for bit (safetensors, no conversion).
 """
@@ -70,8 +71,8 @@ class SpillDirectory:
         )
         return (
             f"could not park a summary in {self.path} ({exc}); {self.bytes_parked / 2**20:.1f} MiB were parked "
-            "there so far. The build keeps each task's subspaces and experts on disk until it needs them and "
-            f"removes them at the end: {advice}."
+            "there so far. The build keeps each task's subspaces, activation statistics and experts on disk until "
+            f"it needs them and removes them at the end: {advice}."
         )
 
     def close(self) -> None:

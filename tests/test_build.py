@@ -17,8 +17,8 @@ from esmpp.capture import capture_statistics
 from esmpp.checkpoints import Encoder
 from esmpp.errors import ConfigError
 from esmpp.experts import residual_expert, task_prototypes
-from esmpp.merge import TaskSource, apply_task_vector, batches, golden_section_search
-from esmpp.merging import LayerStats, merge_task_vectors
+from esmpp.merge import TaskSource, apply_task_vector, batches, golden_section_search, merge_streaming
+from esmpp.merging import LayerStats, get_method, merge_task_vectors
 from tests.conftest import TINY_ARCH
 
 
@@ -305,6 +305,25 @@ def test_lean_build_equals_the_in_memory_build(pretrained, tmp_path, monkeypatch
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize(
+    ("method", "options", "kinds"),
+    [("esm", {}, ("qkv", "fc", "proj")), ("esm", {"esd_kinds": ("fc",)}, ("fc",)), ("tsv", {}, ())],
+)
+def test_the_merge_captures_only_the_layers_its_method_reads_and_shows_them(pretrained, method, options, kinds):
+    seen: list[tuple[int, str, bool]] = []
+    merge_method = get_method(method)(options, num_tasks=2)
+    merge_streaming(
+        pretrained,
+        _tasks(2, pretrained),
+        merge_method,
+        progress=False,
+        on_statistics=lambda t, key, stats: seen.append((t, key, stats.projected)),
+    )
+    narrowing = set(linear_keys(pretrained.arch, ("proj",)))  # ESM takes the moment of their shift
+    expected = [(t, key, key in narrowing) for t in range(2) for key in linear_keys(pretrained.arch, kinds)]
+    assert seen == expected
+
+
 def test_rank_energy_gives_each_layer_the_fewest_directions_that_every_task_needs(pretrained):
     tasks = _tasks(3, pretrained)
     options = BuildOptions(alpha=0.7, rank=12, rank_energy=0.9)
@@ -323,7 +342,17 @@ def test_rank_energy_gives_each_layer_the_fewest_directions_that_every_task_need
     assert artifact.build["rank_energy"] == 0.9
 
 
-def test_proxy_images_are_loaded_per_task_when_needed(pretrained):
+@pytest.mark.parametrize(
+    ("options", "experts_pass"),
+    [
+        # ESM captured the routed layers' Grams: the experts' pass reloads the checkpoints only.
+        (BuildOptions(alpha=1.0, rank=2), ("checkpoint",)),
+        # TSV-M captures nothing, and ESM's statistics of a narrowing layer are its shift's moment.
+        (BuildOptions(alpha=1.0, rank=2, method="tsv"), ("checkpoint", "proxy")),
+        (BuildOptions(alpha=1.0, rank=2, routed_kinds=("qkv", "proj")), ("checkpoint", "proxy")),
+    ],
+)
+def test_proxy_images_are_loaded_per_task_when_needed(pretrained, options, experts_pass):
     events: list[tuple[str, str]] = []
     tasks = _tasks(3, pretrained)
 
@@ -332,9 +361,10 @@ def test_proxy_images_are_loaded_per_task_when_needed(pretrained):
 
     for task in tasks:
         task.load, task.proxy = logged("checkpoint", task.name, task.load), logged("proxy", task.name, task.proxy)
-    build_artifact(pretrained, tasks, BuildOptions(alpha=1.0, rank=2), progress=False)
-    one_pass = [(kind, f"task{t}") for t in range(3) for kind in ("checkpoint", "proxy")]
-    assert events == one_pass * 2  # the merge, then the experts
+    build_artifact(pretrained, tasks, options, progress=False)
+    merge_pass = ("checkpoint", "proxy") if options.method == "esm" else ("checkpoint",)
+    expected = [(kind, f"task{t}") for kinds in (merge_pass, experts_pass) for t in range(3) for kind in kinds]
+    assert events == expected
 
 
 def test_one_fine_tuned_encoder_is_alive_at_a_time(pretrained):

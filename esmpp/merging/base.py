@@ -29,6 +29,7 @@ import pydantic
 import torch
 from torch import Tensor
 
+from esmpp.architecture import LINEAR_KINDS
 from esmpp.errors import ConfigError, validation_problems
 from esmpp.spill import Parked, SpillDirectory
 
@@ -94,11 +95,17 @@ class MergeMethod(ABC):
                 f"Invalid options for merge method {cls.name!r}: {validation_problems(exc)}. Known options: {fields}."
             ) from exc
 
+    def statistics_kinds(self) -> tuple[str, ...]:
+        """The linear kinds whose layers the driver captures :class:`LayerStats` for: every kind for a method
+        that ``needs_grams``, none otherwise. A method that reads the statistics of some kinds only says so, and
+        the others are not captured."""
+        return tuple(LINEAR_KINDS) if self.needs_grams else ()
+
     @abstractmethod
     def summarize(self, key: str, delta: Tensor, stats: LayerStats | None, previous: Any | None) -> Any:
         """Fold task t's task vector ``delta`` of parameter ``key`` into ``previous``, the summary of tasks
         1..t−1 (None for the first task). Called once per task, in task order. ``stats`` is given only for
-        2-D weights of the linear kinds, and only when ``needs_grams``."""
+        the weights of the :meth:`statistics_kinds`."""
 
     @abstractmethod
     def combine(self, key: str, summary: Any) -> Tensor:

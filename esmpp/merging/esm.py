@@ -191,6 +191,9 @@ class EssentialSubspaceMerging(MergeMethod):
         # Keys outside the ESD kinds are merged exactly as TSV-M merges them.
         self._tsv = TaskSingularVectorsMerging(None, num_tasks)
 
+    def statistics_kinds(self) -> tuple[str, ...]:
+        return self.options.esd_kinds  # out_proj follows TSV-M by default: capturing its Gram would be wasted
+
     def _uses_esd(self, key: str) -> bool:
         return linear_kind(key) in self.options.esd_kinds
 
