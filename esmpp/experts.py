@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from esmpp.decompose import essential_top
+from esmpp.decompose import essential_few
 
 
 class ResidualExpert(NamedTuple):
@@ -35,7 +35,7 @@ class ResidualExpert(NamedTuple):
 def residual_expert(residual: torch.Tensor, gram: torch.Tensor, num_tokens: int, rank: int) -> ResidualExpert:
     """Rank-``rank`` ESD expert of ``residual`` [d_out, d_in] under the task's activations (Gram ``gram``
     [d_in, d_in] of ``num_tokens`` proxy tokens). ``rank`` is clipped to d_out."""
-    esd = essential_top(residual, gram, num_tokens, min(rank, residual.shape[0]))
+    esd = essential_few(residual, gram, num_tokens, min(rank, residual.shape[0]))
     # A residual that moves no activation keeps all of its (zero) shift with any rank.
     total = esd.total_variance
     retained = esd.eigenvalues.cumsum(0) / total if total > 0 else torch.ones_like(esd.eigenvalues)

@@ -8,6 +8,7 @@ from esmpp.decompose import (
     complete_orthonormal,
     essential_basis,
     essential_basis_direct,
+    essential_few,
     essential_top,
     essential_top_from_shift,
     functional_error,
@@ -196,6 +197,51 @@ def test_top_components_equal_the_truncated_full_decomposition(layer, rank, cent
         basis_k, coords_k = truncate(full, rank)
         torch.testing.assert_close(_projector(top.basis, rank), _projector(full.basis, rank), rtol=0, atol=1e-6)
         torch.testing.assert_close(top.basis @ top.coordinates, basis_k @ coords_k, rtol=0, atol=1e-6)
+
+
+@given(
+    st.integers(2, 12),
+    st.integers(1, 12),
+    st.integers(1, 12),
+    st.integers(2, 30),
+    st.integers(0, 2**31 - 1),
+)
+@SETTINGS
+def test_a_few_directions_of_a_widening_layer_equal_its_top_components(d_in, extra_out, delta_rank, num_tokens, seed):
+    """Tall ΔW (d_out > d_in), full or low rank (a LoRA fine-tune), with fewer tokens than inputs or more:
+    the QR-free route gives essential_top's eigenvalues, an orthonormal basis, the same subspace wherever the
+    spectrum has a gap, and C = PᵀΔW; its eigenvalues are exactly 0 where essential_top's are whenever the
+    Gram is not singular."""
+    generator = torch.Generator().manual_seed(seed)
+    d_out = d_in + extra_out
+    left = torch.randn(d_out, delta_rank, generator=generator, dtype=torch.float64)
+    delta = left @ torch.randn(delta_rank, d_in, generator=generator, dtype=torch.float64)
+    scales = torch.logspace(-1, 1, d_in, dtype=torch.float64)
+    inputs = torch.randn(num_tokens, d_in, generator=generator, dtype=torch.float64) * scales + 0.5
+    gram = inputs.T @ inputs
+    full = essential_basis(delta, gram, num_tokens).eigenvalues
+    for rank in range(d_in // 2 + 1):
+        few, top = essential_few(delta, gram, num_tokens, rank), essential_top(delta, gram, num_tokens, rank)
+        scale = float(top.eigenvalues[0]) + 1e-300 if rank else 1.0
+        torch.testing.assert_close(few.eigenvalues, top.eigenvalues, rtol=0, atol=1e-9 * scale)
+        if num_tokens > d_in:
+            assert torch.equal(few.eigenvalues == 0, top.eigenvalues == 0), (few.eigenvalues, top.eigenvalues)
+        assert few.total_variance == pytest.approx(top.total_variance, rel=1e-9, abs=1e-9 * scale)
+        torch.testing.assert_close(few.basis.T @ few.basis, torch.eye(rank, dtype=torch.float64))
+        torch.testing.assert_close(few.coordinates, few.basis.T @ delta)
+        gap = full[rank - 1] - full[rank] if rank else scale
+        if gap > 1e-3 * scale:
+            torch.testing.assert_close(_projector(few.basis, rank), _projector(top.basis, rank), rtol=0, atol=1e-6)
+
+
+def test_a_few_directions_outside_their_range_are_the_top_components():
+    """A layer that does not widen, or more than d_in / 2 directions, go to essential_top itself."""
+    generator = torch.Generator().manual_seed(0)
+    inputs = torch.randn(40, 6, generator=generator, dtype=torch.float64)
+    for d_out, rank in ((4, 2), (14, 4)):
+        delta = torch.randn(d_out, 6, generator=generator, dtype=torch.float64)
+        few, top = (f(delta, inputs.T @ inputs, 40, rank) for f in (essential_few, essential_top))
+        assert torch.equal(few.basis, top.basis) and torch.equal(few.eigenvalues, top.eigenvalues)
 
 
 @given(layers(), st.integers(1, 12), st.booleans())
