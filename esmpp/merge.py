@@ -113,8 +113,9 @@ def merge_streaming(
             blocks = capture_blockwise(visual, proxy_batches(task, batch_size), stat_keys, projection)
             for block_stats in staged("capture", blocks):
                 if on_statistics is not None:
-                    for key, stats in block_stats.items():
-                        on_statistics(t, key, stats)
+                    with stage("capture"):  # e.g. the ESM++ build parking them: part of what capturing costs
+                        for key, stats in block_stats.items():
+                            on_statistics(t, key, stats)
                 with stage("decompose"):
                     for key, stats in layer_stats(block_stats).items():
                         summarize(finetuned, key, stats)

@@ -54,7 +54,7 @@ class SpillDirectory:
         """Write the tensor fields of the dataclass instance ``item`` to a new file; keep its other fields.
 
         Raises :class:`StorageError` when the file cannot be written (a full disk, most likely: a ViT-L/14
-        build parks about 200 MB per task), saying how much is parked and where to put the spill instead.
+        build parks about 600 MB per task), saying how much is parked and where to put the spill instead.
         """
         values = {field.name: getattr(item, field.name) for field in dataclasses.fields(item)}  # type: ignore[arg-type]
         tensors = {name: value.contiguous() for name, value in values.items() if isinstance(value, Tensor)}
