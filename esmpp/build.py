@@ -273,10 +273,10 @@ class _MergeStatistics:
         if key in self.routed and not stats.projected:
             self.parked[t][key] = self.spill.park(stats)
 
-    def take(self, t: int) -> dict[str, ActivationStats]:
-        """Task ``t``'s parked statistics (routed key → stats), given once."""
+    def take(self, t: int) -> dict[str, Parked[ActivationStats]]:
+        """Task ``t``'s parked statistics (routed key → parked stats, to load one layer at a time), given once."""
         parked, self.parked[t] = self.parked[t], {}
-        return {key: item.load() for key, item in parked.items()}
+        return parked
 
 
 @dataclass(frozen=True)
@@ -369,16 +369,21 @@ def build_artifact(
                 finetuned = task.load()
                 check_compatible(pretrained, finetuned)
             with stage("capture"):
-                stats = merge_statistics.take(t)
-                missing = [key for key in routed if key not in stats]
+                parked_stats = merge_statistics.take(t)
+                missing = [key for key in routed if key not in parked_stats]
+                captured: dict[str, ActivationStats] = {}
                 if missing:
                     visual = finetuned.to_module(share=True)
-                    stats |= capture_statistics(visual, proxy_batches(task, options.batch_size), missing)
+                    captured = capture_statistics(visual, proxy_batches(task, options.batch_size), missing)
                     del visual
-            with stage("experts"):
-                for key in routed:
+            image_means: dict[str, torch.Tensor] = {}
+            for key in routed:
+                with stage("capture"):  # one layer's Gram in memory at a time (d_in² float64 each)
+                    stats = parked_stats.pop(key).load() if key in parked_stats else captured.pop(key)
+                image_means[key] = stats.image_means
+                with stage("experts"):
                     residual = as_matrix(finetuned.state[key]).float() - as_matrix(backbone[key]).float()
-                    expert = residual_expert(residual, stats[key].gram, stats[key].num_tokens, options.rank)
+                    expert = residual_expert(residual, stats.gram, stats.num_tokens, options.rank)
                     parked[key].append(spill.park(_ExpertFactors(expert.up, expert.down)))
                     needed = (
                         rank_for_energy(expert.retained, options.rank_energy)
@@ -386,9 +391,10 @@ def build_artifact(
                         else expert.up.shape[1]
                     )
                     layer_ranks[key] = max(layer_ranks[key], needed)
+                del stats, residual
             with stage("prototypes"):
-                prototypes.add(t, {key: stats[key].image_means for key in routed})
-            del finetuned, stats
+                prototypes.add(t, image_means)
+            del finetuned
             release_free_memory()
         with stage("experts"):
             factors = {key: _stacked(items, layer_ranks[key]) for key, items in parked.items()}

@@ -11,9 +11,11 @@ from typing import NoReturn
 import pytest
 import torch
 
+import esmpp.build
+import esmpp.spill
 from esmpp.architecture import build_visual, linear_keys
 from esmpp.build import BuildOptions, build_artifact
-from esmpp.capture import capture_statistics
+from esmpp.capture import ActivationStats, capture_statistics
 from esmpp.checkpoints import Encoder
 from esmpp.errors import ConfigError
 from esmpp.experts import residual_expert, task_prototypes
@@ -423,6 +425,36 @@ def test_the_experts_pass_holds_no_stack_of_experts_while_it_loads_fine_tuned_mo
     assert live_stack_shapes_at_each_load == [[]] * 6
     assert stacks_of_shape(stack_shapes)  # the artifact's stacks are tensors the scan does see
     del artifact
+
+
+def test_the_experts_pass_loads_one_parked_gram_at_a_time(pretrained, monkeypatch):
+    """The Grams the merge parked come back one routed layer at a time (d_in² float64 each; 24 of them are
+    113 MB a task on ViT-B/32): at each expert's decomposition only its own layer's Gram is alive."""
+    loaded_grams: list[weakref.ref] = []
+    alive_at_each_expert: list[int] = []
+    load, decompose = esmpp.spill.Parked.load, esmpp.build.residual_expert
+
+    def tracked_load(self):
+        item = load(self)
+        if isinstance(item, ActivationStats):
+            loaded_grams.append(weakref.ref(item.gram))
+        return item
+
+    def observed_decompose(*args, **kwargs):
+        alive_at_each_expert.append(sum(ref() is not None for ref in loaded_grams))
+        return decompose(*args, **kwargs)
+
+    monkeypatch.setattr(esmpp.spill.Parked, "load", tracked_load)
+    monkeypatch.setattr(esmpp.build, "residual_expert", observed_decompose)
+    gc.collect()
+    gc.disable()
+    try:
+        build_artifact(pretrained, _tasks(3, pretrained), BuildOptions(alpha=1.0, rank=2), progress=False)
+    finally:
+        gc.enable()
+    routed_layers = 2 * TINY_ARCH.layers  # qkv and fc of each block
+    assert len(loaded_grams) == 3 * routed_layers  # every routed Gram came from the merge
+    assert alive_at_each_expert == [1] * (3 * routed_layers)
 
 
 @pytest.mark.parametrize("failing_load", [3, 5], ids=["merge", "experts' pass"])
