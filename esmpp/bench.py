@@ -323,7 +323,25 @@ def median_build(runs: Sequence[BuildRun]) -> dict[str, Any]:
         },
         "exact_peaks": all(run.exact_peaks for run in runs),
         "repeats": len(runs),
+        "seconds_each": [run.seconds for run in runs],  # in build order, to show the spread behind the median
     }
+
+
+def interleaved_builds(
+    workload: Workload, num_tasks: int, config: BenchConfig, log: Callable[[str], None] = print
+) -> dict[str, dict[str, Any]]:
+    """:func:`median_build` of ``config.build_repeats`` builds of each of ``config.methods`` over the first
+    ``num_tasks`` tasks of ``workload``, in rounds that build every method once (as
+    :func:`interleaved_medians` times the runtime): a slow spell of the machine then weighs on every method
+    alike instead of on the one that happened to run through it (TSV-M's ViT-B/32 build at T = 8 took 86 s,
+    median of three, in one run and 103 s in the next, on one machine)."""
+    runs: dict[str, list[BuildRun]] = {method: [] for method in config.methods}
+    for round_number in range(1, config.build_repeats + 1):
+        for method, method_runs in runs.items():
+            log(f"{workload.arch} T={num_tasks} {method}: build {round_number} of {config.build_repeats}")
+            method_runs.append(run := run_build_isolated(workload, method, num_tasks, config))
+            log(f"  {run.seconds:.1f} s, peak {run.peak_bytes / 2**20:.0f} MiB, {run.stage_seconds}")
+    return {method: median_build(method_runs) for method, method_runs in runs.items()}
 
 
 def expert_bytes(arch: Architecture, kinds: Sequence[str], rank: int) -> int:
@@ -526,11 +544,8 @@ def run_bench(config: BenchConfig, workdir: Path, log: Callable[[str], None] = p
             log(f"{arch_name}: writing {max(config.task_counts)} synthetic fine-tunes under {workdir}")
             workload = write_workload(arch_name, max(config.task_counts), workdir / arch_name, config.seed)
         for num_tasks in config.task_counts:
-            for method in config.methods:
-                log(f"{arch_name} T={num_tasks} {method}: {config.build_repeats} build(s)")
-                runs = [run_build_isolated(workload, method, num_tasks, config) for _ in range(config.build_repeats)]
-                figures = builds.setdefault(str(num_tasks), {})[method] = median_build(runs)
-                log(f"  {figures['seconds']:.1f} s, peak {figures['peak_mib']:.0f} MiB, {figures['stage_seconds']}")
+            if config.methods:
+                builds[str(num_tasks)] = interleaved_builds(workload, num_tasks, config, log)
         report["build"][arch_name] = builds
         if config.runtime:
             num_tasks = max(config.task_counts)
@@ -610,12 +625,14 @@ def format_report(report: dict[str, Any]) -> str:
         if not builds:
             continue
         lines.append(f"\n{arch_name} build (s; peak MiB)")
-        header = f"{'T':>3} {'method':<16}{'total':>8}{'peak':>8}" + "".join(f"{s[:8]:>9}" for s in BUILD_STAGES)
-        lines.append(header)
+        header = f"{'T':>3} {'method':<16}{'total':>8}{'range':>12}{'peak':>8}"
+        lines.append(header + "".join(f"{s[:8]:>9}" for s in BUILD_STAGES))
         for num_tasks, by_method in builds.items():
             for method, figures in by_method.items():
                 cells = "".join(f"{figures['stage_seconds'].get(s, 0.0):>9.2f}" for s in BUILD_STAGES)
-                lines.append(f"{num_tasks:>3} {method:<16}{figures['seconds']:>8.1f}{figures['peak_mib']:>8.0f}{cells}")
+                spread = f"{min(figures['seconds_each']):.1f}-{max(figures['seconds_each']):.1f}"
+                totals = f"{figures['seconds']:>8.1f}{spread:>12}{figures['peak_mib']:>8.0f}"
+                lines.append(f"{num_tasks:>3} {method:<16}{totals}{cells}")
     for arch_name, runtime in report["runtime"].items():
         lines.extend(format_runtime(arch_name, runtime))
     for arch_name, figures in report["targets"].items():

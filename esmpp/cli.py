@@ -722,7 +722,10 @@ def bench(
     proxy_images: Annotated[int, typer.Option(min=1, help="Proxy images per task.")] = 32,
     rank: Annotated[int, typer.Option(min=1, help="Rank r of each task's low-rank expert.")] = 32,
     build_repeats: Annotated[
-        int, typer.Option(min=1, help="Builds per workload (median; each in a fresh process).")
+        int,
+        typer.Option(
+            min=1, help="Builds per workload (median; each in a fresh process, in rounds that build every method once)."
+        ),
     ] = 1,
     runtime_repeats: Annotated[int, typer.Option(min=1, help="Timed forwards per runtime figure (median).")] = 5,
     batch_sizes: Annotated[str, typer.Option(help="Runtime batch sizes, comma-separated.")] = "1,32",

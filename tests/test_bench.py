@@ -17,8 +17,10 @@ from esmpp.bench import (
     NO_TARGETS_HINT,
     RUNTIMES,
     BenchConfig,
+    BuildRun,
     format_report,
     format_runtime,
+    interleaved_builds,
     median_build,
     run_build,
     run_runtime,
@@ -141,6 +143,26 @@ def test_build_runs_report_every_stage(tmp_path):
     report["targets"] = {"tiny": targets(alone, None, TINY_ARCH, config)}
     assert report["targets"]["tiny"] == {}
     assert f"none in this run: {NO_TARGETS_HINT}" in format_report(report)  # says what would compute one
+
+
+def test_repeated_builds_run_in_rounds_of_every_method_and_report_each_total(tmp_path, monkeypatch):
+    built = []
+
+    def fake_build(workload, method, num_tasks, config):  # the order is what is checked, not a real build
+        built.append(method)
+        seconds = float(len(built))
+        return BuildRun(seconds, {"merge": seconds}, {"merge": 2**20}, 2**20, 2**19, exact_peaks=True)
+
+    monkeypatch.setattr(bench_module, "run_build_isolated", fake_build)
+    workload = write_workload(TINY_ARCH, 2, tmp_path / "workload")
+    config = BenchConfig(methods=("esm++", "tsv"), build_repeats=3, proxy_images=2, rank=2)
+    figures = interleaved_builds(workload, 2, config, log=lambda line: None)
+    assert built == ["esm++", "tsv"] * 3
+    assert figures["esm++"]["seconds_each"] == [1.0, 3.0, 5.0] and figures["tsv"]["seconds_each"] == [2.0, 4.0, 6.0]
+    assert figures["esm++"]["seconds"] == 3.0 and figures["tsv"]["stage_seconds"] == {"merge": 4.0}
+    report = {"device": "cpu", "environment": {"load_average": None}, "build": {"tiny": {"2": figures}}}
+    report |= {"config": asdict(config), "runtime": {}, "targets": {}}
+    assert "   2.0-6.0" in format_report(report)  # the range beside the median
 
 
 def test_runtime_compares_routed_and_plain_in_torch_and_onnxruntime():
