@@ -543,8 +543,7 @@ def run_bench(config: BenchConfig, workdir: Path, log: Callable[[str], None] = p
         if config.methods:  # the runtime alone needs no checkpoints on disk
             log(f"{arch_name}: writing {max(config.task_counts)} synthetic fine-tunes under {workdir}")
             workload = write_workload(arch_name, max(config.task_counts), workdir / arch_name, config.seed)
-        for num_tasks in config.task_counts:
-            if config.methods:
+            for num_tasks in config.task_counts:
                 builds[str(num_tasks)] = interleaved_builds(workload, num_tasks, config, log)
         report["build"][arch_name] = builds
         if config.runtime:
