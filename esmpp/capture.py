@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from esmpp.architecture import PATCH_KEY, block_index, linear_kind
+from esmpp.decompose import gram_matrix
 from esmpp.runtime.layers import explicit_attention, image_patches, routed_slot
 
 
@@ -47,7 +48,7 @@ class _Accumulator:
         flat = tokens.detach().reshape(-1, tokens.shape[-1]).double()
         if self.with_gram:
             seen = flat if self.projection is None else flat @ self.projection.T
-            gram = seen.T @ seen
+            gram = gram_matrix(seen)
             self.gram = gram if self.gram is None else self.gram + gram
         total = flat.sum(dim=0)
         self.total = total if self.total is None else self.total + total

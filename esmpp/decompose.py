@@ -59,6 +59,29 @@ def essential_basis(
     return _from_left_singular(delta64, left, singular_values, num_tokens, rank)
 
 
+def gram_matrix(matrix: Tensor) -> Tensor:
+    """AᵀA (``n × n``) of ``matrix`` A (``m × n``), in A's dtype.
+
+    Formed a block of columns at a time on and below the diagonal and mirrored above it, about half the
+    multiply-adds of ``A.T @ A``, which BLAS computes in full (torch has no syrk). Measured (float64, 2
+    threads): 0.26 s against 0.45 s for 3072², 0.115 against 0.17 s for 2304², 18 against 24 ms for
+    3072 × 768 (ESM's step 6 Grams: about 3 s of a ViT-B/32 build at T = 8).
+    """
+    n = matrix.shape[1]
+    result = matrix.new_empty(n, n)
+    for start in range(0, n, _GRAM_BLOCK_COLUMNS):
+        stop = min(start + _GRAM_BLOCK_COLUMNS, n)
+        below = matrix[:, start:].T @ matrix[:, start:stop]  # rows start: of columns start:stop
+        result[start:, start:stop] = below
+        result[start:stop, stop:] = below[stop - start :].T
+    return result
+
+
+# Narrower blocks waste less on the upper triangle but multiply smaller matrices: 256 was the fastest or
+# within 5 % of it from 768 to 4096 columns.
+_GRAM_BLOCK_COLUMNS = 256
+
+
 def second_moment(gram: Tensor, num_tokens: int, centered: bool, mean: Tensor | None) -> Tensor:
     """The Gram XᵀX (``d × d``) of N = ``num_tokens`` tokens in float64, or with ``centered`` their scatter
     Σ(x−μ)(x−μ)ᵀ = XᵀX − N μμᵀ around their mean ``mean`` (``d``)."""
@@ -123,7 +146,10 @@ def essential_top(
     complement = torch.eye(d_out - d_in, rank - filled, dtype=torch.float64, device=delta64.device)
     basis = torch.ormqr(reflectors, tau, torch.block_diag(top, complement))  # Q @ [top 0; 0 I]
     eigenvalues = torch.cat([eigenvalues, eigenvalues.new_zeros(rank - filled)])
-    return _essential(delta64, eigenvalues, basis, total, num_tokens)
+    # C = PᵀΔW = [top 0; 0 I]ᵀ Qᵀ Q [R; 0] = [topᵀR; 0]: a k × d_in² product instead of k × d_out × d_in,
+    # and exact zeros on the completion, which lies outside ΔW's range.
+    coordinates = torch.cat([top.T @ factor, factor.new_zeros(rank - filled, d_in)])
+    return _essential(delta64, eigenvalues, basis, total, num_tokens, coordinates)
 
 
 def essential_few(delta: Tensor, gram: Tensor, num_tokens: int, rank: int) -> EssentialBasis:
@@ -148,7 +174,7 @@ def essential_few(delta: Tensor, gram: Tensor, num_tokens: int, rank: int) -> Es
     _check_num_tokens(num_tokens)
     delta64 = delta.to(torch.float64)
     factor = gram_factor(gram.to(torch.float64))
-    eigenvalues, vectors, total = _leading_eigenpairs(factor.T @ (delta64.T @ delta64) @ factor, rank)
+    eigenvalues, vectors, total = _leading_eigenpairs(factor.T @ gram_matrix(delta64) @ factor, rank)
     basis, _ = torch.linalg.qr(delta64 @ (factor @ vectors))
     return _essential(delta64, eigenvalues, basis, total, num_tokens)
 
@@ -195,13 +221,21 @@ def _leading_eigenpairs(core: Tensor, rank: int) -> tuple[Tensor, Tensor, float]
     return torch.where(top > rounding, top, torch.zeros_like(top)), vectors[:, kept].flip(-1), total
 
 
-def _essential(delta64: Tensor, eigenvalues: Tensor, basis: Tensor, total: float, num_tokens: int) -> EssentialBasis:
+def _essential(
+    delta64: Tensor,
+    eigenvalues: Tensor,
+    basis: Tensor,
+    total: float,
+    num_tokens: int,
+    coordinates: Tensor | None = None,
+) -> EssentialBasis:
     """The ESD of ``delta64`` kept on ``basis`` (``d_out × k``), whose directions' shift second moments
-    are ``eigenvalues`` (``k``; variances once divided by N − 1) out of ``total`` over all directions."""
+    are ``eigenvalues`` (``k``; variances once divided by N − 1) out of ``total`` over all directions;
+    ``coordinates`` PᵀΔW (``k × d_in``) when the caller has a cheaper route to them."""
     return EssentialBasis(
         basis=basis,
         eigenvalues=eigenvalues / (num_tokens - 1),
-        coordinates=basis.T @ delta64,
+        coordinates=basis.T @ delta64 if coordinates is None else coordinates,
         total_variance=total / (num_tokens - 1),
     )
 
@@ -325,7 +359,7 @@ def _isotropic_times(matrix: Tensor, other: Tensor | None) -> Tensor:
     rows, cols = matrix.shape
     tall = rows >= cols
     work = matrix.to(torch.float64)
-    gram = work.T @ work if tall else work @ work.T
+    gram = gram_matrix(work if tall else work.T)
     # The eigh (Gram, eigenvectors and LAPACK's 2n² workspace) is the build's memory peak at T ≥ 4: the
     # float64 copy of a float32 input is dropped for it and converted again afterwards.
     del work

@@ -13,6 +13,7 @@ from esmpp.decompose import (
     essential_top_from_shift,
     functional_error,
     gram_factor,
+    gram_matrix,
     isotropic_factor,
     isotropic_product,
     polar_factor,
@@ -176,6 +177,23 @@ def test_gram_factor_reproduces_the_gram(num_tokens):
     torch.testing.assert_close(factor @ factor.T, gram)
 
 
+@pytest.mark.parametrize("rows", [1, 40])
+@pytest.mark.parametrize("columns", [1, 255, 256, 257, 600])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_the_blockwise_gram_equals_its_definition(rows, columns, transposed):
+    """AᵀA from its lower block columns, mirrored: A.T @ A to rounding and symmetric, for widths below,
+    at and past a block, and for a transposed view (step 6's Gram of a wide matrix's rows)."""
+    generator = torch.Generator().manual_seed(rows * 1000 + columns)
+    if transposed:
+        matrix = torch.randn(columns, rows, generator=generator, dtype=torch.float64).T
+    else:
+        matrix = torch.randn(rows, columns, generator=generator, dtype=torch.float64)
+    gram = gram_matrix(matrix)
+    torch.testing.assert_close(gram, matrix.T @ matrix, rtol=1e-12, atol=1e-12 * rows)
+    torch.testing.assert_close(gram, gram.T, rtol=0, atol=1e-12 * rows)
+    assert gram_matrix(matrix.float()).dtype == torch.float32
+
+
 @given(layers(), st.integers(0, 14), st.booleans())
 @SETTINGS
 def test_top_components_equal_the_truncated_full_decomposition(layer, rank, centered):
@@ -189,6 +207,7 @@ def test_top_components_equal_the_truncated_full_decomposition(layer, rank, cent
     top = essential_top(delta, gram, num_tokens, rank, centered, mean)
     assert top.basis.shape == (delta.shape[0], rank) and top.coordinates.shape == (rank, delta.shape[1])
     torch.testing.assert_close(top.basis.T @ top.basis, torch.eye(rank, dtype=torch.float64))
+    torch.testing.assert_close(top.coordinates, top.basis.T @ delta)  # C = PᵀΔW, however it is formed
     scale = full.eigenvalues[0].item() + 1e-300
     torch.testing.assert_close(top.eigenvalues, full.eigenvalues[:rank], rtol=0, atol=1e-9 * scale)
     assert top.total_variance == pytest.approx(float(full.eigenvalues.sum()), rel=1e-9, abs=1e-9 * scale)
@@ -280,7 +299,7 @@ def test_top_components_past_the_rank_of_a_tall_matrix_complete_the_basis_outsid
     assert (top.eigenvalues[4:] == 0).all()
     torch.testing.assert_close(top.basis.T @ top.basis, torch.eye(6, dtype=torch.float64))
     torch.testing.assert_close(_projector(top.basis, 4), _projector(full.basis, 4))
-    torch.testing.assert_close(top.coordinates[4:], torch.zeros(2, 4, dtype=torch.float64))
+    assert (top.coordinates[4:] == 0).all()
     torch.testing.assert_close(top.basis @ top.coordinates, delta)  # the kept directions span range(ΔW)
     assert _owns_only_itself(top.basis) and _owns_only_itself(top.coordinates)
 
