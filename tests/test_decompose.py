@@ -3,8 +3,11 @@ import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
+from esmpp import decompose
 from esmpp.decompose import (
+    _blocks_to_tolerance,
     _gram_route_max_condition,
+    _leading_eigenpairs,
     complete_orthonormal,
     essential_basis,
     essential_basis_direct,
@@ -16,6 +19,7 @@ from esmpp.decompose import (
     gram_matrix,
     isotropic_factor,
     isotropic_product,
+    krylov_eigenpairs,
     polar_factor,
     truncate,
     truncated_svd,
@@ -251,6 +255,91 @@ def test_a_few_directions_of_a_widening_layer_equal_its_top_components(d_in, ext
         gap = full[rank - 1] - full[rank] if rank else scale
         if gap > 1e-3 * scale:
             torch.testing.assert_close(_projector(few.basis, rank), _projector(top.basis, rank), rtol=0, atol=1e-6)
+
+
+def _psd_with_spectrum(eigenvalues: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """A symmetric PSD matrix with the given eigenvalues (n) along random orthonormal directions."""
+    directions, _ = torch.linalg.qr(
+        torch.randn(eigenvalues.shape[0], eigenvalues.shape[0], generator=generator, dtype=torch.float64)
+    )
+    return (directions * eigenvalues) @ directions.T
+
+
+@given(
+    st.integers(60, 120),
+    st.integers(1, 6),
+    st.sampled_from([0.3, 0.6, 0.8]),
+    st.sampled_from([None, 3, 10]),
+    st.integers(0, 2**31 - 1),
+)
+@SETTINGS
+def test_krylov_eigenpairs_equal_the_dense_leading_eigenpairs(n, rank, decay, nonzero, seed):
+    """A decaying spectrum (geometric, rate ``decay``), sometimes of low rank (``nonzero`` eigenvalues, the
+    rest exactly 0): the block Krylov pairs are certified and equal to eigh's, including exact zeros."""
+    generator = torch.Generator().manual_seed(seed)
+    eigenvalues = decay ** torch.arange(n, dtype=torch.float64)
+    if nonzero is not None:
+        eigenvalues[nonzero:] = 0
+    core = _psd_with_spectrum(eigenvalues, generator)
+    certified = krylov_eigenpairs(core, rank, block=rank + 4, max_width=n)
+    assert certified is not None  # such spectra certify: a None here would only be the slow fallback
+    values, vectors, total = certified
+    dense_values, dense_vectors, dense_total = _leading_eigenpairs(core, rank)
+    torch.testing.assert_close(values, dense_values, rtol=0, atol=1e-9)
+    assert torch.equal(values == 0, dense_values == 0)
+    assert total == pytest.approx(dense_total, rel=1e-12)
+    torch.testing.assert_close(vectors.T @ vectors, torch.eye(rank, dtype=torch.float64), rtol=0, atol=1e-10)
+    if eigenvalues[rank - 1] - eigenvalues[rank] > 1e-3:
+        torch.testing.assert_close(_projector(vectors, rank), _projector(dense_vectors, rank), rtol=0, atol=1e-6)
+
+
+def test_krylov_eigenpairs_refuse_what_they_cannot_certify():
+    """A flat spectrum (no gap for the Krylov polynomials to amplify) within a few blocks: None, not pairs
+    that are merely close."""
+    generator = torch.Generator().manual_seed(0)
+    core = _psd_with_spectrum(1 + 0.01 * torch.rand(200, generator=generator, dtype=torch.float64), generator)
+    assert krylov_eigenpairs(core, 4, block=8, max_width=40) is None
+
+
+def test_ritz_checks_are_spaced_by_the_residual_decrease_so_far():
+    """After one check, the next is one block on; after two, as many blocks as the residual's geometric
+    decrease between them needs to reach the tolerance (1e-2 → 1e-4 over one block: 3 more for 1e-10)."""
+    assert _blocks_to_tolerance(None, (120, 1e-2), 40, 1e-10) == 1
+    assert _blocks_to_tolerance((120, 1e-2), (160, 1e-4), 40, 1e-10) == 3
+    assert _blocks_to_tolerance((120, 1e-2), (200, 1e-4), 40, 1e-10) == 6
+    assert _blocks_to_tolerance((120, 1e-4), (160, 1e-4), 40, 1e-10) == 1  # no progress: check every block
+
+
+def _expert_sized_layer(decay: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """A widening layer at a small ViT's scale (1536 × 384): ΔW with singular values ``decay``^i along random
+    directions, and the Gram of 800 anisotropic tokens."""
+    generator = torch.Generator().manual_seed(0)
+    left, _ = torch.linalg.qr(torch.randn(1536, 384, generator=generator, dtype=torch.float64))
+    right, _ = torch.linalg.qr(torch.randn(384, 384, generator=generator, dtype=torch.float64))
+    delta = (left * decay ** torch.arange(384, dtype=torch.float64)) @ right.T
+    inputs = torch.randn(800, 384, generator=generator, dtype=torch.float64) * torch.logspace(-1, 0.5, 384) + 0.3
+    return delta, inputs.T @ inputs
+
+
+@pytest.mark.parametrize(("decay", "krylov"), [(0.9, True), (1.0, False)])
+def test_an_expert_sized_few_equals_its_top_components_by_either_eigensolver(monkeypatch, decay, krylov):
+    """32 of 384 directions: a fine-tune-like ΔW (decaying spectrum) is certified by the Krylov route, one
+    whose singular values are all equal falls back to eigh; both give essential_top's expert."""
+    delta, gram = _expert_sized_layer(decay)
+    top = essential_top(delta, gram, 800, 32)
+    called = []
+    dense = decompose._leading_eigenpairs
+    monkeypatch.setattr(decompose, "_leading_eigenpairs", lambda *args: called.append(1) or dense(*args))
+    few = essential_few(delta, gram, 800, 32)
+    assert bool(called) != krylov
+    scale = float(top.eigenvalues[0])
+    torch.testing.assert_close(few.eigenvalues, top.eigenvalues, rtol=0, atol=1e-9 * scale)
+    assert few.total_variance == pytest.approx(top.total_variance, rel=1e-9)
+    torch.testing.assert_close(few.basis.T @ few.basis, torch.eye(32, dtype=torch.float64))
+    torch.testing.assert_close(few.coordinates, few.basis.T @ delta)
+    full = essential_basis(delta, gram, 800).eigenvalues
+    if full[31] - full[32] > 1e-3 * scale:
+        torch.testing.assert_close(_projector(few.basis, 32), _projector(top.basis, 32), rtol=0, atol=1e-6)
 
 
 def test_a_few_directions_outside_their_range_are_the_top_components():
