@@ -173,8 +173,8 @@ def essential_few(delta: Tensor, gram: Tensor, num_tokens: int, rank: int) -> Es
     expert, which nothing weighs by its eigenvalues, but not for ESM's step 3, which therefore uses
     :func:`essential_top`.
 
-    The eigenpairs come from :func:`krylov_eigenpairs` where the core is large enough for a few Krylov
-    blocks (2·4·(rank + 8) ≤ d_in), and from the dense eigh where they are not certified or it is not.
+    The eigenpairs come from :func:`krylov_eigenpairs` where three of its blocks fit in half the core
+    (3·(rank + 8) ≤ d_in / 2), and from the dense eigh where they do not or are not certified.
     """
     d_out, d_in = delta.shape
     if d_out <= d_in or 2 * rank > d_in:
