@@ -251,6 +251,10 @@ def krylov_eigenpairs(
     before the eigh.
     """
     n = core.shape[0]
+    if not 0 < rank <= block <= max_width <= n:
+        raise ValueError(
+            f"krylov_eigenpairs needs 0 < rank ≤ block ≤ max_width ≤ n, got {rank}, {block}, {max_width}, {n}."
+        )
     generator = torch.Generator(device=core.device).manual_seed(0)
     start = torch.randn(n, block, dtype=core.dtype, device=core.device, generator=generator)
     basis, _ = torch.linalg.qr(core @ start)

@@ -301,6 +301,13 @@ def test_krylov_eigenpairs_refuse_what_they_cannot_certify():
     assert krylov_eigenpairs(core, 4, block=8, max_width=40) is None
 
 
+@pytest.mark.parametrize(("rank", "block", "max_width"), [(0, 4, 20), (5, 4, 20), (2, 24, 20), (2, 4, 41)])
+def test_krylov_eigenpairs_refuse_sizes_that_do_not_nest(rank, block, max_width):
+    """rank ≤ block ≤ max_width ≤ n, else a block wider than the matrix would make a basis that is not one."""
+    with pytest.raises(ValueError, match="rank ≤ block ≤ max_width ≤ n"):
+        krylov_eigenpairs(torch.eye(40, dtype=torch.float64), rank, block, max_width)
+
+
 def test_ritz_checks_are_spaced_by_the_residual_decrease_so_far():
     """After one check, the next is one block on; after two, as many blocks as the residual's geometric
     decrease between them needs to reach the tolerance (1e-2 → 1e-4 over one block: 3 more for 1e-10)."""
