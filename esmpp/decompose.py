@@ -259,10 +259,10 @@ def krylov_eigenpairs(
     start = torch.randn(n, block, dtype=core.dtype, device=core.device, generator=generator)
     basis, _ = torch.linalg.qr(core @ start)
     images = core @ basis  # A·basis, kept: the next block and the Ritz pairs' residuals both need it
-    check_at, last_check = _FIRST_CHECK_BLOCKS * block, None
+    widest = block * (max_width // block)  # the basis grows a block at a time: the last width it reaches
+    check_at, last_check = min(_FIRST_CHECK_BLOCKS * block, widest), None
     while True:
-        at_limit = basis.shape[1] + block > max_width
-        if basis.shape[1] >= check_at or (at_limit and (last_check is None or last_check[0] < basis.shape[1])):
+        if basis.shape[1] >= check_at:
             projected = basis.T @ images
             values, vectors = torch.linalg.eigh((projected + projected.T) / 2)  # ascending
             values, vectors = values[-rank:].flip(-1), vectors[:, -rank:].flip(-1)
@@ -272,11 +272,9 @@ def krylov_eigenpairs(
             if values[0] > 0 and residual <= tolerance and drift <= tolerance:
                 total = float(core.diagonal().sum())  # the trace: the sum of all n eigenvalues
                 return _rounded_to_zero(values, values[0], n), ritz, total
-            check_at = basis.shape[1] + block * _blocks_to_tolerance(
-                last_check, (basis.shape[1], residual), block, tolerance
-            )
-            last_check = (basis.shape[1], residual)
-        if at_limit:
+            ahead = _blocks_to_tolerance(last_check, (basis.shape[1], residual), block, tolerance)
+            check_at, last_check = min(basis.shape[1] + block * ahead, widest), (basis.shape[1], residual)
+        if basis.shape[1] == widest:
             return None
         source = images[:, -block:]
         grown = source

@@ -317,13 +317,22 @@ def test_ritz_checks_are_spaced_by_the_residual_decrease_so_far():
     assert _blocks_to_tolerance((120, 1e-4), (160, 1e-4), 40, 1e-10) == 1  # no progress: check every block
 
 
+def _with_singular_values(
+    singular_values: torch.Tensor, rows: int, cols: int, generator: torch.Generator
+) -> torch.Tensor:
+    """A ``rows × cols`` float64 matrix with ``singular_values`` (min(rows, cols)) along random orthonormal
+    directions, the left ones drawn first."""
+    count = singular_values.shape[0]
+    left, _ = torch.linalg.qr(torch.randn(rows, count, generator=generator, dtype=torch.float64))
+    right, _ = torch.linalg.qr(torch.randn(cols, count, generator=generator, dtype=torch.float64))
+    return (left * singular_values) @ right.T
+
+
 def _expert_sized_layer(decay: float) -> tuple[torch.Tensor, torch.Tensor]:
     """A widening layer at a small ViT's scale (1536 × 384): ΔW with singular values ``decay``^i along random
     directions, and the Gram of 800 anisotropic tokens."""
     generator = torch.Generator().manual_seed(0)
-    left, _ = torch.linalg.qr(torch.randn(1536, 384, generator=generator, dtype=torch.float64))
-    right, _ = torch.linalg.qr(torch.randn(384, 384, generator=generator, dtype=torch.float64))
-    delta = (left * decay ** torch.arange(384, dtype=torch.float64)) @ right.T
+    delta = _with_singular_values(decay ** torch.arange(384, dtype=torch.float64), 1536, 384, generator)
     inputs = torch.randn(800, 384, generator=generator, dtype=torch.float64) * torch.logspace(-1, 0.5, 384) + 0.3
     return delta, inputs.T @ inputs
 
@@ -531,10 +540,8 @@ def test_isotropic_factor_and_product_of_an_ill_conditioned_float32_matrix_match
     and 4e-3."""
     generator = torch.Generator().manual_seed(0)
     n = 256
-    u, _ = torch.linalg.qr(torch.randn(n, n, generator=generator, dtype=torch.float64))
-    v, _ = torch.linalg.qr(torch.randn(n, n, generator=generator, dtype=torch.float64))
     singular_values = torch.logspace(0, -torch.log10(torch.tensor(condition)).item(), n, dtype=torch.float64)
-    matrix = ((u * singular_values) @ v.T).float()
+    matrix = _with_singular_values(singular_values, n, n, generator).float()
     right = torch.randn(n, 64, generator=generator).float()
     s = torch.linalg.svdvals(matrix.double())
     assert s[0] / s[-1] > _gram_route_max_condition(torch.float32)  # the SVD is taken
