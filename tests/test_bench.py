@@ -73,7 +73,7 @@ def test_method_options_of_the_run_reach_the_builds_that_have_them(tmp_path, mon
     manifest = json.loads((tmp_path / "artifact" / "manifest.json").read_text())
     assert manifest["build"]["method_options"]["rank_fraction"] == 0.5
     assert "method options: {'rank_fraction': 0.5}" in format_report(
-        {"config": asdict(config), "device": "cpu", "environment": {"load_average": None}, "build": {}}
+        {"config": asdict(config), "runtime_device": "cpu", "environment": {"load_average": None}, "build": {}}
         | {"runtime": {}, "targets": {}}
     )
 
@@ -138,7 +138,7 @@ def test_build_runs_report_every_stage(tmp_path):
     figures = targets(builds, None, TINY_ARCH, config)
     assert figures["T2_esm++_over_tsv_build"] == builds["2"]["esm++"]["seconds"] / builds["2"]["tsv"]["seconds"]
     alone = {"2": {"esm++": builds["2"]["esm++"]}}
-    report = {"device": "cpu", "environment": {"load_average": None}, "build": {"tiny": alone}, "runtime": {}}
+    report = {"runtime_device": "cpu", "environment": {"load_average": None}, "build": {"tiny": alone}, "runtime": {}}
     report["config"] = asdict(config)
     report["targets"] = {"tiny": targets(alone, None, TINY_ARCH, config)}
     assert report["targets"]["tiny"] == {}
@@ -160,7 +160,7 @@ def test_repeated_builds_run_in_rounds_of_every_method_and_report_each_total(tmp
     assert built == ["esm++", "tsv"] * 3
     assert figures["esm++"]["seconds_each"] == [1.0, 3.0, 5.0] and figures["tsv"]["seconds_each"] == [2.0, 4.0, 6.0]
     assert figures["esm++"]["seconds"] == 3.0 and figures["tsv"]["stage_seconds"] == {"merge": 4.0}
-    report = {"device": "cpu", "environment": {"load_average": None}, "build": {"tiny": {"2": figures}}}
+    report = {"runtime_device": "cpu", "environment": {"load_average": None}, "build": {"tiny": {"2": figures}}}
     report |= {"config": asdict(config), "runtime": {}, "targets": {}}
     assert "   2.0-6.0" in format_report(report)  # the range beside the median
 
@@ -179,7 +179,7 @@ def test_runtime_compares_routed_and_plain_in_torch_and_onnxruntime():
     assert export["plain_error"] < 1e-4 and export["routed_parity"]["passed"]
     report = {
         "config": asdict(config),
-        "device": "cpu",
+        "runtime_device": "cpu",
         "environment": {"load_average": None},
         "build": {},
         "runtime": {"tiny": runtime},
@@ -188,6 +188,7 @@ def test_runtime_compares_routed_and_plain_in_torch_and_onnxruntime():
     assert {"torch_routed_over_plain_batch3", "onnxruntime_routed_over_plain_batch1"} <= set(report["targets"]["tiny"])
     table = format_report(report)
     assert "onnxruntime" in table and "CPUExecutionProvider" in table and "routed/plain" in table
+    assert table.startswith("builds on the CPU, runtime on cpu")  # a GPU run says where each part ran
 
 
 def test_runtime_without_onnx_times_torch_only():
