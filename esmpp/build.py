@@ -358,6 +358,9 @@ def build_artifact(
                 alpha = 1.0
             backbone = apply_task_vector(pretrained.state, task_vector, alpha)
         del task_vector
+        # Its tensors (a model's worth, 1-9 MiB each) freed holes in the heap that stayed resident under the
+        # experts' pass's peak: 2446 against 2092 MiB on ViT-B/32 at T = 20 (allocator module docstring).
+        release_free_memory()
         timings["alpha"] = time.perf_counter() - start
 
         start = time.perf_counter()

@@ -457,6 +457,45 @@ def test_the_experts_pass_loads_one_parked_gram_at_a_time(pretrained, monkeypatc
     assert alive_at_each_expert == [1] * (3 * routed_layers)
 
 
+def test_the_merged_task_vector_is_freed_and_its_memory_given_back_before_the_experts_pass(pretrained, monkeypatch):
+    """Once the backbone is formed, the merged task vector (as large as a model) is dropped and malloc's free
+    pages returned before the experts' pass loads its first fine-tuned model: left in the heap, they stayed
+    resident under that pass's peak (ViT-B/32, T = 20: 2446 MiB with them, 2092 without)."""
+    merged: list[weakref.ref] = []
+    events: list[tuple[str, int]] = []
+    merge, release = esmpp.build.merge_streaming, esmpp.build.release_free_memory
+
+    def tracked_merge(*args, **kwargs):
+        task_vector = merge(*args, **kwargs)
+        merged.extend(weakref.ref(tensor) for tensor in task_vector.values())
+        return task_vector
+
+    def tracked_release() -> bool:
+        events.append(("release", sum(ref() is not None for ref in merged)))
+        return release()
+
+    def tracked(load):
+        def load_and_record() -> Encoder:
+            events.append(("load", 0))
+            return load()
+
+        return load_and_record
+
+    monkeypatch.setattr(esmpp.build, "merge_streaming", tracked_merge)
+    monkeypatch.setattr(esmpp.build, "release_free_memory", tracked_release)
+    tasks = _tasks(2, pretrained)
+    for task in tasks:
+        task.load = tracked(task.load)
+    gc.collect()
+    gc.disable()
+    try:
+        build_artifact(pretrained, tasks, BuildOptions(alpha=1.0, rank=2), progress=False)
+    finally:
+        gc.enable()
+    first_load_of_the_experts_pass = [kind for kind, _ in events].index("load", 2)  # the merge loads twice
+    assert events[first_load_of_the_experts_pass - 1] == ("release", 0)
+
+
 @pytest.mark.parametrize("failing_load", [3, 5], ids=["merge", "experts' pass"])
 def test_parked_summaries_are_removed_when_the_build_fails(pretrained, tmp_path, monkeypatch, failing_load):
     """ESM parks its summaries in the merge, the experts' pass parks the experts: both go on failure."""
