@@ -369,6 +369,17 @@ def test_proxy_images_are_loaded_per_task_when_needed(pretrained, options, exper
     assert events == expected
 
 
+def _build_by_reference_counting(pretrained: Encoder, tasks: list[TaskSource]) -> None:
+    """A small build with the cycle collector off, so that what it frees is freed by reference counting alone,
+    when its last reference goes, as the tests that watch tensors die need."""
+    gc.collect()
+    gc.disable()
+    try:
+        build_artifact(pretrained, tasks, BuildOptions(alpha=1.0, rank=2), progress=False)
+    finally:
+        gc.enable()
+
+
 def test_one_fine_tuned_encoder_is_alive_at_a_time(pretrained):
     """Both passes drop a task's weights, and the module and closures that share them, before the next
     task loads: by reference counting alone (the cycle collector is off), so the peak holds one model."""
@@ -389,12 +400,7 @@ def test_one_fine_tuned_encoder_is_alive_at_a_time(pretrained):
 
     for task in tasks:
         task.load = tracked(task.load)
-    gc.collect()
-    gc.disable()
-    try:
-        build_artifact(pretrained, tasks, BuildOptions(alpha=1.0, rank=2), progress=False)
-    finally:
-        gc.enable()
+    _build_by_reference_counting(pretrained, tasks)
     assert alive_at_each_load == [0] * 6  # three loads in the merge, three in the experts' pass
 
 
@@ -446,12 +452,7 @@ def test_the_experts_pass_loads_one_parked_gram_at_a_time(pretrained, monkeypatc
 
     monkeypatch.setattr(esmpp.spill.Parked, "load", tracked_load)
     monkeypatch.setattr(esmpp.build, "residual_expert", observed_decompose)
-    gc.collect()
-    gc.disable()
-    try:
-        build_artifact(pretrained, _tasks(3, pretrained), BuildOptions(alpha=1.0, rank=2), progress=False)
-    finally:
-        gc.enable()
+    _build_by_reference_counting(pretrained, _tasks(3, pretrained))
     routed_layers = 2 * TINY_ARCH.layers  # qkv and fc of each block
     assert len(loaded_grams) == 3 * routed_layers  # every routed Gram came from the merge
     assert alive_at_each_expert == [1] * (3 * routed_layers)
@@ -486,12 +487,7 @@ def test_the_merged_task_vector_is_freed_and_its_memory_given_back_before_the_ex
     tasks = _tasks(2, pretrained)
     for task in tasks:
         task.load = tracked(task.load)
-    gc.collect()
-    gc.disable()
-    try:
-        build_artifact(pretrained, tasks, BuildOptions(alpha=1.0, rank=2), progress=False)
-    finally:
-        gc.enable()
+    _build_by_reference_counting(pretrained, tasks)
     first_load_of_the_experts_pass = [kind for kind, _ in events].index("load", 2)  # the merge loads twice
     assert events[first_load_of_the_experts_pass - 1] == ("release", 0)
 
