@@ -627,13 +627,13 @@ def format_report(report: dict[str, Any]) -> str:
         if not builds:
             continue
         lines.append(f"\n{arch_name} build (s; peak MiB)")
-        header = f"{'T':>3} {'method':<16}{'total':>8}{'range':>12}{'peak':>8}"
+        header = f"{'T':>3} {'method':<16}{'total':>8}{'range':>14}{'peak':>8}"
         lines.append(header + "".join(f"{s[:8]:>9}" for s in BUILD_STAGES))
         for num_tasks, by_method in builds.items():
             for method, figures in by_method.items():
                 cells = "".join(f"{figures['stage_seconds'].get(s, 0.0):>9.2f}" for s in BUILD_STAGES)
                 spread = f"{min(figures['seconds_each']):.1f}-{max(figures['seconds_each']):.1f}"
-                totals = f"{figures['seconds']:>8.1f}{spread:>12}{figures['peak_mib']:>8.0f}"
+                totals = f"{figures['seconds']:>8.1f} {spread:>13}{figures['peak_mib']:>8.0f}"
                 lines.append(f"{num_tasks:>3} {method:<16}{totals}{cells}")
     for arch_name, runtime in report["runtime"].items():
         lines.extend(format_runtime(arch_name, runtime))

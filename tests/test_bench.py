@@ -163,6 +163,8 @@ def test_repeated_builds_run_in_rounds_of_every_method_and_report_each_total(tmp
     report = {"runtime_device": "cpu", "environment": {"load_average": None}, "build": {"tiny": {"2": figures}}}
     report |= {"config": asdict(config), "runtime": {}, "targets": {}}
     assert "   2.0-6.0" in format_report(report)  # the range beside the median
+    figures["esm++"] |= {"seconds": 1250.0, "seconds_each": [1250.0]}  # a ViT-L/14 build's four digits
+    assert "  1250.0 1250.0-1250.0" in format_report(report)  # total and range stay apart
 
 
 def test_runtime_compares_routed_and_plain_in_torch_and_onnxruntime():
