@@ -66,12 +66,17 @@ def esmpp_command(*args: str | Path) -> list[str]:
     return [sys.executable, "-m", "esmpp.cli", *map(str, args)]
 
 
-# One thread, as in tests/conftest.py: torch's thread pool is slow on tiny matrices on a busy machine.
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+def esmpp_environment() -> dict[str, str]:
+    """The environment of an `esmpp` subprocess: this process's as it is now (a test may point TMPDIR at its
+    own folder), on one thread, as in tests/conftest.py: torch's thread pool is slow on tiny matrices on a busy
+    machine."""
+    return {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def run_esmpp(*args: str | Path) -> subprocess.CompletedProcess:
-    return subprocess.run(esmpp_command(*args), cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        esmpp_command(*args), cwd=REPO, env=esmpp_environment(), capture_output=True, text=True, timeout=300
+    )
 
 
 def directory_digest(path: Path) -> dict[str, str]:

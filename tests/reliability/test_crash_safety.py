@@ -22,7 +22,8 @@ from pathlib import Path
 import pytest
 
 from esmpp.artifact import load_artifact
-from tests.reliability.project import ENV, REPO, directory_digest, esmpp_command, run_esmpp, write_project
+from esmpp.spill import CREATION_GRACE_SECONDS
+from tests.reliability.project import REPO, directory_digest, esmpp_command, esmpp_environment, run_esmpp, write_project
 
 KILL_POINTS = max(4, int(os.environ.get("ESMPP_KILL_POINTS", "6")))  # 4+: every scenario at least once
 
@@ -39,7 +40,9 @@ def kill_during(command: list[str], destination: Path, delay: float, after_stagi
     """Run ``command``; SIGKILL it ``delay`` s after its start, or after a hidden staging sibling of
     ``destination`` (``.NAME.tmp-*``, see esmpp.atomic) appears. Returns its exit code, None when killed
     (any command writing ``destination`` through ``atomic_directory`` can be tested this way)."""
-    process = subprocess.Popen(command, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        command, cwd=REPO, env=esmpp_environment(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     if after_staging:
         while process.poll() is None and not any(destination.parent.glob(f".{destination.name}.tmp-*")):
             time.sleep(0.002)
@@ -57,7 +60,10 @@ def _in_parallel(commands: list[tuple]) -> list[subprocess.CompletedProcess]:
 
 
 @pytest.mark.crash
-def test_sigkilled_builds_leave_nothing_or_a_complete_artifact(tmp_path):
+def test_sigkilled_builds_leave_nothing_or_a_complete_artifact(tmp_path, monkeypatch):
+    spills = tmp_path / "tmp"  # the builds' TMPDIR, where a killed build leaves its spilled summaries
+    spills.mkdir()
+    monkeypatch.setenv("TMPDIR", str(spills))
     config = write_project(tmp_path / "project")
     reference, previous = tmp_path / "reference", tmp_path / "previous"
     start = time.perf_counter()
@@ -102,7 +108,12 @@ def test_sigkilled_builds_leave_nothing_or_a_complete_artifact(tmp_path):
     print(f"\n{killed} of {len(points)} builds killed (delays {[round(p.delay, 2) for p in points]})")
 
     # An artifact is only replaced with --overwrite; a rerun succeeds over whatever a kill left and cleans
-    # the leftovers.
+    # the leftovers: beside its destination, and the killed builds' spills (once they are too old to be
+    # those of builds just starting).
+    abandoned = list(spills.iterdir())
+    for spill in abandoned:
+        os.utime(spill, (time.time() - 2 * CREATION_GRACE_SECONDS,) * 2)
+    print(f"{len(abandoned)} killed builds left their spill")
     existing = next(point.destination for point in points[2:] if point.destination.exists())
     before = directory_digest(existing)
     reruns = [point.destination for point in points[:2]]
@@ -114,6 +125,7 @@ def test_sigkilled_builds_leave_nothing_or_a_complete_artifact(tmp_path):
         assert rerun.returncode == 0, rerun.stderr
         assert directory_digest(destination) == complete["new"]
         assert [p.name for p in destination.parent.iterdir()] == ["artifact"]
+    assert list(spills.iterdir()) == []
 
 
 @pytest.mark.crash
