@@ -21,7 +21,6 @@ import multiprocessing
 import os
 import platform
 import statistics
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -49,6 +48,7 @@ from esmpp.merge import TaskSource, apply_task_vector, merge_streaming
 from esmpp.merging import available_methods, check_run_options, get_method, options_share
 from esmpp.profiling import StageProfile, recording, resident_bytes, stage
 from esmpp.runtime.model import Experts
+from esmpp.scratch import ScratchDirectory
 
 ROUTED_METHOD = "esm++"  # the full ESM++ build; every other name is a static merge method
 DEFAULT_METHODS = (ROUTED_METHOD, "esm", "tsv", "task_arithmetic")
@@ -299,10 +299,10 @@ def run_build_isolated(workload: Workload, method: str, num_tasks: int, config: 
     context = multiprocessing.get_context("spawn")
     with (
         # Beside the workload, where the user gave room (--workdir), not in the system's temporary directory.
-        tempfile.TemporaryDirectory(prefix=".esmpp-bench-build-", dir=workload.pretrained.parent) as out,
+        ScratchDirectory(".esmpp-bench-build-", workload.pretrained.parent) as out,
         concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool,
     ):
-        return pool.submit(_terminable_build, workload, method, num_tasks, config, Path(out)).result()
+        return pool.submit(_terminable_build, workload, method, num_tasks, config, out.path).result()
 
 
 def _terminable_build(workload: Workload, method: str, num_tasks: int, config: BenchConfig, out: Path) -> BuildRun:
@@ -465,13 +465,11 @@ def measure_runtime(artifact: Artifact, config: BenchConfig, device: torch.devic
     routed = artifact.to_model().to(device)
     result: dict[str, Any] = {"torch": {}, "expert_flops_ratio": expert_flops_ratio(artifact)}
     size = artifact.arch.image_size
-    with tempfile.TemporaryDirectory(prefix="esmpp-bench-onnx-") as directory:
+    with ScratchDirectory("esmpp-bench-onnx-") as scratch:
         sessions = None
         if config.onnx:
             try:
-                sessions, result["onnx_export"] = onnxruntime_sessions(
-                    artifact, Path(directory), torch.get_num_threads()
-                )
+                sessions, result["onnx_export"] = onnxruntime_sessions(artifact, scratch.path, torch.get_num_threads())
                 result["onnxruntime"] = {}
             except ImportError as exc:
                 result["onnx_export"] = {"skipped": f"onnxruntime is not installed ({exc})"}

@@ -1,8 +1,6 @@
-import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -13,7 +11,9 @@ from esmpp import spill as spill_module
 from esmpp.errors import StorageError
 from esmpp.merging import get_method
 from esmpp.merging.esm import EssentialSummary
-from esmpp.spill import CREATION_GRACE_SECONDS, SPILL_PREFIX, Parked, SpillDirectory, remove_abandoned_spills, unpark
+from esmpp.scratch import CREATION_GRACE_SECONDS
+from esmpp.spill import Parked, SpillDirectory, unpark
+from tests.test_scratch import age
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -79,11 +79,6 @@ def test_a_full_disk_is_reported_with_the_spill_directory_and_the_way_out(tmp_pa
     assert list(tmp_path.iterdir()) == []
 
 
-def _age(path: Path, seconds: float) -> None:
-    then = time.time() - seconds
-    os.utime(path, (then, then))
-
-
 def test_the_spill_of_a_sigkilled_build_is_removed_by_a_later_one(tmp_path):
     script = f"""
 import os, signal, sys
@@ -101,27 +96,6 @@ os.kill(os.getpid(), signal.SIGKILL)
     assert abandoned.parent == tmp_path and len(list(abandoned.glob("*.safetensors"))) == 1
     with SpillDirectory(tmp_path):  # so young, it could be a build starting this instant: kept
         assert abandoned.is_dir()
-    _age(abandoned, 2 * CREATION_GRACE_SECONDS)
+    age(abandoned, 2 * CREATION_GRACE_SECONDS)
     with SpillDirectory(tmp_path) as spill:
         assert list(tmp_path.iterdir()) == [spill.path]
-
-
-def test_the_spill_of_a_live_build_stays_however_old(tmp_path):
-    with SpillDirectory(tmp_path) as live:
-        live.park(_summary())
-        _age(live.path, 2 * CREATION_GRACE_SECONDS)
-        assert remove_abandoned_spills(tmp_path) == []
-        with SpillDirectory(tmp_path) as other:
-            assert sorted(tmp_path.iterdir()) == sorted([live.path, other.path])
-        assert unpark(live.park(_summary())).delta_norm == _summary().delta_norm
-
-
-def test_a_spill_without_its_lock_is_removed_once_it_is_too_old_to_be_starting(tmp_path):
-    starting, killed_while_starting = tmp_path / f"{SPILL_PREFIX}a", tmp_path / f"{SPILL_PREFIX}b"
-    starting.mkdir()
-    killed_while_starting.mkdir()
-    _age(killed_while_starting, 2 * CREATION_GRACE_SECONDS)
-    (tmp_path / "unrelated").mkdir()
-    _age(tmp_path / "unrelated", 2 * CREATION_GRACE_SECONDS)
-    assert remove_abandoned_spills(tmp_path) == [killed_while_starting]
-    assert sorted(p.name for p in tmp_path.iterdir()) == [starting.name, "unrelated"]

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from esmpp.artifact import load_artifact
-from esmpp.spill import CREATION_GRACE_SECONDS
+from esmpp.scratch import CREATION_GRACE_SECONDS
 from tests.reliability.project import REPO, directory_digest, esmpp_command, esmpp_environment, run_esmpp, write_project
 
 KILL_POINTS = max(4, int(os.environ.get("ESMPP_KILL_POINTS", "6")))  # 4+: every scenario at least once
