@@ -10,6 +10,7 @@ same parent) whose lock nobody holds.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import shutil
@@ -37,7 +38,10 @@ class ScratchDirectory:
         except BaseException:
             self.path.rmdir()
             raise
-        fcntl.flock(self._owner, fcntl.LOCK_EX)
+        # A filesystem without locks (Lustre mounted without them, some FUSE ones) refuses flock here; a sweep
+        # there is refused the same way and keeps every directory, as before there were locks.
+        with contextlib.suppress(OSError):
+            fcntl.flock(self._owner, fcntl.LOCK_EX)
 
     def close(self) -> None:
         """Remove the directory and everything in it; again, nothing."""
@@ -84,5 +88,5 @@ def remove_abandoned(prefix: str, parent: Path | None = None) -> list[Path]:
                 shutil.rmtree(directory)
                 removed.append(directory)
         except OSError:
-            continue  # another user's, or one that a concurrent process removed first
+            continue  # another user's, one that a concurrent process removed first, or one on a lockless filesystem
     return removed

@@ -1,3 +1,5 @@
+import errno
+import fcntl
 import os
 import time
 from pathlib import Path
@@ -45,3 +47,14 @@ def test_the_default_parent_is_the_temporary_directory(tmp_path, monkeypatch):
     age(abandoned, 2 * CREATION_GRACE_SECONDS)
     with ScratchDirectory("x-") as scratch:
         assert scratch.path.parent == tmp_path and not abandoned.exists()
+
+
+def test_on_a_filesystem_without_locks_directories_are_made_and_never_swept(tmp_path, monkeypatch):
+    def refuse(fd: int, operation: int) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", refuse)
+    with ScratchDirectory("x-", tmp_path) as scratch:
+        age(scratch.path, 2 * CREATION_GRACE_SECONDS)
+        assert remove_abandoned("x-", tmp_path) == [] and scratch.path.is_dir()
+    assert list(tmp_path.iterdir()) == []
