@@ -304,7 +304,8 @@ _KRYLOV_OVERSAMPLING = 8
 # this many times max_width: Krylov convergence speeds up as the subspace grows (on ViT-B/16's expert cores the
 # decrease per block tripled between 160 and 360 columns), hence the margin. Those cores (3152 proxy tokens, a
 # flatter spectrum than B/32's 800) all stopped 1e-9–2e-8 short at 360 columns, 37–43 ms before the dense
-# eigh; their second check, at 160, projects 800–1100 columns. B/32's project 240–280 and certify there.
+# eigh; their second check, at 160, projects 800–1100 columns. Six of B/32's, traced, project 280; all 48
+# of a T = 2 bench build still certify.
 _HOPELESS_WIDTHS = 2
 
 
