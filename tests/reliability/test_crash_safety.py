@@ -24,6 +24,7 @@ import pytest
 from esmpp.artifact import load_artifact
 from esmpp.scratch import CREATION_GRACE_SECONDS
 from tests.reliability.project import REPO, directory_digest, esmpp_command, esmpp_environment, run_esmpp, write_project
+from tests.test_scratch import age
 
 KILL_POINTS = max(4, int(os.environ.get("ESMPP_KILL_POINTS", "6")))  # 4+: every scenario at least once
 
@@ -112,7 +113,7 @@ def test_sigkilled_builds_leave_nothing_or_a_complete_artifact(tmp_path, monkeyp
     # those of builds just starting).
     abandoned = list(spills.iterdir())
     for spill in abandoned:
-        os.utime(spill, (time.time() - 2 * CREATION_GRACE_SECONDS,) * 2)
+        age(spill, 2 * CREATION_GRACE_SECONDS)
     print(f"{len(abandoned)} killed builds left their spill")
     existing = next(point.destination for point in points[2:] if point.destination.exists())
     before = directory_digest(existing)
