@@ -2,7 +2,8 @@
 
 A reader (or a rerun after SIGKILL) sees either nothing, the previous complete directory, or the new
 complete one — never a half-written one. Leftover hidden siblings of killed runs are ignored by readers
-and cleaned up by the next write. :func:`exit_on_terminate` makes SIGTERM clean up like any error.
+and cleaned up by the next write, while those of a concurrent write stay (:mod:`esmpp.scratch`).
+:func:`exit_on_terminate` makes SIGTERM clean up like any error.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import os
 import shutil
 import signal
 import stat
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -22,6 +22,7 @@ from safetensors import SafetensorError
 
 from esmpp.errors import EsmppError, StorageError
 from esmpp.folders import folder_kind
+from esmpp.scratch import ScratchDirectory
 
 
 def is_write_failure(exc: BaseException) -> bool:
@@ -211,15 +212,15 @@ def _staging_directory(
         try:
             with storage_errors(describe):
                 place.parent.mkdir(parents=True, exist_ok=True)
-                for stale in place.parent.glob(f".{place.name}.tmp-*"):
-                    shutil.rmtree(stale, ignore_errors=True)
-                staging = Path(tempfile.mkdtemp(prefix=f".{place.name}.tmp-", dir=place.parent))
-                # mkdtemp makes it 0700, a mode the rename would publish: readable by its owner alone.
-                staging.chmod(_plain_folder_mode(staging))
-                yield staging
+                # Removes the staging folders that killed writes left here, not those of another process
+                # writing the same destination now.
+                staging = ScratchDirectory(f".{place.name}.tmp-", place.parent)
+                # Made 0700, a mode the rename would publish: readable by its owner alone.
+                staging.path.chmod(_plain_folder_mode(staging.path))
+                yield staging.path
         finally:
-            if staging is not None and staging.exists():
-                shutil.rmtree(staging, ignore_errors=True)
+            if staging is not None:
+                staging.close()
 
 
 def check_destination(
@@ -278,20 +279,21 @@ def _absolute(path: Path) -> Path:
 def _replace(place: Path, staging: Path) -> None:
     """Put the folder ``staging`` where the folder ``place`` is, in two renames through a retired folder beside
     it; if the second fails, the old folder goes back, so a failed replacement loses neither."""
-    retired = Path(tempfile.mkdtemp(prefix=f".{place.name}.tmp-old-", dir=place.parent))
+    retired = ScratchDirectory(f".{place.name}.tmp-old-", place.parent)
     try:
-        os.replace(place, retired / place.name)
+        os.replace(place, retired.path / place.name)
     except BaseException:
-        retired.rmdir()
+        retired.close()
         raise
     try:
         os.replace(staging, place)
     except BaseException:
-        # Left in the retired folder, the old output would be deleted as stale by the next write here.
-        os.replace(retired / place.name, place)
-        retired.rmdir()
+        # Not closed if this fails too, so that the old output is not deleted now; left in the retired folder,
+        # it would be deleted as abandoned by the next write here.
+        os.replace(retired.path / place.name, place)
+        retired.close()
         raise
-    shutil.rmtree(retired, ignore_errors=True)
+    retired.close()
 
 
 def exit_on_terminate() -> None:

@@ -259,3 +259,23 @@ def test_a_failed_move_into_place_puts_the_old_folder_back(tmp_path, monkeypatch
         _written(destination, "new", overwrite=True)
     assert (destination / "manifest.json").read_text() == "old"
     assert sorted(path.name for path in tmp_path.iterdir()) == ["out"]
+
+
+def test_a_write_removes_what_killed_writes_left_beside_its_destination(tmp_path):
+    for left in (".out.tmp-killed", ".out.tmp-old-killed"):  # a staging folder, and a retired old output
+        (tmp_path / left).mkdir()
+        (tmp_path / f"{left}.lock").touch()  # its process died, and its lock with it
+    _written(tmp_path / "out", "new")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["out"]
+
+
+def test_a_concurrent_write_of_the_same_destination_leaves_the_others_staging_folder_alone(tmp_path):
+    """Two builds writing one --out at once: each write used to delete the other's staging folder as stale."""
+    destination = tmp_path / "out"
+    with atomic_directory(destination, overwrite=True, marker="manifest.json") as first:
+        (first / "manifest.json").write_text("first")
+        _written(destination, "second", overwrite=True)
+        assert (first / "manifest.json").read_text() == "first"
+        assert (destination / "manifest.json").read_text() == "second"
+    assert (destination / "manifest.json").read_text() == "first"  # the last to finish wins, whole
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["out"]
