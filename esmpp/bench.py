@@ -16,6 +16,7 @@ Every figure is the median of several repetitions after a warm-up; ratios are ta
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import importlib.metadata
 import multiprocessing
 import os
@@ -504,13 +505,25 @@ def expert_flops_ratio(artifact: Artifact) -> float:
     return extra / dense
 
 
+def cpu_model() -> str:
+    """The processor's name, as Linux's /proc/cpuinfo gives it (else what ``platform`` knows): float64 LAPACK
+    speeds differ by 2x between machines of the same core count (an AMD EPYC's 3072² eigh took 4.6 s, an
+    Intel Xeon's 2.2-2.7 s, both with torch's MKL), so build ratios are comparable only on one model."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    return platform.processor() or platform.machine()
+
+
 def environment() -> dict[str, Any]:
-    """Versions, CPU count, threads and load: what a reader needs to judge the figures."""
+    """Versions, processor, CPU count, threads and load: what a reader needs to judge the figures."""
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     return {
         "python": platform.python_version(),
         "torch": torch.__version__,
         "onnxruntime": _version("onnxruntime") or _version("onnxruntime-gpu"),
+        "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "load_average": load,
@@ -618,7 +631,8 @@ def targets(
 def format_report(report: dict[str, Any]) -> str:
     """The report as plain-text tables: build stages per workload, runtime, targets."""
     load = report["environment"]["load_average"]
-    lines = [f"builds on the CPU, runtime on {report['runtime_device']}, load average {load}"]
+    cpu = report["environment"].get("cpu", "an unrecorded CPU")
+    lines = [f"builds on the CPU ({cpu}), runtime on {report['runtime_device']}, load average {load}"]
     if report["config"]["method_options"]:
         lines.append(f"method options: {report['config']['method_options']}")
     for arch_name, builds in report["build"].items():

@@ -190,7 +190,7 @@ def test_runtime_compares_routed_and_plain_in_torch_and_onnxruntime():
     assert {"torch_routed_over_plain_batch3", "onnxruntime_routed_over_plain_batch1"} <= set(report["targets"]["tiny"])
     table = format_report(report)
     assert "onnxruntime" in table and "CPUExecutionProvider" in table and "routed/plain" in table
-    assert table.startswith("builds on the CPU, runtime on cpu")  # a GPU run says where each part ran
+    assert table.startswith("builds on the CPU (") and ", runtime on cpu" in table  # a GPU run says where each ran
 
 
 def test_runtime_without_onnx_times_torch_only():
@@ -251,3 +251,10 @@ def test_the_flags_bench_config_errors_name_are_options_of_esmpp_bench():
     command = typer.main.get_command(app).commands["bench"]
     assert set(FLAGS.values()) <= {name for param in command.params for name in param.opts}
     assert set(FLAGS) <= set(BenchConfig.__dataclass_fields__)
+
+
+def test_the_report_names_the_processor_its_ratios_were_measured_on():
+    assert bench_module.environment()["cpu"] == bench_module.cpu_model() != ""
+    report = {"runtime_device": "cpu", "environment": {"load_average": None, "cpu": "Test CPU 9000"}}
+    report |= {"config": {"method_options": {}}, "build": {}, "runtime": {}, "targets": {}}
+    assert "builds on the CPU (Test CPU 9000)" in format_report(report)
