@@ -76,6 +76,10 @@ def _directory_of(lock_path: Path) -> Path:
     return lock_path.with_name(lock_path.name.removesuffix(LOCK_SUFFIX))
 
 
+def _lock_file_of(directory: Path) -> Path:
+    return directory.with_name(directory.name + LOCK_SUFFIX)
+
+
 def _is_the_file_at(descriptor: int, path: Path) -> bool:
     """Whether the open file ``descriptor`` is still the file at ``path`` (not removed, nor replaced)."""
     try:
@@ -138,7 +142,7 @@ def remove_abandoned(prefix: str, parent: Path | None = None) -> list[Path]:
             if entry.name.endswith(LOCK_SUFFIX):
                 if _remove_if_unlocked(entry):
                     removed.append(_directory_of(entry))
-            elif entry.is_dir() and not Path(f"{entry}{LOCK_SUFFIX}").exists():
+            elif entry.is_dir() and not _lock_file_of(entry).exists():
                 shutil.rmtree(entry)  # no lock file: no live process's (see the module's docstring)
                 removed.append(entry)
         except OSError:
