@@ -3,13 +3,15 @@
 A reader (or a rerun after SIGKILL) sees either nothing, the previous complete directory, or the new
 complete one — never a half-written one. Leftover hidden siblings of killed runs are ignored by readers
 and cleaned up by the next write, while those of a concurrent write stay (:mod:`esmpp.scratch`).
-:func:`exit_on_terminate` makes SIGTERM clean up like any error.
+:func:`exit_on_terminate` makes SIGTERM clean up like any error. :func:`claimed_destination` lets one
+process at a time work towards a destination, so that a second one is refused before its long work.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import itertools
 import os
 import shutil
@@ -22,7 +24,7 @@ from safetensors import SafetensorError
 
 from esmpp.errors import EsmppError, StorageError
 from esmpp.folders import folder_kind
-from esmpp.scratch import ScratchDirectory
+from esmpp.scratch import ScratchDirectory, is_the_file_at
 
 
 def is_write_failure(exc: BaseException) -> bool:
@@ -269,6 +271,59 @@ def atomic_directory(
             _replace(place, staging)
         else:
             os.replace(staging, place)
+
+
+CLAIM_SUFFIX = ".writing"
+
+
+@contextlib.contextmanager
+def claimed_destination(destination: Path, elsewhere: str = "choose another --out") -> Iterator[None]:
+    """Hold ``destination`` for this process for the duration of the block (a build, from the check of its
+    --out to the write): another esmpp process that claims it meanwhile gets an :class:`EsmppError` at once
+    that says so, instead of finding out after its own long work (when it would fail, or replace this one's
+    result). Two writes without claims stay safe (:func:`atomic_directory`); the claim only refuses early.
+
+    The claim is an ``flock`` on ``.NAME.writing`` beside the destination, which the kernel drops when the
+    process dies however it dies, so a killed build's leftover file claims nothing and the next claim removes
+    it. No claim is taken where the destination's folder does not exist yet (making it here would leave a
+    folder behind a failed build), cannot be written (the destination's check says so), or has no locks.
+    """
+    lock_path = _absolute(Path(destination))
+    lock_path = lock_path.with_name(f".{lock_path.name}{CLAIM_SUFFIX}")
+    descriptor = _claim(
+        lock_path,
+        f"{destination} is being written by another esmpp process now (it holds "
+        f"{lock_path}): wait for it to finish, or {elsewhere}",
+    )
+    try:
+        yield
+    finally:
+        if descriptor is not None:
+            # Removed while still locked: a process that opened this file meanwhile sees, once it gets the
+            # lock, that it is no longer the file at the path, and claims a new one.
+            lock_path.unlink(missing_ok=True)
+            os.close(descriptor)
+
+
+def _claim(lock_path: Path, refusal: str) -> int | None:
+    """The open, locked claim file at ``lock_path``, or None where no claim can be taken (see
+    :func:`claimed_destination`); ``refusal`` is the error's message when another process holds it."""
+    while True:
+        try:
+            descriptor = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError:
+            return None
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(descriptor)
+            raise EsmppError(refusal) from None
+        except OSError:
+            os.close(descriptor)
+            return None
+        if is_the_file_at(descriptor, lock_path):
+            return descriptor
+        os.close(descriptor)  # its holder removed it as this process opened it: claim the new one
 
 
 def _absolute(path: Path) -> Path:

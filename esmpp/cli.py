@@ -281,6 +281,7 @@ def build(
 
     Command-line options override the config's `options:` section."""
     from esmpp.artifact import check_artifact_destination, save_artifact
+    from esmpp.atomic import claimed_destination
     from esmpp.build import build_artifact
 
     if (config is None) == (zoo is None):
@@ -300,27 +301,29 @@ def build(
         "method_options": _method_option_values(method_option),
     }
     start = time.perf_counter()
-    if zoo is not None:
-        from esmpp.sources import zoo_sources
+    # Claimed for the whole command: a second build to this --out is refused now, not after its build.
+    with claimed_destination(out):
+        if zoo is not None:
+            from esmpp.sources import zoo_sources
 
-        subset = _zoo_task_subset(zoo, tasks) if tasks is not None else None
-        options = _build_options("build", **flags)
-        _check_options_on_zoo(options, zoo, subset)
-        check_artifact_destination(out, overwrite)  # before the long work: the zoo may be built
-        pretrained, sources = zoo_sources(_zoo(zoo, None), subset)
-    else:
-        from esmpp.config import load_config
-        from esmpp.sources import config_sources
+            subset = _zoo_task_subset(zoo, tasks) if tasks is not None else None
+            options = _build_options("build", **flags)
+            _check_options_on_zoo(options, zoo, subset)
+            check_artifact_destination(out, overwrite)  # before the long work: the zoo may be built
+            pretrained, sources = zoo_sources(_zoo(zoo, None), subset)
+        else:
+            from esmpp.config import load_config
+            from esmpp.sources import config_sources
 
-        build_config = load_config(config)
-        options = _build_options("build", build_config.options, **flags)
-        # --out is checked once the config's files are good, before the slow part of reading the config
-        # (zero-shot heads, validation images) and the build. The check leaves no folder for it behind.
-        pretrained, sources = config_sources(
-            build_config, options, before_slow_work=lambda: check_artifact_destination(out, overwrite)
-        )
-    artifact = build_artifact(pretrained, sources, options)
-    save_artifact(artifact, out, overwrite=overwrite)
+            build_config = load_config(config)
+            options = _build_options("build", build_config.options, **flags)
+            # --out is checked once the config's files are good, before the slow part of reading the config
+            # (zero-shot heads, validation images) and the build. The check leaves no folder for it behind.
+            pretrained, sources = config_sources(
+                build_config, options, before_slow_work=lambda: check_artifact_destination(out, overwrite)
+            )
+        artifact = build_artifact(pretrained, sources, options)
+        save_artifact(artifact, out, overwrite=overwrite)
     _print_summary(out, artifact, time.perf_counter() - start)
 
 

@@ -31,7 +31,7 @@ from torch import nn
 
 from esmpp.architecture import Architecture
 from esmpp.artifact import Artifact, describe_artifact, load_artifact, read_manifest
-from esmpp.atomic import atomic_directory, check_destination
+from esmpp.atomic import atomic_directory, check_destination, claimed_destination
 from esmpp.errors import ConfigError, EsmppError
 from esmpp.folders import EXPORT_REPORT as REPORT_FILE
 from esmpp.images import normalise
@@ -388,33 +388,34 @@ def export_onnx(
     out_dir = Path(out_dir)
     if not isinstance(artifact, Artifact):
         read_manifest(Path(artifact))  # a wrong path fails before the check below makes --out's parent folders
-    check_destination(out_dir, overwrite, marker=REPORT_FILE)
-    artifact, manifest = _artifact_and_manifest(artifact)
-    model = artifact.to_model()
-    with atomic_directory(out_dir, overwrite=overwrite, marker=REPORT_FILE) as staging:
-        proto = _trace(model, task_input, opset)
-        onnx.helper.set_model_props(proto, export_metadata(artifact, manifest, task_input))
-        if fp16:
-            proto = _to_fp16(proto)
-        write_model(proto, staging / MODEL_FILE)
-        parity = None
-        if check:
-            parity = verify_parity(
-                staging / MODEL_FILE,
-                model,
-                [task.name for task in artifact.tasks],
-                task_input,
-                FP16_TOLERANCE if fp16 else FP32_TOLERANCE,
+    with claimed_destination(out_dir):  # a second export to out_dir is refused before its export
+        check_destination(out_dir, overwrite, marker=REPORT_FILE)
+        artifact, manifest = _artifact_and_manifest(artifact)
+        model = artifact.to_model()
+        with atomic_directory(out_dir, overwrite=overwrite, marker=REPORT_FILE) as staging:
+            proto = _trace(model, task_input, opset)
+            onnx.helper.set_model_props(proto, export_metadata(artifact, manifest, task_input))
+            if fp16:
+                proto = _to_fp16(proto)
+            write_model(proto, staging / MODEL_FILE)
+            parity = None
+            if check:
+                parity = verify_parity(
+                    staging / MODEL_FILE,
+                    model,
+                    [task.name for task in artifact.tasks],
+                    task_input,
+                    FP16_TOLERANCE if fp16 else FP32_TOLERANCE,
+                )
+            report = ExportReport(
+                path=out_dir / MODEL_FILE,
+                mode="task_input" if task_input else "routed",
+                opset=next(entry.version for entry in proto.opset_import if entry.domain in ("", "ai.onnx")),
+                fp16=fp16,
+                size_bytes=sum(file.stat().st_size for file in staging.iterdir()),
+                seconds=time.perf_counter() - start,
+                providers=parity.providers if parity else choose_providers(),
+                parity=parity,
             )
-        report = ExportReport(
-            path=out_dir / MODEL_FILE,
-            mode="task_input" if task_input else "routed",
-            opset=next(entry.version for entry in proto.opset_import if entry.domain in ("", "ai.onnx")),
-            fp16=fp16,
-            size_bytes=sum(file.stat().st_size for file in staging.iterdir()),
-            seconds=time.perf_counter() - start,
-            providers=parity.providers if parity else choose_providers(),
-            parity=parity,
-        )
-        (staging / REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=2))
+            (staging / REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=2))
     return report

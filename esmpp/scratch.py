@@ -80,7 +80,7 @@ def _lock_file_of(directory: Path) -> Path:
     return directory.with_name(directory.name + LOCK_SUFFIX)
 
 
-def _is_the_file_at(descriptor: int, path: Path) -> bool:
+def is_the_file_at(descriptor: int, path: Path) -> bool:
     """Whether the open file ``descriptor`` is still the file at ``path`` (not removed, nor replaced)."""
     try:
         named = path.stat()
@@ -105,7 +105,7 @@ def _held_lock_file(prefix: str, parent: Path) -> tuple[int, Path]:
             os.close(descriptor)
             lock_path.unlink(missing_ok=True)
             raise
-        if _is_the_file_at(descriptor, lock_path):
+        if is_the_file_at(descriptor, lock_path):
             return descriptor, lock_path
         # A sweep found it unlocked in the instant before flock, and removed it (it had no directory yet).
         os.close(descriptor)
@@ -120,7 +120,7 @@ def _remove_if_unlocked(lock_path: Path) -> bool:
             fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             return False  # its process is alive
-        if not _is_the_file_at(descriptor, lock_path):
+        if not is_the_file_at(descriptor, lock_path):
             return False  # another sweep removed it while this one waited for the lock
         directory = _directory_of(lock_path)
         existed = directory.is_dir()

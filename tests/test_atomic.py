@@ -279,3 +279,30 @@ def test_a_concurrent_write_of_the_same_destination_leaves_the_others_staging_fo
         assert (destination / "manifest.json").read_text() == "second"
     assert (destination / "manifest.json").read_text() == "first"  # the last to finish wins, whole
     assert sorted(path.name for path in tmp_path.iterdir()) == ["out"]
+
+
+def test_a_claimed_destination_is_refused_to_a_second_claim_until_released(tmp_path):
+    destination = tmp_path / "artifact"
+    with atomic.claimed_destination(destination):
+        # flock locks open files, not processes: a second claim from this process conflicts like another's.
+        with pytest.raises(EsmppError) as raised, atomic.claimed_destination(destination, "write elsewhere"):
+            pass
+        message = str(raised.value)
+        assert f"{destination} is being written by another esmpp process now" in message
+        assert message.endswith("wait for it to finish, or write elsewhere")
+    assert list(tmp_path.iterdir()) == []  # the claim file goes with the claim
+    with atomic.claimed_destination(destination):
+        pass
+
+
+def test_a_killed_claimers_leftover_file_claims_nothing_and_is_removed(tmp_path):
+    leftover = tmp_path / f".artifact{atomic.CLAIM_SUFFIX}"
+    leftover.write_bytes(b"")  # what SIGKILL leaves: the file, without the process that locked it
+    with atomic.claimed_destination(tmp_path / "artifact"):
+        assert leftover.exists()
+    assert not leftover.exists()
+
+
+def test_no_claim_is_taken_where_the_destination_folder_does_not_exist(tmp_path):
+    with atomic.claimed_destination(tmp_path / "new" / "artifact"):
+        assert not (tmp_path / "new").exists()  # making it would leave a folder behind a failed build

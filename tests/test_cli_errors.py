@@ -412,6 +412,22 @@ def test_a_report_folder_that_cannot_be_written_is_refused_before_the_run(monkey
     assert not cache.exists()  # no zoo was built
 
 
+@pytest.mark.parametrize("command", ["build", "export"])
+def test_a_destination_another_process_is_writing_is_refused_before_the_work(
+    monkeypatch, capsys, tmp_path, project, command
+):
+    artifact = project[2]
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("ESMPP_CACHE", str(cache))
+    out = tmp_path / "busy"
+    args = ["build", "--zoo", "tiny"] if command == "build" else ["export", artifact]
+    with atomic.claimed_destination(out):  # held as a concurrent build or export would hold it
+        code, _, err = _run(monkeypatch, capsys, *args, "--out", out)
+    assert code == 1 and f"{out} is being written by another esmpp process now" in err
+    assert "wait for it to finish, or choose another --out" in err
+    assert not cache.exists() and list(tmp_path.iterdir()) == []  # no zoo built, nothing written
+
+
 def test_demo_names_its_out_folder_that_cannot_be_created_as_given(monkeypatch, capsys, tmp_path, project):
     """demo's --out is a folder: its error used to name `--out DIR/compare.json`, an option no one typed."""
     cache = tmp_path / "cache"
