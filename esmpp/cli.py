@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -573,6 +574,7 @@ def _compare(
     the folder that holds it (see :func:`_prepare_output`).
     Returns the zoo."""
     from esmpp.artifact import check_artifact_destination, save_artifact
+    from esmpp.atomic import claimed_destination
     from esmpp.compare import compare_on_zoo
     from esmpp.evaluation import format_table, summarize_rows
     from esmpp.merging import available_methods, check_run_options
@@ -589,26 +591,29 @@ def _compare(
         )
     _prepare_output(out, report_is_a_folder, report_folder)
     artifact_elsewhere = "choose another folder for the artifact"  # --artifact of compare, --out of demo
-    if artifact_out is not None:
-        check_artifact_destination(artifact_out, overwrite=True, elsewhere=artifact_elsewhere)
-    z = _zoo(zoo, None)
-    report = compare_on_zoo(z, names, variants, run_options=method_options)
-    artifacts = report.pop("artifacts")
-    typer.echo(format_table(report["rows"], report["finetuned"]))
-    for label, summary in report["esmpp"].items():
-        routing = summary["routing_accuracy"]
-        typer.echo(
-            f"\n{label} routing accuracy (%): "
-            + ", ".join(f"{t} {v:.1f}" for t, v in routing.items())
-            + f"; average {summary['routing_average']:.1f}"
-        )
-    report["rows"] = summarize_rows(report["rows"], report["finetuned"])
-    report["zoo"] = {"preset": zoo.value, "root": str(z.root)}
-    _write_report(out, report)
-    typer.echo(f"report: {out}")
-    if artifact_out is not None:
-        save_artifact(list(artifacts.values())[-1], artifact_out, overwrite=True, elsewhere=artifact_elsewhere)
-        typer.echo(f"ESM++ artifact ({list(artifacts)[-1]}): {artifact_out}")
+    # --artifact is claimed for the whole comparison, as build claims its --out.
+    with contextlib.ExitStack() as claims:
+        if artifact_out is not None:
+            claims.enter_context(claimed_destination(artifact_out, artifact_elsewhere))
+            check_artifact_destination(artifact_out, overwrite=True, elsewhere=artifact_elsewhere)
+        z = _zoo(zoo, None)
+        report = compare_on_zoo(z, names, variants, run_options=method_options)
+        artifacts = report.pop("artifacts")
+        typer.echo(format_table(report["rows"], report["finetuned"]))
+        for label, summary in report["esmpp"].items():
+            routing = summary["routing_accuracy"]
+            typer.echo(
+                f"\n{label} routing accuracy (%): "
+                + ", ".join(f"{t} {v:.1f}" for t, v in routing.items())
+                + f"; average {summary['routing_average']:.1f}"
+            )
+        report["rows"] = summarize_rows(report["rows"], report["finetuned"])
+        report["zoo"] = {"preset": zoo.value, "root": str(z.root)}
+        _write_report(out, report)
+        typer.echo(f"report: {out}")
+        if artifact_out is not None:
+            save_artifact(list(artifacts.values())[-1], artifact_out, overwrite=True, elsewhere=artifact_elsewhere)
+            typer.echo(f"ESM++ artifact ({list(artifacts)[-1]}): {artifact_out}")
     return z
 
 

@@ -412,19 +412,25 @@ def test_a_report_folder_that_cannot_be_written_is_refused_before_the_run(monkey
     assert not cache.exists()  # no zoo was built
 
 
-@pytest.mark.parametrize("command", ["build", "export"])
+@pytest.mark.parametrize("command", ["build", "export", "compare"])
 def test_a_destination_another_process_is_writing_is_refused_before_the_work(
     monkeypatch, capsys, tmp_path, project, command
 ):
-    artifact = project[2]
     cache = tmp_path / "cache"
     monkeypatch.setenv("ESMPP_CACHE", str(cache))
     out = tmp_path / "busy"
-    args = ["build", "--zoo", "tiny"] if command == "build" else ["export", artifact]
+    args, elsewhere = {
+        "build": (["build", "--zoo", "tiny", "--out", out], "choose another --out"),
+        "export": (["export", project[2], "--out", out], "choose another --out"),
+        "compare": (
+            ["compare", "--zoo", "tiny", "--out", project[0] / "r.json", "--artifact", out],
+            "choose another folder for the artifact",
+        ),
+    }[command]
     with atomic.claimed_destination(out):  # held as a concurrent build or export would hold it
-        code, _, err = _run(monkeypatch, capsys, *args, "--out", out)
+        code, _, err = _run(monkeypatch, capsys, *args)
     assert code == 1 and f"{out} is being written by another esmpp process now" in err
-    assert "wait for it to finish, or choose another --out" in err
+    assert f"wait for it to finish, or {elsewhere}" in err
     assert not cache.exists() and list(tmp_path.iterdir()) == []  # no zoo built, nothing written
 
 
