@@ -200,6 +200,22 @@ def test_runtime_without_onnx_times_torch_only():
     assert "onnxruntime" not in "\n".join(format_runtime("tiny", runtime))
 
 
+@pytest.mark.parametrize("missing", ["onnxruntime", "esmpp.atomic"])
+def test_runtime_skips_onnxruntime_only_when_an_onnx_package_is_missing(monkeypatch, missing):
+    def failing_import(*args):
+        raise ModuleNotFoundError(f"No module named {missing!r}", name=missing)
+
+    monkeypatch.setattr(bench_module, "onnxruntime_sessions", failing_import)
+    config = BenchConfig(batch_sizes=(2,), runtime_repeats=1, warmup=0, rank=4)
+    if missing == "onnxruntime":
+        runtime = run_runtime(TINY_ARCH, 2, config, torch.device("cpu"))
+        assert runtime["onnx_export"] == {"skipped": f"onnxruntime is not installed (No module named {missing!r})"}
+        assert set(runtime["torch"]) == {"batch2"} and "onnxruntime" not in runtime
+    else:  # a broken install of esmpp itself is not hidden as a skipped runtime
+        with pytest.raises(ModuleNotFoundError):
+            run_runtime(TINY_ARCH, 2, config, torch.device("cpu"))
+
+
 # BenchConfig made from Python with values the command line refuses: (fields, part of the one-line error).
 BAD_CONFIGS = {
     "no threads": ({"threads": 0}, "threads (--threads): Input should be greater than or equal to 1 (got 0)"),
