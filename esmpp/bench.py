@@ -37,6 +37,7 @@ from esmpp.architecture import Architecture, build_visual, linear_keys
 from esmpp.artifact import Artifact, TaskInfo, repeated_names, save_artifact
 from esmpp.atomic import (
     check_writable_folder,
+    claimed_destination,
     exit_on_terminate,
     free_mib,
     storage_errors,
@@ -548,9 +549,17 @@ def _version(package: str) -> str | None:
 def run_bench(config: BenchConfig, workdir: Path, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run every workload of ``config`` (checkpoints under ``workdir``; its values were checked when it was
     made) and return the JSON-able report."""
+    with contextlib.ExitStack() as claims:
+        if config.methods:  # the builds write their checkpoints and outputs there
+            # Claimed for the whole run: a second bench there would rewrite the checkpoints under this one.
+            claims.enter_context(claimed_destination(workdir, WORKDIR_HINT))
+            check_writable_folder(workdir, WORKDIR_HINT)
+        return _run_workloads(config, workdir, log)
+
+
+def _run_workloads(config: BenchConfig, workdir: Path, log: Callable[[str], None]) -> dict[str, Any]:
+    """:func:`run_bench` once ``workdir`` is claimed and checked."""
     archs = architectures(config.archs)
-    if config.methods:  # the builds write their checkpoints and outputs there
-        check_writable_folder(workdir, WORKDIR_HINT)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if config.threads is not None:
         torch.set_num_threads(config.threads)

@@ -10,6 +10,7 @@ import torch
 import typer
 
 from esmpp import artifact as artifact_module
+from esmpp import atomic
 from esmpp import bench as bench_module
 from esmpp import checkpoints as checkpoints_module
 from esmpp.bench import (
@@ -22,6 +23,7 @@ from esmpp.bench import (
     format_runtime,
     interleaved_builds,
     median_build,
+    run_bench,
     run_build,
     run_runtime,
     synthetic_finetune,
@@ -30,7 +32,7 @@ from esmpp.bench import (
 )
 from esmpp.checkpoints import load_encoder
 from esmpp.cli import app
-from esmpp.errors import ArchitectureError, ConfigError, StorageError
+from esmpp.errors import ArchitectureError, ConfigError, EsmppError, StorageError
 from esmpp.merging import get_method
 from tests.conftest import TINY_ARCH
 
@@ -53,6 +55,15 @@ def test_a_workload_that_would_not_fit_is_refused_before_anything_is_written(tmp
         write_workload(TINY_ARCH, 2, tmp_path / "workload")
     assert str(tmp_path / "workload") in str(raised.value) and "3 synthetic checkpoints" in str(raised.value)
     assert list(tmp_path.iterdir()) == []  # not even the folder
+
+
+def test_a_workdir_another_bench_is_using_is_refused_before_anything_is_written(tmp_path):
+    workdir = tmp_path / "work"
+    with atomic.claimed_destination(workdir), pytest.raises(EsmppError) as raised:  # as a running bench holds it
+        run_bench(BenchConfig(task_counts=(2,), methods=("tsv",)), workdir, log=lambda line: None)
+    assert f"{workdir} is being written by another esmpp process now" in str(raised.value)
+    assert str(raised.value).endswith("wait for it to finish, or pass another --workdir")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_method_options_of_the_run_reach_the_builds_that_have_them(tmp_path, monkeypatch):
