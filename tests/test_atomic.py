@@ -1,6 +1,8 @@
 import errno
 import re
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -306,3 +308,32 @@ def test_a_killed_claimers_leftover_file_claims_nothing_and_is_removed(tmp_path)
 def test_no_claim_is_taken_where_the_destination_folder_does_not_exist(tmp_path):
     with atomic.claimed_destination(tmp_path / "new" / "artifact"):
         assert not (tmp_path / "new").exists()  # making it would leave a folder behind a failed build
+
+
+def test_a_claim_held_by_another_process_refuses_until_that_process_is_killed(tmp_path):
+    destination = tmp_path / "artifact"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", CLAIM_AND_WAIT, str(destination)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline() == "claimed\n"
+        refused = pytest.raises(EsmppError, match="is being written by another esmpp process now")
+        with refused, atomic.claimed_destination(destination):
+            pass
+    finally:
+        holder.kill()  # SIGKILL: no cleanup runs, the claim file stays
+        holder.wait()
+    assert (tmp_path / f".artifact{atomic.CLAIM_SUFFIX}").exists()
+    with atomic.claimed_destination(destination):  # the kernel dropped the dead process's lock
+        pass
+    assert list(tmp_path.iterdir()) == []
+
+
+CLAIM_AND_WAIT = """
+import sys, time
+from pathlib import Path
+from esmpp.atomic import claimed_destination
+with claimed_destination(Path(sys.argv[1])):
+    print("claimed", flush=True)
+    time.sleep(60)
+"""
