@@ -13,7 +13,13 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from typer.core import TyperGroup
 
-from esmpp.atomic import check_writable_folder, exit_on_terminate, folders_made_undone, storage_errors
+from esmpp.atomic import (
+    check_writable_folder,
+    claimed_destination,
+    exit_on_terminate,
+    folders_made_undone,
+    storage_errors,
+)
 from esmpp.errors import ConfigError, EsmppError, plain
 
 if TYPE_CHECKING:
@@ -282,7 +288,6 @@ def build(
 
     Command-line options override the config's `options:` section."""
     from esmpp.artifact import check_artifact_destination, save_artifact
-    from esmpp.atomic import claimed_destination
     from esmpp.build import build_artifact
 
     if (config is None) == (zoo is None):
@@ -574,7 +579,6 @@ def _compare(
     the folder that holds it (see :func:`_prepare_output`).
     Returns the zoo."""
     from esmpp.artifact import check_artifact_destination, save_artifact
-    from esmpp.atomic import claimed_destination
     from esmpp.compare import compare_on_zoo
     from esmpp.evaluation import format_table, summarize_rows
     from esmpp.merging import available_methods, check_run_options
