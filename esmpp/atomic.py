@@ -319,7 +319,9 @@ def _claim(lock_path: Path, refusal: str) -> int | None:
             os.close(descriptor)
             raise EsmppError(refusal) from None
         except OSError:
+            # A filesystem without locks: nobody can hold a claim there, so the file is nobody's to keep.
             os.close(descriptor)
+            lock_path.unlink(missing_ok=True)
             return None
         if is_the_file_at(descriptor, lock_path):
             return descriptor

@@ -310,6 +310,16 @@ def test_no_claim_is_taken_where_the_destination_folder_does_not_exist(tmp_path)
         assert not (tmp_path / "new").exists()  # making it would leave a folder behind a failed build
 
 
+def test_a_filesystem_without_locks_gets_no_claim_and_keeps_no_claim_file(tmp_path, monkeypatch):
+    def refuse(descriptor: int, operation: int) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(atomic.fcntl, "flock", refuse)
+    with atomic.claimed_destination(tmp_path / "artifact"):
+        assert list(tmp_path.iterdir()) == []
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_claim_held_by_another_process_refuses_until_that_process_is_killed(tmp_path):
     destination = tmp_path / "artifact"
     holder = subprocess.Popen(
