@@ -277,11 +277,17 @@ CLAIM_SUFFIX = ".writing"
 
 
 @contextlib.contextmanager
-def claimed_destination(destination: Path, elsewhere: str = "choose another --out") -> Iterator[None]:
+def claimed_destination(
+    destination: Path,
+    elsewhere: str = "choose another --out",
+    on_busy: Callable[[Path], None] | None = None,
+) -> Iterator[None]:
     """Hold ``destination`` for this process for the duration of the block (a build, from the check of its
     --out to the write): another esmpp process that claims it meanwhile gets an :class:`EsmppError` at once
     that says so, instead of finding out after its own long work (when it would fail, or replace this one's
     result). Two writes without claims stay safe (:func:`atomic_directory`); the claim only refuses early.
+    With ``on_busy`` a held destination is waited for instead: ``on_busy(claim file)`` is told (to say so),
+    then the claim blocks until its holder is done, for a cache that the other process is filling.
 
     The claim is an ``flock`` on ``.NAME.writing`` beside the destination, which the kernel drops when the
     process dies however it dies, so a killed build's leftover file claims nothing and the next claim removes
@@ -294,6 +300,7 @@ def claimed_destination(destination: Path, elsewhere: str = "choose another --ou
         lock_path,
         f"{destination} is being written by another esmpp process now (it holds "
         f"{lock_path}): wait for it to finish, or {elsewhere}",
+        on_busy,
     )
     try:
         yield
@@ -305,27 +312,39 @@ def claimed_destination(destination: Path, elsewhere: str = "choose another --ou
             os.close(descriptor)
 
 
-def _claim(lock_path: Path, refusal: str) -> int | None:
+def _claim(lock_path: Path, refusal: str, on_busy: Callable[[Path], None] | None) -> int | None:
     """The open, locked claim file at ``lock_path``, or None where no claim can be taken (see
-    :func:`claimed_destination`); ``refusal`` is the error's message when another process holds it."""
+    :func:`claimed_destination`); ``refusal`` is the error's message when another process holds it and
+    ``on_busy`` is None, else ``on_busy`` is told and the lock waited for."""
     while True:
         try:
             descriptor = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
         except OSError:
             return None
         try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(descriptor)
-            raise EsmppError(refusal) from None
+            _lock(descriptor, lock_path, refusal, on_busy)
         except OSError:
             # A filesystem without locks: nobody can hold a claim there, so the file is nobody's to keep.
             os.close(descriptor)
             lock_path.unlink(missing_ok=True)
             return None
+        except BaseException:  # refused, or interrupted while it waited
+            os.close(descriptor)
+            raise
         if is_the_file_at(descriptor, lock_path):
             return descriptor
         os.close(descriptor)  # its holder removed it as this process opened it: claim the new one
+
+
+def _lock(descriptor: int, lock_path: Path, refusal: str, on_busy: Callable[[Path], None] | None) -> None:
+    """Lock the claim file open as ``descriptor``, or refuse, or wait (see :func:`_claim`)."""
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        if on_busy is None:
+            raise EsmppError(refusal) from None
+        on_busy(lock_path)
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
 
 
 def _absolute(path: Path) -> Path:

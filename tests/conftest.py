@@ -3,9 +3,12 @@ routed artifacts built from it, and ``tiny_zoo``: the tiny zoo preset built once
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import Iterator
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import open_clip
@@ -27,6 +30,37 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 # One thread: on the shared 2-core CI machine, torch's default thread pool spins on tiny matrices (an SVD of
 # 96×32 takes 0.3 s instead of 0.1 ms under load); results do not depend on it.
 torch.set_num_threads(1)
+
+_HOLD_CLAIM = """
+import sys
+from pathlib import Path
+from esmpp.atomic import claimed_destination
+with claimed_destination(Path(sys.argv[1])):
+    print("claimed", flush=True)
+    sys.stdin.readline()
+print("released", flush=True)
+"""
+
+
+@contextlib.contextmanager
+def claim_held_elsewhere(destination: Path) -> Iterator[Callable[[], None]]:
+    """Another process holds ``destination``'s claim (esmpp.atomic.claimed_destination) until the yielded
+    ``release()`` is called; it is killed at the end of the block if it still runs."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_CLAIM, str(destination)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+
+    def release() -> None:
+        holder.stdin.write("done\n")
+        holder.stdin.flush()
+
+    try:
+        assert holder.stdout.readline() == "claimed\n"
+        yield release
+    finally:
+        holder.kill()
+        holder.wait()
+
 
 TINY_ARCH = Architecture(
     embed_dim=16,

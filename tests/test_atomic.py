@@ -14,6 +14,7 @@ from esmpp import atomic
 from esmpp.atomic import atomic_directory, check_destination, check_writable_folder, free_mib, is_write_failure
 from esmpp.errors import EsmppError, StorageError
 from esmpp.folders import is_artifact
+from tests.conftest import claim_held_elsewhere
 
 DISK_FULL = [
     OSError(errno.ENOSPC, "No space left on device"),
@@ -336,6 +337,22 @@ def test_a_claim_held_by_another_process_refuses_until_that_process_is_killed(tm
     assert (tmp_path / f".artifact{atomic.CLAIM_SUFFIX}").exists()
     with atomic.claimed_destination(destination):  # the kernel dropped the dead process's lock
         pass
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_claim_told_when_busy_waits_for_the_holder_and_then_takes_the_destination(tmp_path):
+    destination, told = tmp_path / "zoo", []
+    with claim_held_elsewhere(destination) as release:
+
+        def on_busy(claim: Path) -> None:
+            told.append(claim)
+            release()
+
+        with atomic.claimed_destination(destination, on_busy=on_busy):
+            with pytest.raises(EsmppError, match="is being written by another esmpp process now"):
+                with atomic.claimed_destination(destination):  # this process holds it now
+                    pass
+    assert told == [tmp_path / f".zoo{atomic.CLAIM_SUFFIX}"]
     assert list(tmp_path.iterdir()) == []
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +22,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from esmpp.architecture import Architecture, build_visual
-from esmpp.atomic import atomic_directory
+from esmpp.atomic import atomic_directory, claimed_destination
 from esmpp.checkpoints import Encoder, save_encoder
 from esmpp.evaluation import accuracy
 from esmpp.folders import is_zoo
@@ -197,18 +198,33 @@ def build_zoo(
     preset: str | ZooPreset = "mini", root: Path | None = None, force: bool = False, progress: bool = True
 ) -> Zoo:
     """Build the zoo of ``preset`` (a name or a ``ZooPreset``) into ``root`` (default ``default_root``),
-    or open the complete build already there unless ``force``."""
+    or open the complete build already there unless ``force``. While another esmpp process builds that zoo,
+    this one says so on stderr, waits, and opens the other's zoo (or builds it, if the other one failed)."""
     recipe = get_preset(preset) if isinstance(preset, str) else preset
     # A zoo that cannot be written is moved by the setting that placed it: ESMPP_CACHE, or the root given.
     elsewhere = "set ESMPP_CACHE to another folder" if root is None else "choose another folder for the zoo"
-    root = Path(root) if root is not None else default_root(recipe.name)
+    if root is None:
+        root = default_root(recipe.name)
+        # The cache's folder is made first so that two first runs on a new machine can claim the zoo below.
+        with contextlib.suppress(OSError):  # an unwritable cache: atomic_directory says so, naming ESMPP_CACHE
+            root.parent.mkdir(parents=True, exist_ok=True)
+    root = Path(root)
     if (root / MANIFEST).is_file() and not force:
         return Zoo.load(root, elsewhere)
-    # Replaces an older zoo (--force, or a format this esmpp no longer reads), never a folder of the user's nor
-    # an artifact (it has a manifest.json too).
-    with (
-        atomic_directory(root, overwrite=True, elsewhere=elsewhere, marker=MANIFEST, owns=is_zoo) as staging,
-        deterministic(recipe.seed),
-    ):
-        _build_into(recipe, staging, progress)
+    # Another process building this zoo now is waited for, and its zoo used, rather than built twice.
+    with claimed_destination(root, elsewhere, on_busy=_say_waiting):
+        if (root / MANIFEST).is_file() and not force:
+            return Zoo.load(root, elsewhere)
+        # Replaces an older zoo (--force, or a format this esmpp no longer reads), never a folder of the user's
+        # nor an artifact (it has a manifest.json too).
+        with (
+            atomic_directory(root, overwrite=True, elsewhere=elsewhere, marker=MANIFEST, owns=is_zoo) as staging,
+            deterministic(recipe.seed),
+        ):
+            _build_into(recipe, staging, progress)
     return Zoo.load(root)
+
+
+def _say_waiting(claim: Path) -> None:
+    """Tell the user why ``build_zoo`` waits, on stderr even without progress bars: it may be minutes."""
+    print(f"esmpp: another esmpp process is building this zoo now (it holds {claim}); waiting for it", file=sys.stderr)

@@ -14,7 +14,7 @@ from esmpp.errors import ConfigError, DatasetError, EsmppError, StorageError
 from esmpp.zoo import Zoo, build_zoo, default_root, get_preset
 from esmpp.zoo import build as build_module
 from esmpp.zoo.presets import ZooPreset
-from tests.conftest import random_artifact
+from tests.conftest import claim_held_elsewhere, random_artifact
 from tests.reliability.project import directory_digest
 
 
@@ -30,6 +30,47 @@ def test_complete_build_is_reused_without_retraining(tiny_zoo: Zoo, monkeypatch:
     monkeypatch.setattr(build_module, "_build_into", fail)
     again = build_zoo("tiny", root=tiny_zoo.root, progress=False)
     assert again.manifest == tiny_zoo.manifest
+
+
+def test_a_zoo_another_process_is_building_is_waited_for_and_opened(
+    tiny_zoo: Zoo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two first runs (`esmpp demo`) on a new machine: the second waits for the first's zoo, not builds its own."""
+
+    def fail(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the zoo was built twice")
+
+    root = tmp_path / "zoo" / "tiny"
+    root.parent.mkdir()
+    monkeypatch.setattr(build_module, "_build_into", fail)
+    with claim_held_elsewhere(root) as release:
+        say_waiting = build_module._say_waiting
+
+        def finish_the_other_build(claim: Path) -> None:
+            say_waiting(claim)
+            shutil.copytree(tiny_zoo.root, root)  # what the other process's build leaves
+            release()
+
+        monkeypatch.setattr(build_module, "_say_waiting", finish_the_other_build)
+        zoo = build_zoo("tiny", root=root, progress=False)
+    assert zoo.manifest == tiny_zoo.manifest
+    assert "another esmpp process is building this zoo now" in capsys.readouterr().err
+    assert sorted(path.name for path in tmp_path.rglob("*") if path.parent == root.parent) == ["tiny"]
+
+
+def test_the_cache_folder_is_made_before_the_zoo_is_claimed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Else two first runs on a new machine, with no cache folder yet, could not claim the zoo and both build it."""
+    claimed = []
+
+    def record(root: Path, *args: object, **kwargs: object) -> None:
+        claimed.append(root)
+        raise KeyboardInterrupt  # stop before the build
+
+    monkeypatch.setenv("ESMPP_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(build_module, "claimed_destination", record)
+    with pytest.raises(KeyboardInterrupt):
+        build_zoo(_one_task_in_two_steps(), progress=False)
+    assert claimed == [tmp_path / "cache" / "zoo" / "tiny"] and claimed[0].parent.is_dir()
 
 
 def test_same_seed_builds_identical_checkpoints(tiny_zoo: Zoo, tmp_path: Path) -> None:
