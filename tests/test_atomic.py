@@ -348,10 +348,9 @@ def test_a_claim_told_when_busy_waits_for_the_holder_and_then_takes_the_destinat
             told.append(claim)
             release()
 
-        with atomic.claimed_destination(destination, on_busy=on_busy):
-            with pytest.raises(EsmppError, match="is being written by another esmpp process now"):
-                with atomic.claimed_destination(destination):  # this process holds it now
-                    pass
+        refused = pytest.raises(EsmppError, match="is being written by another esmpp process now")
+        with atomic.claimed_destination(destination, on_busy=on_busy), refused, atomic.claimed_destination(destination):
+            pass  # the second claim is refused: this process holds the destination now
     assert told == [tmp_path / f".zoo{atomic.CLAIM_SUFFIX}"]
     assert list(tmp_path.iterdir()) == []
 
